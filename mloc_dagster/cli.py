@@ -1,0 +1,83 @@
+"""The `mloc` command: what Dagster has no verb for. Thin over the core and the Dagster instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mloc_dagster.paths import MlocPaths
+
+app = typer.Typer(no_args_is_help=True, help="mloc_dagster: dialect speech models on shared GPUs.")
+corpus_app = typer.Typer(no_args_is_help=True, help="Demo corpus synthesized with espeak-ng.")
+dialect_app = typer.Typer(no_args_is_help=True, help="Dialect partitions.")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(dialect_app, name="dialect")
+console = Console()
+
+
+@corpus_app.command("synth")
+def corpus_synth(
+    dialects: str = typer.Option("en-us,en-gb-scotland,en-gb-x-gbclan", help="Comma-separated espeak dialects."),
+    utterances: int = typer.Option(200, help="Utterances per dialect."),
+    out: Path = typer.Option(None, help="Incoming root (default $MLOC_HOME/incoming)."),
+    seed: int = typer.Option(0),
+    speakers: int = typer.Option(12, help="Speakers per dialect (voice variant × pitch × speed)."),
+    batch_id: str = typer.Option(None, help="Batch id (default synth-s<seed>-n<utterances>)."),
+) -> None:
+    """Synthesize a deterministic demo corpus, written as normal incoming batches."""
+    from mloc_dagster.core.corpus import synth_dialect
+
+    out = out or MlocPaths.from_env().incoming
+    for dialect in [d.strip() for d in dialects.split(",") if d.strip()]:
+        path = synth_dialect(dialect, utterances, out, seed=seed, speakers=speakers, batch_id=batch_id)
+        console.print(f"[green]wrote[/] {path} ({utterances} utterances)")
+
+
+@dialect_app.command("add")
+def dialect_add(dialect: str) -> None:
+    """Add a dialect partition (normally the incoming sensor does this)."""
+    from dagster import DagsterInstance
+
+    from mloc_dagster.partitions import dialect_partitions, is_valid_dialect
+
+    if not is_valid_dialect(dialect):
+        raise typer.BadParameter(f"{dialect!r}: dialect keys are lowercase [a-z0-9-], no commas")
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(dialect_partitions.name, [dialect])
+    console.print(f"added dialect {dialect}")
+
+
+@dialect_app.command("list")
+def dialect_list() -> None:
+    from dagster import DagsterInstance
+
+    from mloc_dagster.partitions import dialect_partitions
+
+    with DagsterInstance.get() as instance:
+        for d in instance.get_dynamic_partitions(dialect_partitions.name):
+            console.print(d)
+
+
+@app.command("demo")
+def demo(
+    ui: bool = typer.Option(False, "--ui", help="Keep `dagster dev` running at the end for the UI."),
+    utterances: int = typer.Option(0, help="Override utterances per dialect (0: demo defaults)."),
+) -> None:
+    """Run the end-to-end demo on the embedded default (SQLite, local files)."""
+    from mloc_dagster.demo import run_demo
+
+    raise typer.Exit(run_demo(ui=ui, utterances=utterances or None))
+
+
+try:  # the GPU arbiter's commands
+    from mloc_dagster.cli_gpu import gpu_app
+
+    app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
+except ImportError:  # pragma: no cover
+    pass
+
+
+if __name__ == "__main__":
+    app()
