@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from mloc_dagster.cli_gpu import gpu_app
+from mloc_dagster.cli_run import run_app
 from mloc_dagster.paths import MlocPaths
 
 app = typer.Typer(no_args_is_help=True, help="mloc_dagster: dialect speech models on shared GPUs.")
@@ -71,12 +73,8 @@ def demo(
     raise typer.Exit(run_demo(ui=ui, utterances=utterances or None))
 
 
-try:  # the GPU arbiter's commands
-    from mloc_dagster.cli_gpu import gpu_app
-
-    app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
-except ImportError:  # pragma: no cover
-    pass
+app.add_typer(run_app, name="run")
+app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
 
 
 if __name__ == "__main__":

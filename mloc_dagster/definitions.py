@@ -2,12 +2,21 @@
 
 import dagster as dg
 
-from mloc_dagster.assets import datasets
+from mloc_dagster import jobs, training_runs
+from mloc_dagster.assets import adapters, candidates, datasets, models
 from mloc_dagster.resources.artifacts import ArtifactStore
-from mloc_dagster.sensors import incoming
+from mloc_dagster.resources.gpu import GpuArbiter
+from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors import incoming, training_chain
 
 defs = dg.Definitions.merge(
     datasets.defs,
+    models.defs,
+    adapters.defs,
+    candidates.defs,
+    dg.Definitions(jobs=[jobs.train_adapter_job]),
+    training_runs.defs,
     incoming.defs,
-    dg.Definitions(resources={"artifacts": ArtifactStore()}),
+    training_chain.defs,
+    dg.Definitions(resources={"artifacts": ArtifactStore(), "state": StateStoreResource(), "gpu": GpuArbiter()}),
 )

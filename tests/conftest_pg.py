@@ -21,6 +21,7 @@ No Postgres binaries at all -> the Postgres-backed tests skip with the reason, u
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -46,7 +47,7 @@ def find_pg_bindir() -> Path | None:
     if os.environ.get("MLOC_PG_BINDIR"):
         candidates.append(os.environ["MLOC_PG_BINDIR"])
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["pg_config", "--bindir"], check=False, capture_output=True, text=True, timeout=30)
         if out.returncode == 0:
             candidates.append(out.stdout.strip())
     except (OSError, subprocess.SubprocessError):
@@ -152,10 +153,8 @@ def pg_server() -> Iterator[PgServer]:
                 break
             except Exception as exc:  # noqa: BLE001 - reported below with the server log
                 last_error = exc
-                try:
+                with contextlib.suppress(Exception):
                     executor.stop()
-                except Exception:  # noqa: BLE001
-                    pass
                 executor = None
         if executor is None:
             log = logfile.read_text(errors="replace")[-4000:] if logfile.exists() else "(no log)"

@@ -1,0 +1,76 @@
+"""base_model: a registered local checkpoint, or the tiny CTC model pre-trained on the base dialect."""
+
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from mloc_dagster.assets.datasets import dataset_version
+from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.resources.artifacts import ArtifactStore
+from mloc_dagster.resources.gpu import GpuArbiter
+
+BASE_DIALECT = "en-us"
+
+
+class BaseModelConfig(dg.Config):
+    checkpoint_dir: str = ""  # a local Hugging Face CTC checkpoint to register instead of pre-training
+    base_dialect: str = BASE_DIALECT
+    train_seconds: float = 180.0
+    seed: int = 0
+
+
+@dg.asset(
+    deps=[dg.AssetDep(dataset_version, partition_mapping=dg.SpecificPartitionsPartitionMapping([BASE_DIALECT]))],
+    group_name="models", kinds={"pytorch"}, pool="gpu",
+    description="The base ASR model every adapter is trained on: a registered local checkpoint "
+                "(content hash as version) or the built-in tiny CTC model pre-trained on the base dialect.",
+)
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
+               gpu: GpuArbiter) -> dg.MaterializeResult:
+    from mloc_dagster.core.evaluate import error_rates, transcribe
+    from mloc_dagster.core.features import load_features
+    from mloc_dagster.core.model import load_base_model, model_dir_hash
+    from mloc_dagster.core.training import pretrain_base
+
+    dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
+    models = artifacts.paths.models / "base"
+    with gpu.lease("TRAIN", context) as lease:
+        if config.checkpoint_dir:
+            source = Path(config.checkpoint_dir)
+            version = model_dir_hash(source)
+            out = models / version
+            if not out.exists():
+                shutil.copytree(source, out)
+            train_metrics = {}
+        else:
+            tmp = models / f".pretrain-{context.run_id[:8]}"
+            train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,
+                                          seed=config.seed, device=lease.torch_device, log=context.log.info)
+            version = model_dir_hash(tmp)
+            out = models / version
+            if out.exists():
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(out)
+        bm = load_base_model(out, lease.torch_device)
+        cache = artifacts.paths.home / "features"
+        scores = {}
+        for split in ("dev", "test"):
+            records = transcribe(bm.model, bm.tokenizer, load_features(dataset["path"], split, cache_dir=cache),
+                                 device=lease.torch_device)
+            rates = error_rates(records)
+            scores[f"{split}_cer"], scores[f"{split}_wer"] = rates["cer"], rates["wer"]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "version": version, "base_dialect": config.base_dialect, "parameters": bm.num_parameters,
+            "dataset_version": dataset["version"], **scores,
+            **{k: v for k, v in train_metrics.items() if isinstance(v, int | float)},
+            "path": dg.MetadataValue.path(str(out)), **lease.metadata(),
+        },
+    )
+
+
+defs = dg.Definitions(assets=[base_model])

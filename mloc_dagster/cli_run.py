@@ -1,0 +1,127 @@
+"""`mloc run ...`: training runs, which Dagster has no verb for."""
+
+import json
+from dataclasses import asdict
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+run_app = typer.Typer(no_args_is_help=True, help="Training runs: start, pause, resume, cancel, status, list.")
+console = Console()
+
+
+def _context():
+    from dagster import DagsterInstance
+
+    from mloc_dagster.core.state import StateStore, resolve_state_url
+
+    return DagsterInstance.get(), StateStore(resolve_state_url())
+
+
+@run_app.command("start")
+def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Option(6, "--jobs"),
+          candidate_every: int = typer.Option(6, "--candidate-every", min=1, max=12),
+          timebox: int = typer.Option(3600, "--timebox", help="Seconds per job."),
+          hparams: str = typer.Option("{}", "--hparams", help='JSON, e.g. {"lr": 0.002, "lora_r": 8}')) -> None:
+    """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
+    from mloc_dagster.training_runs import TrainingRunError, start_run
+
+    try:
+        parsed = json.loads(hparams)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--hparams is not valid JSON: {exc}") from exc
+    instance, store = _context()
+    try:
+        run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed)
+    except (TrainingRunError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    print(run.run_id)
+
+
+def _transition(run_id: str, fn, verb: str) -> None:
+    _, store = _context()
+    if store.get_run(run_id) is None:
+        console.print(f"[red]error:[/] no training run {run_id}")
+        raise typer.Exit(1)
+    if not fn(store, run_id):
+        console.print(f"[red]error:[/] cannot {verb} {run_id}: it is {store.get_run(run_id).status}")
+        raise typer.Exit(1)
+    console.print(f"{run_id}: {store.get_run(run_id).status}")
+
+
+@run_app.command("pause")
+def pause(run_id: str) -> None:
+    """Stop the chain after the job in flight."""
+    from mloc_dagster.training_runs import pause_run
+
+    _transition(run_id, pause_run, "pause")
+
+
+@run_app.command("resume")
+def resume(run_id: str) -> None:
+    """Continue from the last checkpoint."""
+    from mloc_dagster.training_runs import resume_run
+
+    _transition(run_id, resume_run, "resume")
+
+
+@run_app.command("cancel")
+def cancel(run_id: str) -> None:
+    """Cancel the run and terminate its job in flight."""
+    from mloc_dagster.training_runs import cancel_run
+
+    instance, store = _context()
+    run = store.get_run(run_id)
+    if run is None or run.is_terminal:
+        console.print(f"[red]error:[/] {run_id} is {'unknown' if run is None else run.status}")
+        raise typer.Exit(1)
+    terminated = cancel_run(instance, store, run_id)
+    console.print(f"{run_id}: cancelled; terminated Dagster runs: {', '.join(terminated) or 'none'}")
+
+
+def _run_dict(store, run) -> dict:
+    d = asdict(run)
+    d["jobs"] = [{k: v for k, v in asdict(j).items() if k in ("job_index", "status", "dagster_run_id", "node_id",
+                                                              "checkpoint_path", "metrics", "error")}
+                 for j in store.jobs_for_run(run.run_id)]
+    return json.loads(json.dumps(d, default=str))
+
+
+@run_app.command("status")
+def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+    """One run in detail (or every live run)."""
+    _, store = _context()
+    runs = [store.get_run(run_id)] if run_id else store.list_runs(status=("active", "paused"))
+    if run_id and runs[0] is None:
+        console.print(f"[red]error:[/] no training run {run_id}")
+        raise typer.Exit(1)
+    data = [_run_dict(store, r) for r in runs]
+    if as_json:
+        print(json.dumps(data[0] if run_id else data, indent=2))
+        return
+    for d in data:
+        table = Table(title=f"{d['run_id']} {d['dialect']} [{d['status']}] {d['status_reason'] or ''}")
+        for col in ("job", "status", "dagster run", "node", "dev_cer", "train_loss", "error"):
+            table.add_column(col)
+        for j in d["jobs"]:
+            m = j["metrics"] or {}
+            table.add_row(str(j["job_index"]), j["status"], (j["dagster_run_id"] or "")[:8], j["node_id"] or "",
+                          f"{m.get('dev_cer', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}",
+                          (j["error"] or "")[:60])
+        console.print(table)
+
+
+@run_app.command("list")
+def list_runs(limit: int = typer.Option(50)) -> None:
+    """Training runs, newest first."""
+    _, store = _context()
+    table = Table()
+    for col in ("run_id", "dialect", "status", "jobs done", "max jobs", "K", "timebox_s", "created"):
+        table.add_column(col)
+    for r in store.list_runs(limit=limit):
+        done = 0 if r.last_finished_job is None else r.last_finished_job + 1
+        table.add_row(r.run_id, r.dialect, r.status, str(done), str(r.max_jobs), str(r.candidate_every),
+                      str(r.timebox_s), r.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(table)

@@ -1,0 +1,447 @@
+"""The evaluation gate a candidate adapter must pass before promotion (SPEC §5).
+
+Four gates, all computed from per-utterance results (reference and hypothesis text):
+
+- ``cer_gate`` / ``wer_gate``: the candidate's corpus CER / WER on the dialect's test split is at
+  most the threshold. Corpus level means total edits / total reference length, so long
+  utterances weigh more than short ones, as they do for listeners;
+- ``improvement_gate``: the candidate beats the production adapter with probability at least
+  ``min_p_better``, estimated by a bootstrap over *speakers*: utterances of one speaker are
+  correlated (voice, recording), so resampling utterances would overstate the evidence. Passes
+  trivially when the dialect has no production adapter yet;
+- ``regression_gate``: on the *base* dialect, the candidate's CER is at most
+  ``max_base_regression_rel`` worse (relative) than the base model's -- adaptation must not
+  break what already worked.
+
+Edit counts come from jiwer 4 (``process_characters`` / ``process_words``). Text is compared after
+collapsing runs of whitespace and stripping; any further normalization (case, punctuation) is the
+caller's, so that the same normalization applies to every model compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import jiwer
+import numpy as np
+
+__all__ = [
+    "GATE_NAMES",
+    "BootstrapResult",
+    "GateReport",
+    "GateResult",
+    "GateThresholds",
+    "Scores",
+    "SpeakerRow",
+    "UttResult",
+    "bootstrap_over_speakers",
+    "evaluate_gates",
+    "score",
+]
+
+GATE_NAMES = ("cer_gate", "wer_gate", "improvement_gate", "regression_gate")
+# Comparisons allow this much float slack, so a value exactly at its threshold passes
+# deterministically instead of depending on the last bit of a division.
+_TOLERANCE = 1e-12
+_EPS = 1e-9
+
+_CHARS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfChars()])
+_WORDS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+
+
+@dataclass(frozen=True)
+class UttResult:
+    """One test utterance as recognized by one model."""
+
+    utt_id: str
+    speaker: str
+    ref: str
+    hyp: str
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    max_cer: float = 0.15
+    max_wer: float = 0.20
+    min_p_better: float = 0.95
+    max_base_regression_rel: float = 0.05
+    bootstrap_samples: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_cer", "max_wer", "max_base_regression_rel"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_p_better <= 1:
+            raise ValueError(f"min_p_better must be within [0, 1], got {self.min_p_better}")
+        if self.bootstrap_samples < 1:
+            raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any] | None) -> GateThresholds:
+        """Defaults with per-dialect overrides; an unknown key is an error (likely a typo)."""
+        overrides = dict(overrides or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown gate thresholds {unknown}; known: {sorted(known)}")
+        return cls(**overrides)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Corpus-level error rates of one model on one utterance set."""
+
+    n_utts: int
+    char_edits: int
+    ref_chars: int
+    word_edits: int
+    ref_words: int
+
+    @property
+    def cer(self) -> float:
+        return self.char_edits / max(self.ref_chars, 1)
+
+    @property
+    def wer(self) -> float:
+        return self.word_edits / max(self.ref_words, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cer": self.cer, "wer": self.wer}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    passed: bool
+    value: float | None  # None when the gate had nothing to measure (no production adapter)
+    threshold: float
+    description: str
+
+
+@dataclass(frozen=True)
+class SpeakerRow:
+    speaker: str
+    n_utts: int
+    ref_chars: int
+    cer_candidate: float
+    cer_production: float | None
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    samples: int
+    seed: int
+    n_speakers: int
+    p_better: float  # share of resamples where candidate CER < production CER
+    diff: float  # candidate CER - production CER on the full set (negative = better)
+    ci_low: float  # 95 % percentile interval of the resampled difference
+    ci_high: float
+
+
+# --------------------------------------------------------------------------------------------
+# Counting errors
+
+
+def _edit_counts(results: Sequence[UttResult], transform: jiwer.Compose) -> tuple[np.ndarray, np.ndarray]:
+    """Per utterance: (substitutions + deletions + insertions, reference length)."""
+    out = jiwer.process_words(
+        [r.ref for r in results], [r.hyp for r in results],
+        reference_transform=transform, hypothesis_transform=transform,
+    )
+    edits = np.zeros(len(results), dtype=np.int64)
+    for i, chunks in enumerate(out.alignments):
+        for c in chunks:
+            if c.type in ("substitute", "delete"):
+                edits[i] += c.ref_end_idx - c.ref_start_idx
+            elif c.type == "insert":
+                edits[i] += c.hyp_end_idx - c.hyp_start_idx
+    ref_len = np.array([len(ref) for ref in out.references], dtype=np.int64)
+    return edits, ref_len
+
+
+def _index(results: Sequence[UttResult], what: str) -> dict[str, UttResult]:
+    by_id: dict[str, UttResult] = {}
+    for r in results:
+        if r.utt_id in by_id:
+            raise ValueError(f"{what}: utterance {r.utt_id!r} appears twice")
+        by_id[r.utt_id] = r
+    return by_id
+
+
+def _aligned(reference: Sequence[UttResult], other: Sequence[UttResult], what: str) -> list[UttResult]:
+    """``other`` in the order of ``reference``; both must cover exactly the same utterances,
+    or the comparison would measure the test sets rather than the models."""
+    ref_ids = _index(reference, what)
+    other_ids = _index(other, what)
+    if ref_ids.keys() != other_ids.keys():
+        missing = sorted(ref_ids.keys() - other_ids.keys())[:5]
+        extra = sorted(other_ids.keys() - ref_ids.keys())[:5]
+        raise ValueError(f"{what}: utterance sets differ (missing e.g. {missing}, extra e.g. {extra})")
+    return [other_ids[r.utt_id] for r in reference]
+
+
+def _score_with_counts(results: Sequence[UttResult]) -> tuple[Scores, np.ndarray, np.ndarray]:
+    """Scores plus the per-utterance character edits and reference lengths behind them."""
+    if not results:
+        raise ValueError("no utterances to score")
+    char_edits, ref_chars = _edit_counts(results, _CHARS)
+    word_edits, ref_words = _edit_counts(results, _WORDS)
+    if ref_chars.sum() == 0:
+        raise ValueError("all references are empty")
+    scores = Scores(len(results), int(char_edits.sum()), int(ref_chars.sum()), int(word_edits.sum()),
+                    int(ref_words.sum()))
+    return scores, char_edits, ref_chars
+
+
+def score(results: Sequence[UttResult]) -> Scores:
+    """Corpus-level CER and WER (total edits / total reference length)."""
+    return _score_with_counts(results)[0]
+
+
+def bootstrap_over_speakers(
+    speakers: Sequence[str],
+    cand_edits: np.ndarray,
+    prod_edits: np.ndarray,
+    ref_len: np.ndarray,
+    samples: int,
+    seed: int,
+) -> BootstrapResult:
+    """Resample speakers with replacement; per resample compare corpus CERs.
+
+    Inputs are per utterance; they are summed per speaker first, so a resample is a vector of
+    speaker counts (multinomial) and every statistic a dot product -- 2000 resamples cost
+    milliseconds whatever the number of utterances.
+    """
+    names = sorted(set(speakers))
+    pos = {s: i for i, s in enumerate(names)}
+    idx = np.array([pos[s] for s in speakers])
+    per_spk = [np.bincount(idx, weights=v, minlength=len(names)) for v in (cand_edits, prod_edits, ref_len)]
+    cand, prod, ref = per_spk
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=samples)
+    ref_tot = np.maximum(counts @ ref, 1.0)
+    diffs = (counts @ cand - counts @ prod) / ref_tot
+    full = (cand.sum() - prod.sum()) / max(ref.sum(), 1.0)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return BootstrapResult(samples=samples, seed=seed, n_speakers=len(names), p_better=float(np.mean(diffs < 0)),
+                           diff=float(full), ci_low=float(low), ci_high=float(high))
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class GateReport:
+    gates: tuple[GateResult, ...]
+    candidate: Scores
+    production: Scores | None
+    base_candidate: Scores
+    base_reference: Scores
+    base_regression_rel: float
+    speakers: tuple[SpeakerRow, ...]
+    bootstrap: BootstrapResult | None
+    thresholds: GateThresholds
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def decision(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why it failed (one line per failed gate), or why it passed."""
+        failed = [f"{g.name}: {g.description}" for g in self.gates if not g.passed]
+        return failed or [f"{g.name}: {g.description}" for g in self.gates]
+
+    def gate(self, name: str) -> GateResult:
+        for g in self.gates:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers to plot across materializations."""
+        out = {
+            "candidate_cer": self.candidate.cer,
+            "candidate_wer": self.candidate.wer,
+            "base_candidate_cer": self.base_candidate.cer,
+            "base_reference_cer": self.base_reference.cer,
+            "base_regression_rel": self.base_regression_rel,
+            "n_test_utts": float(self.candidate.n_utts),
+            "n_speakers": float(len(self.speakers)),
+        }
+        if self.production is not None:
+            out["production_cer"] = self.production.cer
+            out["production_wer"] = self.production.wer
+        if self.bootstrap is not None:
+            out["p_better"] = self.bootstrap.p_better
+            out["cer_diff"] = self.bootstrap.diff
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "gates": [asdict(g) for g in self.gates],
+            "candidate": self.candidate.to_dict(),
+            "production": self.production.to_dict() if self.production else None,
+            "base_candidate": self.base_candidate.to_dict(),
+            "base_reference": self.base_reference.to_dict(),
+            "base_regression_rel": self.base_regression_rel,
+            "speakers": [asdict(s) for s in self.speakers],
+            "bootstrap": asdict(self.bootstrap) if self.bootstrap else None,
+            "thresholds": asdict(self.thresholds),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GateReport:
+        def scores(x: Mapping[str, Any] | None) -> Scores | None:
+            return None if x is None else Scores(**{f.name: x[f.name] for f in fields(Scores)})
+
+        base_candidate, base_reference, candidate = (scores(d[k]) for k in ("base_candidate", "base_reference",
+                                                                            "candidate"))
+        assert candidate is not None and base_candidate is not None and base_reference is not None
+        return cls(
+            gates=tuple(GateResult(**g) for g in d["gates"]),
+            candidate=candidate,
+            production=scores(d["production"]),
+            base_candidate=base_candidate,
+            base_reference=base_reference,
+            base_regression_rel=d["base_regression_rel"],
+            speakers=tuple(SpeakerRow(**s) for s in d["speakers"]),
+            bootstrap=BootstrapResult(**d["bootstrap"]) if d["bootstrap"] else None,
+            thresholds=GateThresholds(**d["thresholds"]),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> GateReport:
+        return cls.from_dict(json.loads(text))
+
+    def to_markdown(self) -> str:
+        t = self.thresholds
+        lines = [f"## Gate decision: **{self.decision.upper()}**", ""]
+        lines += ["| gate | value | threshold | result |", "|---|---|---|---|"]
+        bounds = {"cer_gate": "≤", "wer_gate": "≤", "improvement_gate": "≥", "regression_gate": "≤"}
+        for g in self.gates:
+            value = "n/a" if g.value is None else f"{g.value:.4f}"
+            lines.append(f"| {g.name} | {value} | {bounds.get(g.name, '')} {g.threshold:.4f} | "
+                         f"{'pass' if g.passed else '**FAIL**'} |")
+        lines += ["", "**Reasons**", ""] + [f"- {r}" for r in self.reasons]
+
+        lines += ["", "### Test split", ""]
+        prod = self.production
+        lines += ["| model | utts | CER | WER |", "|---|---|---|---|",
+                  f"| candidate | {self.candidate.n_utts} | {self.candidate.cer:.4f} | {self.candidate.wer:.4f} |"]
+        if prod is not None:
+            lines.append(f"| production | {prod.n_utts} | {prod.cer:.4f} | {prod.wer:.4f} |")
+        lines.append("")
+        if self.bootstrap is None:
+            lines.append("No production adapter for this dialect yet: nothing to beat.")
+        else:
+            b = self.bootstrap
+            lines.append(f"- bootstrap over {b.n_speakers} speakers, {b.samples} resamples (seed {b.seed}): "
+                         f"P(candidate better) = **{b.p_better:.3f}** (needs ≥ {t.min_p_better:.2f})")
+            lines.append(f"- CER difference candidate − production = {b.diff:+.4f}, "
+                         f"95 % interval [{b.ci_low:+.4f}, {b.ci_high:+.4f}]")
+
+        lines += ["", "### Base dialect", ""]
+        lines.append(f"Base model CER {self.base_reference.cer:.4f}, candidate CER {self.base_candidate.cer:.4f}: "
+                     f"{100 * self.base_regression_rel:+.2f} % relative "
+                     f"(limit +{100 * t.max_base_regression_rel:.1f} %).")
+
+        lines += ["", "### Per speaker", "", "| speaker | utts | CER candidate | CER production |", "|---|---|---|---|"]
+        for s in self.speakers:
+            prod_cer = "n/a" if s.cer_production is None else f"{s.cer_production:.4f}"
+            lines.append(f"| {s.speaker} | {s.n_utts} | {s.cer_candidate:.4f} | {prod_cer} |")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate_gates(
+    candidate: Sequence[UttResult],
+    production: Sequence[UttResult] | None = None,
+    *,
+    base_candidate: Sequence[UttResult],
+    base_reference: Sequence[UttResult],
+    thresholds: GateThresholds | None = None,
+) -> GateReport:
+    """Decide on a candidate.
+
+    ``candidate`` / ``production``: the dialect's test split recognized by the candidate and by
+    the current production adapter (None: there is none yet). ``base_candidate`` /
+    ``base_reference``: the base dialect's test split recognized by the candidate and by the
+    base model. Paired sets must cover the same utterances.
+    """
+    t = thresholds or GateThresholds()
+    _index(candidate, "candidate results")  # duplicates would count an utterance twice
+    cand_scores, cand_edits, ref_len = _score_with_counts(candidate)
+    speakers = [r.speaker for r in candidate]
+
+    gates = []
+    for name, value, limit in (("cer_gate", cand_scores.cer, t.max_cer), ("wer_gate", cand_scores.wer, t.max_wer)):
+        ok = value <= limit + _TOLERANCE
+        gates.append(GateResult(name, ok, value, limit,
+                                f"candidate {name[:3].upper()} {value:.4f} {'≤' if ok else '>'} {limit:.4f} "
+                                f"on {cand_scores.n_utts} test utterances"))
+
+    prod_scores: Scores | None = None
+    boot: BootstrapResult | None = None
+    prod_edits: np.ndarray | None = None
+    if production is None:
+        gates.append(GateResult("improvement_gate", True, None, t.min_p_better,
+                                "no production adapter yet: passes trivially"))
+    else:
+        prod_scores, prod_edits, _ = _score_with_counts(_aligned(candidate, production, "production results"))
+        boot = bootstrap_over_speakers(speakers, cand_edits, prod_edits, ref_len, t.bootstrap_samples, t.seed)
+        ok = boot.p_better >= t.min_p_better - _TOLERANCE
+        gates.append(GateResult(
+            "improvement_gate", ok, boot.p_better, t.min_p_better,
+            f"P(candidate better than production) = {boot.p_better:.3f} {'≥' if ok else '<'} {t.min_p_better:.2f} "
+            f"(CER {cand_scores.cer:.4f} vs {prod_scores.cer:.4f}, difference 95 % interval "
+            f"[{boot.ci_low:+.4f}, {boot.ci_high:+.4f}] over {boot.n_speakers} speakers)",
+        ))
+
+    base_ref_scores = score(base_reference)
+    base_cand_scores = score(_aligned(base_reference, base_candidate, "base-dialect results"))
+    regression = (base_cand_scores.cer - base_ref_scores.cer) / max(base_ref_scores.cer, _EPS)
+    ok = regression <= t.max_base_regression_rel + _TOLERANCE
+    gates.append(GateResult(
+        "regression_gate", ok, regression, t.max_base_regression_rel,
+        f"base-dialect CER {base_cand_scores.cer:.4f} vs base model {base_ref_scores.cer:.4f}: "
+        f"{100 * regression:+.2f} % relative {'≤' if ok else '>'} {100 * t.max_base_regression_rel:.1f} %",
+    ))
+
+    rows = []
+    for spk in sorted(set(speakers)):
+        mask = np.array([s == spk for s in speakers])
+        chars = int(ref_len[mask].sum())
+        rows.append(SpeakerRow(
+            speaker=spk,
+            n_utts=int(mask.sum()),
+            ref_chars=chars,
+            cer_candidate=float(cand_edits[mask].sum() / max(chars, 1)),
+            cer_production=None if prod_edits is None else float(prod_edits[mask].sum() / max(chars, 1)),
+        ))
+
+    return GateReport(
+        gates=tuple(gates),
+        candidate=cand_scores,
+        production=prod_scores,
+        base_candidate=base_cand_scores,
+        base_reference=base_ref_scores,
+        base_regression_rel=float(regression),
+        speakers=tuple(rows),
+        bootstrap=boot,
+        thresholds=t,
+    )

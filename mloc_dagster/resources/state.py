@@ -1,0 +1,22 @@
+"""mloc's own state (training runs, jobs, candidates, promotions) as a resource."""
+
+from functools import lru_cache
+
+import dagster as dg
+
+from mloc_dagster.core.state import StateStore, resolve_state_url
+
+
+@lru_cache(maxsize=8)
+def open_store(url: str) -> StateStore:
+    """One engine per URL and process; the schema is created on first open."""
+    return StateStore(url)
+
+
+class StateStoreResource(dg.ConfigurableResource):
+    """SQLite under MLOC_HOME by default; any SQLAlchemy URL (Postgres in production)."""
+
+    url: str = ""  # empty: $MLOC_DATABASE_URL, else sqlite:///$MLOC_HOME/state.db
+
+    def store(self) -> StateStore:
+        return open_store(self.url or resolve_state_url())
