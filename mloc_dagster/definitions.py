@@ -7,7 +7,7 @@ from mloc_dagster.assets import adapters, candidates, datasets, models
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
-from mloc_dagster.sensors import incoming, training_chain
+from mloc_dagster.sensors import incoming, training_chain, watchdog
 
 defs = dg.Definitions.merge(
     datasets.defs,
@@ -18,5 +18,6 @@ defs = dg.Definitions.merge(
     training_runs.defs,
     incoming.defs,
     training_chain.defs,
+    watchdog.defs,
     dg.Definitions(resources={"artifacts": ArtifactStore(), "state": StateStoreResource(), "gpu": GpuArbiter()}),
 )

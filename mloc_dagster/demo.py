@@ -1,57 +1,144 @@
-"""The end-to-end demo on the embedded default. Each step is a real Dagster run on the real instance."""
+"""The end-to-end demo on the embedded default (SQLite, local files), driven by the real daemon.
+
+corpus (espeak) → incoming_batches_sensor → dataset_version per dialect → base_model →
+`mloc run start` → training_chain_sensor chains the jobs → candidate → gate → promotion.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from mloc_dagster.paths import MlocPaths
 
 console = Console()
+REPO = Path(__file__).resolve().parent.parent
 
 BASE_DIALECT = "en-us"
-DEMO_DIALECTS = {BASE_DIALECT: 800, "en-gb-scotland": 240, "en-gb-x-gbclan": 240}
+TARGET_DIALECT = "en-gb-scotland"
+DEMO_DIALECTS = {BASE_DIALECT: 800, TARGET_DIALECT: 240, "en-gb-x-gbclan": 240}
+DEMO_JOBS, DEMO_TIMEBOX_S, BASE_TRAIN_S = 3, 60, 180
+
+
+def _wait(what: str, check, timeout_s: float, render=None):
+    """Poll ``check`` until it returns a truthy value, showing progress."""
+    t0 = time.time()
+    with Live(console=console, refresh_per_second=2, transient=True) as live:
+        while True:
+            value = check()
+            if value:
+                return value
+            elapsed = time.time() - t0
+            if elapsed > timeout_s:
+                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            live.update(render() if render else f"[cyan]waiting for {what}[/] {elapsed:5.0f} s")
+            time.sleep(1)
 
 
 def run_demo(ui: bool = False, utterances: int | None = None) -> int:
     from dagster import DagsterInstance
 
+    from mloc_dagster.assets.lineage import latest_metadata
     from mloc_dagster.core.corpus import synth_dialect
+    from mloc_dagster.core.state import StateStore, resolve_state_url
     from mloc_dagster.definitions import defs
-    from mloc_dagster.partitions import dialect_partitions
+    from mloc_dagster.training_runs import start_run
 
     paths = MlocPaths.from_env()
+    t_start = time.time()
     console.rule("[bold]mloc_dagster demo")
-    console.print(f"MLOC_HOME={paths.home}  DAGSTER_HOME={os.environ.get('DAGSTER_HOME')}")
+    console.print(f"MLOC_HOME={paths.home}\nDAGSTER_HOME={os.environ.get('DAGSTER_HOME')}")
 
-    t0 = time.time()
     for dialect, n in DEMO_DIALECTS.items():
         n = utterances or n
         if not (paths.incoming / dialect / f"synth-s0-n{n}" / "manifest.jsonl").exists():
             synth_dialect(dialect, n, paths.incoming, seed=0)
-        console.print(f"corpus: {dialect}: {n} utterances ({time.time() - t0:.1f} s)")
+        console.print(f"[green]corpus[/] {dialect}: {n} espeak utterances")
 
-    summary = []
-    with DagsterInstance.get() as instance:
-        instance.add_dynamic_partitions(dialect_partitions.name, list(DEMO_DIALECTS))
-        job = defs.get_job_def("ingest_job")
-        for dialect in DEMO_DIALECTS:
-            result = job.execute_in_process(partition_key=dialect, instance=instance)
-            mat = result.asset_materializations_for_node("dataset_version")[0]
-            md = {k: v.value for k, v in mat.metadata.items()}
-            summary.append((dialect, md["version"], md["rows"], md["hours"], md["train_rows"],
-                            md["dev_rows"], md["test_rows"], md["quarantined"]))
+    daemon_log = open(paths.home / "daemon.log", "ab")
+    daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+                               str(REPO / "workspace.yaml")], cwd=REPO, stdout=daemon_log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    console.print(f"[green]dagster-daemon[/] started (pid {daemon.pid}, log {paths.home / 'daemon.log'})")
+    store = StateStore(resolve_state_url())
+    try:
+        with DagsterInstance.get() as instance:
+            def datasets_ready():
+                mds = {d: latest_metadata(instance, "dataset_version", d) for d in DEMO_DIALECTS}
+                return mds if all(mds.values()) else None
+            datasets = _wait("incoming_batches_sensor → dataset_version (3 dialects)", datasets_ready, 300)
+            for d, md in datasets.items():
+                console.print(f"[green]dataset_version[/] {d}: {md['version']} rows={md['rows']} "
+                              f"train/dev/test={md['train_rows']}/{md['dev_rows']}/{md['test_rows']} "
+                              f"quarantined={md['quarantined']}")
 
-    table = Table(title="dataset versions")
-    for col in ("dialect", "version", "rows", "hours", "train", "dev", "test", "quarantined"):
-        table.add_column(col)
-    for row in summary:
-        table.add_row(*map(str, row))
-    console.print(table)
-    console.print("Open the UI: [bold]make ui[/] (runs `dagster dev` with this DAGSTER_HOME; http://127.0.0.1:3000)")
+            base = latest_metadata(instance, "base_model")
+            if base is None:
+                console.print(f"[cyan]base_model[/]: pre-training the tiny CTC model on {BASE_DIALECT} "
+                              f"for {BASE_TRAIN_S} s ...")
+                defs.get_job_def("base_model_job").execute_in_process(
+                    instance=instance, run_config={"ops": {"base_model": {"config": {"train_seconds": BASE_TRAIN_S}}}})
+                base = latest_metadata(instance, "base_model")
+            console.print(f"[green]base_model[/] {base['version']}: {base['parameters']:,} parameters, "
+                          f"{BASE_DIALECT} test CER {base['test_cer']:.3f}")
+
+            run = start_run(instance, store, TARGET_DIALECT, jobs=DEMO_JOBS, candidate_every=DEMO_JOBS,
+                            timebox_s=DEMO_TIMEBOX_S)
+            console.print(f"[green]training run[/] {run.run_id}: {DEMO_JOBS} jobs × {DEMO_TIMEBOX_S} s on "
+                          f"{TARGET_DIALECT}, chained by training_chain_sensor")
+
+            def render():
+                table = Table(title=f"training run {run.run_id} [{store.get_run(run.run_id).status}]")
+                for col in ("job", "status", "samples", "train_loss", "dev_cer"):
+                    table.add_column(col)
+                for j in store.jobs_for_run(run.run_id):
+                    m = j.metrics or j.progress or {}
+                    table.add_row(str(j.job_index), j.status, str(m.get("samples", "")),
+                                  f"{m.get('train_loss', m.get('loss', float('nan'))):.3f}",
+                                  f"{m.get('dev_cer', float('nan')):.3f}")
+                table.caption = f"{time.time() - t_start:.0f} s since the demo started"
+                return table
+
+            def gate_done():
+                r = store.get_run(run.run_id)
+                if r.status == "failed":
+                    raise RuntimeError(f"training run failed: {r.status_reason}")
+                cand = store.latest_candidate(TARGET_DIALECT)
+                return cand if cand is not None and cand.gate_decision is not None else None
+            candidate = _wait("the chain, the candidate and its gate", gate_done, 900, render)
+            console.print(render())
+            _wait("promotion", lambda: store.production(TARGET_DIALECT, "stable")
+                  or store.production(TARGET_DIALECT, "experimental") or candidate.gate_decision != "passed", 120)
+            gate = latest_metadata(instance, "gate_report", TARGET_DIALECT)
+            promoted = latest_metadata(instance, "production_adapter", TARGET_DIALECT)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+        daemon_log.close()
+
+    summary = Table(title="mloc_dagster demo summary")
+    summary.add_column("step")
+    summary.add_column("result")
+    for d, md in datasets.items():
+        summary.add_row(f"dataset_version {d}", f"{md['rows']} rows, {md['hours']:.2f} h, {md['quarantined']} quarantined")
+    summary.add_row("base_model", f"{base['parameters']:,} params; {BASE_DIALECT} test CER {base['test_cer']:.3f}")
+    summary.add_row(f"{TARGET_DIALECT} CER, base model", f"{gate['cer_base_model']:.3f}")
+    summary.add_row(f"{TARGET_DIALECT} CER, candidate", f"{gate['cer_candidate']:.3f} (WER {gate['wer_candidate']:.3f})")
+    summary.add_row(f"{BASE_DIALECT} regression", f"{gate['base_dialect_regression_rel']:+.1%} relative")
+    summary.add_row("gate", gate["decision"])
+    summary.add_row("production_adapter", f"{promoted['branch']} {promoted['candidate_id']}" if promoted else "not promoted")
+    summary.add_row("wall time", f"{time.time() - t_start:.0f} s")
+    console.print(summary)
+    console.print("Open the UI: [bold]make ui[/] (dagster dev on this DAGSTER_HOME, http://127.0.0.1:3000)")
     if ui:
-        os.execvp("dagster", ["dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", "3000"])
+        os.execvp(str(Path(sys.executable).parent / "dagster"),
+                  ["dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", "3000"])
     return 0

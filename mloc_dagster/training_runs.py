@@ -52,8 +52,16 @@ def cancel_run(instance: dg.DagsterInstance, store: StateStore, run_id: str) -> 
             store.mark_job_failed(run_id, job.job_index, "cancelled by user")
     terminated = []
     for record in instance.get_run_records(dg.RunsFilter(tags={"mloc/run_id": run_id}, statuses=IN_FLIGHT)):
-        instance.run_coordinator.cancel_run(record.dagster_run.run_id)
-        terminated.append(record.dagster_run.run_id)
+        run = record.dagster_run
+        # A run not started yet is simply cancelled; a started one is terminated by its launcher.
+        # If the launcher cannot reach it, the worker still stops at its next heartbeat (the job
+        # is marked failed above) and the run is recorded as cancelled here.
+        if run.status not in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED) and \
+                instance.run_coordinator.cancel_run(run.run_id):
+            terminated.append(run.run_id)
+            continue
+        instance.report_run_canceled(run, message="cancelled by `mloc run cancel`")
+        terminated.append(run.run_id)
     return terminated
 
 

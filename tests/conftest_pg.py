@@ -6,6 +6,8 @@ Fixtures:
 - ``pg_server`` (session): one throw-away PostgreSQL cluster for the whole session.
 - ``postgres_url`` (function): a fresh, empty database on it, as a SQLAlchemy URL
   (``postgresql+psycopg2://postgres@127.0.0.1:<port>/<db>``); dropped after the test.
+  ``pg_server.url(db, driver="")`` gives the plain ``postgresql://`` form (dagster-postgres), and
+  ``fresh_database(pg_server)`` creates further databases.
 - ``state_url`` (function, parametrized ``sqlite`` / ``postgres``): the URL a ``StateStore``
   test runs against, so every state test runs on both back-ends.
 
@@ -121,8 +123,9 @@ def pg_server() -> Iterator[PgServer]:
     owner = _owner_ids()
     executable = str(PG_CTL_WRAPPER) if owner is not None else str(bindir / "pg_ctl")
 
-    # A short path under /tmp: the unix socket path must stay under ~107 bytes.
-    base = Path(tempfile.mkdtemp(prefix="mloc-pg-"))
+    # A short path (the unix socket path must stay under ~107 bytes). As root, explicitly under
+    # /tmp: a root-only $TMPDIR would be out of reach for the account the server runs as.
+    base = Path(tempfile.mkdtemp(prefix="mloc-pg-", dir="/tmp" if owner is not None else None))
     if owner is not None:
         os.chown(base, *owner)
     datadir, logfile = base / "data", base / "postgresql.log"
@@ -169,17 +172,25 @@ def pg_server() -> Iterator[PgServer]:
                 shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres_url(pg_server: PgServer) -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database(server: PgServer) -> Iterator[str]:
+    """Create an empty database on ``server``; yield its name; drop it afterwards.
+
+    For tests needing more than one database (e.g. Dagster storage and mloc state side by side).
+    """
     from pytest_postgresql.janitor import DatabaseJanitor
 
     dbname = f"mloc_{uuid.uuid4().hex[:12]}"
-    janitor = DatabaseJanitor(
-        user=pg_server.user, host=pg_server.host, port=pg_server.port, dbname=dbname, password=None
-    )
+    janitor = DatabaseJanitor(user=server.user, host=server.host, port=server.port, dbname=dbname, password=None)
     # The janitor terminates leftover connections before DROP DATABASE, so a test that forgot to
     # dispose its engine cannot wedge the teardown.
     with janitor:
+        yield dbname
+
+
+@pytest.fixture
+def postgres_url(pg_server: PgServer) -> Iterator[str]:
+    with fresh_database(pg_server) as dbname:
         yield pg_server.url(dbname)
 
 

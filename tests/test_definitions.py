@@ -27,8 +27,9 @@ def test_definitions_load():
 
 def test_definitions_snapshot():
     current = shape()
-    if not SNAPSHOT.exists():  # first run writes it; review the file in the diff
+    if not SNAPSHOT.exists():  # writes it and fails: review the new file, commit it, re-run
         SNAPSHOT.parent.mkdir(exist_ok=True)
         SNAPSHOT.write_text(json.dumps(current, indent=2) + "\n")
+        raise AssertionError(f"wrote {SNAPSHOT}; review and commit it")
     assert current == json.loads(SNAPSHOT.read_text()), (
         "definitions changed; if intended, delete tests/snapshots/definitions.json and re-run")

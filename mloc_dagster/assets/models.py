@@ -73,4 +73,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
     )
 
 
-defs = dg.Definitions(assets=[base_model])
+base_model_job = dg.define_asset_job("base_model_job", selection=[base_model],
+                                     description="Register or pre-train the base model.")
+
+defs = dg.Definitions(assets=[base_model], jobs=[base_model_job])

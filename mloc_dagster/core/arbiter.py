@@ -345,7 +345,6 @@ class Lease:
     watchdog_exceeded: bool = False
     lost: bool = False
     _arbiter: Arbiter | None = field(default=None, repr=False)
-    _keeper: _LeaseKeeper | None = field(default=None, repr=False)
     _started: float = field(default_factory=time.monotonic, repr=False)
     _released: bool = field(default=False, repr=False)
 
@@ -399,57 +398,98 @@ class Lease:
         self.release()
 
 
-class _LeaseKeeper(threading.Thread):
-    """Heartbeats a held lease and fires its watchdog on time."""
+@dataclass
+class _Held:
+    lease: Lease
+    on_watchdog: Callable[[Lease], None] | None
+    watchdog_at: float  # monotonic; inf when there is none or it has fired
 
-    def __init__(self, arbiter: Arbiter, lease: Lease, on_watchdog: Callable[[Lease], None] | None):
-        super().__init__(name=f"gpu-lease-{lease.lease_id[:8]}", daemon=True)
+
+class _Keeper(threading.Thread):
+    """One thread per arbiter and process: heartbeats every held lease and fires watchdogs on time.
+
+    One shared thread rather than one per lease keeps thread start and join off the
+    acquire/release path.
+    """
+
+    def __init__(self, arbiter: Arbiter) -> None:
+        super().__init__(name="gpu-arbiter-keeper", daemon=True)
         self._arbiter = arbiter
-        self._lease = lease
-        self._on_watchdog = on_watchdog
-        self._stop_event = threading.Event()
+        self._held: dict[str, _Held] = {}
+        self._cond = threading.Condition()
+        self._closed = False
 
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self is not threading.current_thread():
-            self.join(timeout=5.0)
+    def add(self, lease: Lease, on_watchdog: Callable[[Lease], None] | None) -> None:
+        max_hold = lease.policy.max_hold_s
+        with self._cond:
+            self._held[lease.lease_id] = _Held(
+                lease, on_watchdog, lease._started + max_hold if max_hold else math.inf
+            )
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._held.pop(lease.lease_id, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
     def run(self) -> None:
-        lease = self._lease
         interval = self._arbiter.heartbeat_ttl_s / 3.0
         next_beat = time.monotonic() + interval
-        max_hold = lease.policy.max_hold_s
-        watchdog_at = lease._started + max_hold if max_hold else math.inf
         while True:
-            wake = next_beat if lease.watchdog_exceeded else min(next_beat, watchdog_at)
-            if self._stop_event.wait(max(0.0, wake - time.monotonic())):
-                return
-            try:
-                alive, fired = self._arbiter._heartbeat(lease)
-            except sqlite3.Error as exc:  # a transient lock problem must not kill the heartbeat
-                log.warning("GPU lease %s heartbeat failed: %s", lease.lease_id[:8], exc)
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    if not self._held:
+                        next_beat = now + interval
+                        self._cond.wait()
+                        continue
+                    wake_at = min(next_beat, *(h.watchdog_at for h in self._held.values()))
+                    if now >= wake_at:
+                        break
+                    self._cond.wait(wake_at - now)
+                held = list(self._held.values())
+            try:  # outside the condition: the transaction may wait for the lock
+                alive, fired = self._arbiter._heartbeat([h.lease.lease_id for h in held])
+            except sqlite3.Error as exc:  # a transient problem must not kill the heartbeat
+                log.warning("GPU lease heartbeat failed: %s", exc)
                 next_beat = time.monotonic() + min(1.0, interval)
                 continue
             next_beat = time.monotonic() + interval
-            if not alive:
-                lease.lost = True
-                log.error(
-                    "GPU lease %s (%s on %s) was reclaimed while held: its heartbeat was older than %.0f s",
-                    lease.lease_id[:8],
-                    lease.holder,
-                    lease.device_uuid,
-                    self._arbiter.heartbeat_ttl_s,
-                )
+            for h in held:
+                self._after_beat(h, h.lease.lease_id in alive, h.lease.lease_id in fired)
+
+    def _after_beat(self, h: _Held, alive: bool, fired: bool) -> None:
+        lease = h.lease
+        with self._cond:
+            if lease.lease_id not in self._held:  # released meanwhile: nothing to report
                 return
-            if fired and not lease.watchdog_exceeded:
-                lease.watchdog_exceeded = True
-                if self._on_watchdog is not None:
-                    try:
-                        self._on_watchdog(lease)
-                    except Exception:
-                        log.exception("GPU lease watchdog callback failed")
-            if time.monotonic() >= watchdog_at:
-                watchdog_at = math.inf
+            if not alive:
+                self._held.pop(lease.lease_id)
+        if not alive:
+            lease.lost = True
+            log.error(
+                "GPU lease %s (%s on %s) was reclaimed while held: its heartbeat was older than %.0f s",
+                lease.lease_id[:8],
+                lease.holder,
+                lease.device_uuid,
+                self._arbiter.heartbeat_ttl_s,
+            )
+            return
+        if fired and not lease.watchdog_exceeded:
+            lease.watchdog_exceeded = True
+            if h.on_watchdog is not None:
+                try:
+                    h.on_watchdog(lease)
+                except Exception:
+                    log.exception("GPU lease watchdog callback failed")
+        if time.monotonic() >= h.watchdog_at:
+            h.watchdog_at = math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,10 +497,16 @@ class _LeaseKeeper(threading.Thread):
 
 
 class _Waker:
-    """A named pipe a waiter sleeps on; a granting process writes one byte to wake it at once."""
+    """A named pipe a waiting thread sleeps on; a granting process writes a byte to wake it at once.
+
+    One per thread and arbiter, reused across requests: creating a FIFO per request costs more
+    than the rest of an uncontended acquire.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         os.mkfifo(path)
         # Opened non-blocking for reading, plus a writer of our own: with no writer at all, poll()
         # reports end-of-file forever and the waiter would spin.
@@ -470,22 +516,25 @@ class _Waker:
         self._selector.register(self._rfd, selectors.EVENT_READ)
 
     @classmethod
-    def create(cls, directory: Path, lease_id: str) -> _Waker | None:
+    def create(cls, path: Path) -> _Waker | None:
         if not hasattr(os, "mkfifo"):
             return None
         try:
-            return cls(directory / f"{lease_id}.fifo")
+            return cls(path)
         except OSError as exc:  # a file system without FIFOs: fall back to fast polling
             log.debug("no wake-up pipe (%s); polling instead", exc)
             return None
 
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._rfd, 4096):
+                pass
+
     def wait(self, timeout_s: float) -> bool:
-        ready = self._selector.select(max(0.0, timeout_s))
+        ready = bool(self._selector.select(max(0.0, timeout_s)))
         if ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._rfd, 4096):
-                    pass
-        return bool(ready)
+            self.drain()
+        return ready
 
     def close(self) -> None:
         self._selector.close()
@@ -496,17 +545,32 @@ class _Waker:
             self.path.unlink()
 
 
-def _wake(directory: Path, lease_id: str) -> None:
+# A grant made in a transaction: the lease id and the waiter's wake-up pipe, if it has one.
+_Grant = tuple[str, str | None]
+
+
+def _wake(path: str | None) -> None:
+    if not path:
+        return
     try:
-        fd = os.open(directory / f"{lease_id}.fifo", os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     except OSError:  # gone, or nobody listening: the waiter's poll timer covers it
         return
     try:
         os.write(fd, b"!")
-    except OSError:
+    except OSError:  # pipe full: the waiter has wake-ups pending already
         pass
     finally:
         os.close(fd)
+
+
+def _clean_stale_wakers(directory: Path) -> None:
+    """Remove wake-up pipes left by processes that died (names start with the pid)."""
+    for path in directory.glob("*.fifo"):
+        pid_text = path.name.split("-", 1)[0]
+        if pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +586,7 @@ CREATE TABLE IF NOT EXISTS queue (
     ticket INTEGER PRIMARY KEY AUTOINCREMENT, lease_id TEXT NOT NULL UNIQUE, holder TEXT NOT NULL,
     task_type TEXT NOT NULL, priority INTEGER NOT NULL, min_free_mb INTEGER NOT NULL,
     max_hold_s REAL, ttl_s REAL NOT NULL, node TEXT NOT NULL, pid INTEGER NOT NULL,
-    pid_start REAL, enqueued_at REAL NOT NULL, heartbeat_at REAL NOT NULL
+    pid_start REAL, enqueued_at REAL NOT NULL, heartbeat_at REAL NOT NULL, wake TEXT
 );
 CREATE TABLE IF NOT EXISTS leases (
     device_idx INTEGER PRIMARY KEY, lease_id TEXT NOT NULL UNIQUE, ticket INTEGER NOT NULL,
@@ -586,10 +650,13 @@ def _connect(db_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 30000")
-    # WAL: readers (snapshot, metrics) never block the writer. synchronous=NORMAL: durable across a
-    # process crash, which is what lease state must survive; a power cut empties every GPU anyway.
+    # WAL: readers (snapshot, metrics) never block the writer. synchronous=OFF: every commit is
+    # still atomic and visible to every process at once, and survives any process crash; only an
+    # OS crash or power cut can lose or corrupt it, and then no process holds a GPU anyway (a
+    # corrupt file is moved aside at start). NORMAL would fsync at every WAL checkpoint, ~10 ms
+    # stalls on a network disk that would land on whoever's grant triggers it.
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA synchronous = OFF")
     return conn
 
 
@@ -718,10 +785,14 @@ class Arbiter:
         self._last_liveness = 0.0
         self._last_metrics = -math.inf
         self._mem_blocked: set[str] = set()
+        self._wakers: dict[tuple[int, int], _Waker | None] = {}
+        self._keeper: _Keeper | None = None
+        self._keeper_pid = -1
         self._own_start = _own_start_time()
         self.registry = CollectorRegistry()
         self.registry.register(_DbCollector(self))
         self._register_inventory()
+        _clean_stale_wakers(self.wake_dir)
 
     # -- connection and transactions ----------------------------------------------------------
 
@@ -760,6 +831,37 @@ class Arbiter:
             yield self._ensure_open()
 
     def _register_inventory(self) -> None:
+        try:
+            self._write_inventory()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, busy, disk full: not corruption
+                raise
+            self._quarantine_database(exc)
+            self._write_inventory()
+
+    def _quarantine_database(self, exc: sqlite3.DatabaseError) -> None:
+        """Move a corrupt database aside (only an OS crash can cause one) and start afresh."""
+        with self._tlock:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                suffix = time.strftime("%Y%m%dT%H%M%S")
+                for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.state_dir / name).rename(self.state_dir / f"{name}.corrupt-{suffix}")
+                log.error(
+                    "GPU arbiter database %s was unreadable (%s); moved aside, starting afresh",
+                    self.db_path,
+                    exc,
+                )
+            finally:
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _write_inventory(self) -> None:
         now = time.time()
         with self._txn() as conn:
             for statement in _SCHEMA.split(";"):
@@ -823,10 +925,10 @@ class Arbiter:
 
     # -- maintenance: reclaim, watchdog, grant --------------------------------------------------
 
-    def _maintain(self, conn: sqlite3.Connection, now: float) -> list[str]:
+    def _maintain(self, conn: sqlite3.Connection, now: float) -> list[_Grant]:
         """Reclaim dead leases, drop dead waiters, fire watchdogs, hand free devices out.
 
-        Returns the lease ids granted to *other* waiters, to wake after commit.
+        Returns the grants made, whose waiters are to be woken after commit.
         """
         for row in conn.execute("SELECT * FROM leases WHERE heartbeat_at + ttl_s < ?", (now,)).fetchall():
             self._reclaim(conn, row, f"heartbeat older than {row['ttl_s']:.1f} s")
@@ -862,8 +964,9 @@ class Arbiter:
     def _drop_waiter(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
         conn.execute("DELETE FROM queue WHERE ticket = ?", (row["ticket"],))
         _count(conn, "dropped_waiters", row["task_type"])
-        with contextlib.suppress(OSError):
-            (self.wake_dir / f"{row['lease_id']}.fifo").unlink()
+        if row["wake"]:
+            with contextlib.suppress(OSError):
+                Path(row["wake"]).unlink()
         log.warning("GPU arbiter dropped waiter %s: pid %d is dead", row["holder"], row["pid"])
 
     def _reclaim(self, conn: sqlite3.Connection, row: sqlite3.Row, why: str) -> None:
@@ -879,7 +982,7 @@ class Arbiter:
             why,
         )
 
-    def _grant_pass(self, conn: sqlite3.Connection, now: float) -> list[str]:
+    def _grant_pass(self, conn: sqlite3.Connection, now: float) -> list[_Grant]:
         self._mem_blocked.clear()
         waiters = conn.execute("SELECT * FROM queue ORDER BY priority DESC, ticket ASC").fetchall()
         if not waiters:
@@ -893,7 +996,7 @@ class Arbiter:
         if not free:
             return []
         memory = {d.index: self._memory(d) for d in free}
-        granted: list[str] = []
+        granted: list[_Grant] = []
         for w in waiters:
             if not free:
                 break
@@ -944,14 +1047,30 @@ class Arbiter:
                 ),
             )
             conn.execute("DELETE FROM queue WHERE ticket = ?", (w["ticket"],))
+            _count(conn, "acquired", w["task_type"])
+            _observe(conn, "wait_ms", w["task_type"], Outcome.ACQUIRED, (now - w["enqueued_at"]) * 1000.0)
             free.remove(best)
-            granted.append(w["lease_id"])
+            granted.append((w["lease_id"], w["wake"]))
         return granted
 
-    def _wake_all(self, lease_ids: list[str], except_id: str | None = None) -> None:
-        for lease_id in lease_ids:
+    def _wake_all(self, grants: list[_Grant], except_id: str | None = None) -> None:
+        for lease_id, wake in grants:
             if lease_id != except_id:
-                _wake(self.wake_dir, lease_id)
+                _wake(wake)
+
+    def _waker(self) -> _Waker | None:
+        key = (os.getpid(), threading.get_ident())
+        if key not in self._wakers:
+            self._wakers[key] = _Waker.create(self.wake_dir / f"{key[0]}-{key[1]}-{id(self):x}.fifo")
+        return self._wakers[key]
+
+    def _keeper_thread(self) -> _Keeper:
+        with self._tlock:
+            if self._keeper is None or self._keeper_pid != os.getpid():  # threads do not survive fork
+                self._keeper = _Keeper(self)
+                self._keeper_pid = os.getpid()
+                self._keeper.start()
+            return self._keeper
 
     # -- acquire / release ----------------------------------------------------------------------
 
@@ -985,11 +1104,14 @@ class Arbiter:
         lease_id = uuid.uuid4().hex
         started = time.monotonic()
         deadline = started + policy.max_wait_s
-        waker = _Waker.create(self.wake_dir, lease_id) if policy.max_wait_s > 0 else None
+        waker = self._waker() if policy.max_wait_s > 0 else None
+        if waker is not None:
+            waker.drain()  # wake-ups left over from an earlier request of this thread
         # With a wake-up pipe, polling only catches dead holders and memory changes; without one,
         # it is the only way to notice a grant.
-        poll_s = self._explicit_poll_s or (0.5 if waker else 0.02)
-        poll_s = min(poll_s, self.heartbeat_ttl_s / 3.0)
+        maintain_every_s = min(self._explicit_poll_s or 0.5, self.heartbeat_ttl_s / 3.0)
+        check_every_s = maintain_every_s if waker else min(0.02, maintain_every_s)
+        wake = str(waker.path) if waker is not None else None
         try:
             with self._txn() as conn:
                 now = time.time()
@@ -1000,92 +1122,90 @@ class Arbiter:
                         conn, task, holder, policy, lease_id, started, Reason.QUEUE_FULL
                     )
                 else:
-                    ticket = conn.execute(
-                        "INSERT INTO queue (lease_id, holder, task_type, priority, min_free_mb, max_hold_s, "
-                        "ttl_s, node, pid, pid_start, enqueued_at, heartbeat_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            lease_id,
-                            holder,
-                            task,
-                            policy.priority,
-                            policy.min_free_mb,
-                            policy.max_hold_s,
-                            self.heartbeat_ttl_s,
-                            self.node_id,
-                            os.getpid(),
-                            self._own_start,
-                            now,
-                            now,
-                        ),
-                    ).lastrowid
+                    self._enqueue(conn, lease_id, holder, task, policy, now, wake)
                     others += self._grant_pass(conn, now)
                     lease = self._collect_grant(conn, task, holder, policy, lease_id, started)
                     if lease is None and policy.max_wait_s <= 0:
-                        conn.execute("DELETE FROM queue WHERE ticket = ?", (ticket,))
+                        conn.execute("DELETE FROM queue WHERE lease_id = ?", (lease_id,))
                         reason = Reason.INSUFFICIENT_MEMORY if lease_id in self._mem_blocked else Reason.BUSY
                         lease = self._decide_busy(conn, task, holder, policy, lease_id, started, reason)
             self._wake_all(others, except_id=lease_id)
 
+            # Waiting costs no lock: a grant is written by whoever freed the device, and reading our
+            # own lease row is a plain WAL read. Every maintain_every_s (and at the deadline) we take
+            # the write lock to heartbeat our queue entry, reclaim dead holders, and give up in time.
+            next_maintain = started + maintain_every_s
             while lease is None:
-                remaining = deadline - time.monotonic()
+                now_m = time.monotonic()
+                timeout_s = min(next_maintain, deadline) - now_m
                 if waker is not None:
-                    waker.wait(min(poll_s, remaining))
+                    waker.wait(timeout_s)
                 else:
-                    time.sleep(max(0.0, min(poll_s, remaining)))
+                    time.sleep(max(0.0, min(check_every_s, timeout_s)))
+                with self._read() as conn:
+                    lease = self._collect_grant(conn, task, holder, policy, lease_id, started)
+                now_m = time.monotonic()
+                if lease is not None or (now_m < next_maintain and now_m < deadline):
+                    continue
+                next_maintain = now_m + maintain_every_s
                 with self._txn() as conn:
                     now = time.time()
                     others = self._maintain(conn, now)
                     lease = self._collect_grant(conn, task, holder, policy, lease_id, started)
                     if lease is None:
-                        updated = conn.execute(
+                        queued = conn.execute(
                             "UPDATE queue SET heartbeat_at = ? WHERE lease_id = ?", (now, lease_id)
                         ).rowcount
                         if time.monotonic() >= deadline:
                             conn.execute("DELETE FROM queue WHERE lease_id = ?", (lease_id,))
-                            reason = (
-                                Reason.INSUFFICIENT_MEMORY
-                                if lease_id in self._mem_blocked
-                                else Reason.TIMEOUT
-                            )
+                            memory = lease_id in self._mem_blocked
+                            reason = Reason.INSUFFICIENT_MEMORY if memory else Reason.TIMEOUT
                             lease = self._decide_busy(conn, task, holder, policy, lease_id, started, reason)
-                        elif not updated:
+                        elif not queued:
                             # Our queue entry outlived its TTL (this process was starved of CPU):
                             # queue again rather than wait for a grant that cannot come.
                             log.warning("GPU request %s lost its queue entry; queueing again", holder)
-                            conn.execute(
-                                "INSERT INTO queue (lease_id, holder, task_type, priority, min_free_mb, "
-                                "max_hold_s, ttl_s, node, pid, pid_start, enqueued_at, heartbeat_at) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (
-                                    lease_id,
-                                    holder,
-                                    task,
-                                    policy.priority,
-                                    policy.min_free_mb,
-                                    policy.max_hold_s,
-                                    self.heartbeat_ttl_s,
-                                    self.node_id,
-                                    os.getpid(),
-                                    self._own_start,
-                                    now,
-                                    now,
-                                ),
-                            )
+                            self._enqueue(conn, lease_id, holder, task, policy, now, wake)
                 self._wake_all(others, except_id=lease_id)
         except BaseException:
             # Interrupted (run terminated, Ctrl-C): leave no queue entry or unclaimed grant behind.
             self._abandon(lease_id)
             raise
-        finally:
-            if waker is not None:
-                waker.close()
 
         if lease.acquired:
-            lease._keeper = _LeaseKeeper(self, lease, on_watchdog)
-            lease._keeper.start()
+            self._keeper_thread().add(lease, on_watchdog)
         self._maybe_write_metrics()
         return lease
+
+    def _enqueue(
+        self,
+        conn: sqlite3.Connection,
+        lease_id: str,
+        holder: str,
+        task: str,
+        policy: TaskPolicy,
+        now: float,
+        wake: str | None,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO queue (lease_id, holder, task_type, priority, min_free_mb, max_hold_s, ttl_s, node, "
+            "pid, pid_start, enqueued_at, heartbeat_at, wake) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                lease_id,
+                holder,
+                task,
+                policy.priority,
+                policy.min_free_mb,
+                policy.max_hold_s,
+                self.heartbeat_ttl_s,
+                self.node_id,
+                os.getpid(),
+                self._own_start,
+                now,
+                now,
+                wake,
+            ),
+        )
 
     def _abandon(self, lease_id: str) -> None:
         try:
@@ -1121,10 +1241,8 @@ class Arbiter:
             name=row["name"] or "",
             kind=row["kind"] or "simulated",
         )
-        # The lease counts from the grant, not from when this waiter noticed it.
-        conn.execute("UPDATE leases SET heartbeat_at = ? WHERE lease_id = ?", (time.time(), lease_id))
-        _count(conn, "acquired", task)
-        _observe(conn, "wait_ms", task, Outcome.ACQUIRED, wait_ms)
+        # Read-only on purpose: the granting transaction already counted the grant and started the
+        # heartbeat clock, so noticing a grant takes no write lock.
         return Lease(
             outcome=Outcome.ACQUIRED,
             task_type=task,
@@ -1187,8 +1305,8 @@ class Arbiter:
         )
 
     def _release(self, lease: Lease) -> None:
-        if lease._keeper is not None:
-            lease._keeper.stop()
+        if self._keeper is not None:
+            self._keeper.remove(lease)
         if lease.device_kind == "cuda":
             _free_torch_cuda_cache()
         with self._txn() as conn:
@@ -1209,22 +1327,20 @@ class Arbiter:
             )
         self._maybe_write_metrics()
 
-    def _heartbeat(self, lease: Lease) -> tuple[bool, bool]:
-        """Refresh the lease's heartbeat; returns (still held, watchdog fired)."""
+    def _heartbeat(self, lease_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Refresh heartbeats; returns the ids still held and the ids whose watchdog has fired."""
         with self._txn() as conn:
             now = time.time()
             others = self._maintain(conn, now)
-            alive = (
-                conn.execute(
-                    "UPDATE leases SET heartbeat_at = ? WHERE lease_id = ?", (now, lease.lease_id)
-                ).rowcount
-                == 1
+            conn.executemany(
+                "UPDATE leases SET heartbeat_at = ? WHERE lease_id = ?", [(now, i) for i in lease_ids]
             )
-            row = conn.execute(
-                "SELECT watchdog_at FROM leases WHERE lease_id = ?", (lease.lease_id,)
-            ).fetchone()
+            marks = ",".join("?" * len(lease_ids))
+            rows = conn.execute(
+                f"SELECT lease_id, watchdog_at FROM leases WHERE lease_id IN ({marks})", lease_ids
+            ).fetchall()
         self._wake_all(others)
-        return alive, bool(row and row["watchdog_at"] is not None)
+        return {r["lease_id"] for r in rows}, {r["lease_id"] for r in rows if r["watchdog_at"] is not None}
 
     # -- observability --------------------------------------------------------------------------
 
@@ -1269,6 +1385,13 @@ class Arbiter:
             with contextlib.suppress(OSError, sqlite3.Error):
                 self.write_metrics()
         with self._tlock:
+            if self._keeper is not None and self._keeper_pid == os.getpid():
+                self._keeper.close()
+            self._keeper = None
+            for (pid, _), waker in self._wakers.items():
+                if waker is not None and pid == os.getpid():
+                    waker.close()
+            self._wakers.clear()
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
                 if self._lock_fd is not None:

@@ -132,6 +132,14 @@ def test_refuses_other_files_dirs_and_symlinks(tmp_path: Path, template: Path) -
     d4.mkdir()
     with pytest.raises(InvalidAdapter, match="missing"):
         load_adapter(d4)
+    d5 = write_adapter(tmp_path / "e", random_factors(1), template)
+    (d5 / ADAPTER_WEIGHTS).write_bytes(b"\x80\x04K\x01.")  # a pickle under the right name
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors"):
+        load_adapter(d5)
+    d6 = write_adapter(tmp_path / "f", random_factors(1), template)
+    (d6 / ADAPTER_CONFIG).write_text("{not json")
+    with pytest.raises(InvalidAdapter, match="not valid JSON"):
+        load_adapter(d6)
 
 
 def test_refuses_non_finite_tensors(tmp_path: Path, template: Path) -> None:

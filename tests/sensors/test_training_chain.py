@@ -1,0 +1,142 @@
+"""training_chain_sensor decisions on a real instance with real run records and a real state store."""
+
+import json
+import uuid
+
+import dagster as dg
+import pytest
+
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.definitions import defs
+from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
+from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.training_chain import training_chain_sensor
+from mloc_dagster.training_runs import cancel_run, pause_run, resume_run
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+@pytest.fixture()
+def instance(mloc_home):
+    with dg.instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 2}}) as inst:
+        yield inst
+
+
+def tick(instance, store, cursor=None):
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                  resources={"state": StateStoreResource(url=store.url)})
+    result = training_chain_sensor(ctx)
+    return result, result.cursor
+
+
+def keys(result):
+    return [(r.job_name, r.run_key) for r in result.run_requests]
+
+
+def new_run(store, jobs=3, every=2):
+    return store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
+                            hparams={"lr": 0.001, "unknown": 1}, timebox_s=60, max_jobs=jobs, candidate_every=every)
+
+
+def succeed(store, run, i):
+    store.record_job_started(run.run_id, i, dagster_run_id=f"d{i}")
+    store.record_job_finished(run.run_id, i, "succeeded", checkpoint_path=f"/ckpt/{i}", sha256="x")
+
+
+def failed_dagster_run(instance, run, i, retry_number):
+    dagster_run = instance.add_run(dg.DagsterRun(
+        job_name=TRAIN_JOB, run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED,
+        tags={"mloc/run_id": run.run_id, "mloc/job_index": str(i), "dagster/retry_number": str(retry_number)}))
+    instance.report_run_failed(dagster_run)
+
+
+def test_chain_success_path_candidates_and_completion(instance, store):
+    run = new_run(store)
+    result, cursor = tick(instance, store)
+    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/0")]
+    req = result.run_requests[0]
+    assert req.partition_key == "en-gb-scotland"
+    assert req.tags["dagster/max_runtime"] == str(60 + 120) and req.tags["mloc/job_index"] == "0"
+    config = req.run_config["ops"]["adapter_checkpoint"]["config"]
+    assert config == {"run_id": run.run_id, "job_index": 0, "timebox_s": 60, "lr": 0.001}
+
+    again, cursor2 = tick(instance, store, cursor)  # job 0 in flight: nothing new, same cursor
+    assert keys(again) == [] and json.loads(cursor2) == json.loads(cursor)
+
+    succeed(store, run, 0)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/1")]
+    succeed(store, run, 1)  # K=2: job 1 is a candidate point
+    result, cursor = tick(instance, store, cursor)
+    assert sorted(keys(result)) == sorted([(CANDIDATE_JOB, f"{run.run_id}/candidate/1"), (TRAIN_JOB, f"{run.run_id}/2")])
+    assert keys(tick(instance, store, cursor)[0]) == []
+    succeed(store, run, 2)  # the last job: a candidate, and the run completes
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(CANDIDATE_JOB, f"{run.run_id}/candidate/2")]
+    assert store.get_run(run.run_id).status == "completed"
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == []
+    assert json.loads(cursor)["requested"] == {}  # finished runs leave the cursor: it stays small
+
+
+def test_failure_waits_for_retries_then_fails_the_run(instance, store):
+    run = new_run(store)
+    _, cursor = tick(instance, store)
+    store.record_job_started(run.run_id, 0)
+    failed_dagster_run(instance, run, 0, retry_number=0)  # Dagster will retry (max_retries=2)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [] and store.get_run(run.run_id).status == "active"
+    failed_dagster_run(instance, run, 0, retry_number=2)  # the last retry failed too
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == []
+    failed = store.get_run(run.run_id)
+    assert failed.status == "failed" and "job 0 failed after 3 attempt(s)" in failed.status_reason
+    assert tick(instance, store, cursor)[0].run_requests == []
+
+
+def test_retried_job_success_continues_the_chain(instance, store):
+    run = new_run(store)
+    _, cursor = tick(instance, store)
+    failed_dagster_run(instance, run, 0, retry_number=0)
+    _, cursor = tick(instance, store, cursor)
+    succeed(store, run, 0)  # the retry (same run key's job) succeeded
+    result, _ = tick(instance, store, cursor)
+    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/1")]
+
+
+def test_pause_resume_cancel(instance, store):
+    run = new_run(store, jobs=4, every=4)
+    _, cursor = tick(instance, store)
+    assert pause_run(store, run.run_id)
+    succeed(store, run, 0)  # the job in flight finishes while paused
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [] and store.get_run(run.run_id).status == "paused"
+    assert resume_run(store, run.run_id)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/1")]  # continues from job 0's checkpoint
+
+    in_flight = instance.add_run(dg.DagsterRun(job_name=TRAIN_JOB, run_id=str(uuid.uuid4()),
+                                               status=dg.DagsterRunStatus.NOT_STARTED,
+                                               tags={"mloc/run_id": run.run_id, "mloc/job_index": "1"}))
+    store.record_job_started(run.run_id, 1)
+    terminated = cancel_run(instance, store, run.run_id)
+    assert terminated == [in_flight.run_id]
+    assert instance.get_run_by_id(in_flight.run_id).status == dg.DagsterRunStatus.CANCELED
+    assert store.get_job(run.run_id, 1).status == "failed"
+    succeed(store, run, 1)  # even if the worker reports success late, a cancelled run stays put
+    assert keys(tick(instance, store, cursor)[0]) == [] and store.get_run(run.run_id).status == "cancelled"
+
+
+def test_several_runs_and_dialects(instance, store):
+    a = new_run(store)
+    b = store.create_run(dialect="en-gb-x-gbclan", dataset_version="/d", base_model_version="/m",
+                         timebox_s=60, max_jobs=2, candidate_every=1)
+    result, cursor = tick(instance, store)
+    assert sorted(keys(result)) == sorted([(TRAIN_JOB, f"{a.run_id}/0"), (TRAIN_JOB, f"{b.run_id}/0")])
+    succeed(store, b, 0)
+    result, _ = tick(instance, store, cursor)
+    assert sorted(keys(result)) == sorted([(CANDIDATE_JOB, f"{b.run_id}/candidate/0"), (TRAIN_JOB, f"{b.run_id}/1")])
+    assert {r.partition_key for r in result.run_requests} == {"en-gb-x-gbclan"}
