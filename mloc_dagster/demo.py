@@ -84,7 +84,7 @@ def run_demo(ui: bool = False, utterances: int | None = None) -> int:
             if base is None:
                 console.print(f"[cyan]base_model[/]: pre-training the tiny CTC model on {BASE_DIALECT} "
                               f"for {BASE_TRAIN_S} s ...")
-                defs.get_job_def("base_model_job").execute_in_process(
+                defs.resolve_job_def("base_model_job").execute_in_process(
                     instance=instance, run_config={"ops": {"base_model": {"config": {"train_seconds": BASE_TRAIN_S}}}})
                 base = latest_metadata(instance, "base_model")
             console.print(f"[green]base_model[/] {base['version']}: {base['parameters']:,} parameters, "

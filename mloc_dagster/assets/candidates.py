@@ -105,17 +105,18 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     return dg.MaterializeResult(
         metadata={
             "candidate_id": candidate.candidate_id, "decision": report.decision,
-            "cer_base_model": base_scores.cer, "cer_candidate": report.candidate.cer,
-            "wer_candidate": report.candidate.wer,
+            "cer_base_model": base_scores.cer, "wer_base_model": base_scores.wer,
+            "cer_candidate": report.candidate.cer, "wer_candidate": report.candidate.wer,
             "cer_production": report.production.cer if report.production else float("nan"),
             "base_dialect_regression_rel": report.base_regression_rel,
+            **{k: v for k, v in report.metrics().items() if k not in ("candidate_cer", "candidate_wer")},
             "report": dg.MetadataValue.md(report.to_markdown()), "path": dg.MetadataValue.path(str(path)),
             **lease.metadata(),
         },
         check_results=[
             dg.AssetCheckResult(check_name=g.name, passed=g.passed,
-                                metadata={"value": float(g.value), "threshold": float(g.threshold),
-                                          "description": g.description})
+                                metadata={"value": float("nan") if g.value is None else float(g.value),
+                                          "threshold": float(g.threshold), "description": g.description})
             for g in report.gates
         ],
     )

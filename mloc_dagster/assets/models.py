@@ -32,7 +32,6 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
     from mloc_dagster.core.evaluate import error_rates, transcribe
     from mloc_dagster.core.features import load_features
     from mloc_dagster.core.model import load_base_model, model_dir_hash
-    from mloc_dagster.core.training import pretrain_base
 
     dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
     models = artifacts.paths.models / "base"
@@ -45,6 +44,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                 shutil.copytree(source, out)
             train_metrics = {}
         else:
+            from mloc_dagster.core.training import pretrain_base
+
             tmp = models / f".pretrain-{context.run_id[:8]}"
             train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,
                                           seed=config.seed, device=lease.torch_device, log=context.log.info)
@@ -58,7 +59,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
         cache = artifacts.paths.home / "features"
         scores = {}
         for split in ("dev", "test"):
-            records = transcribe(bm.model, bm.tokenizer, load_features(dataset["path"], split, cache_dir=cache),
+            records = transcribe(bm.model, bm.tokenizer, load_features(dataset["path"], split, bm.feature_extractor, cache_dir=cache),
                                  device=lease.torch_device)
             rates = error_rates(records)
             scores[f"{split}_cer"], scores[f"{split}_wer"] = rates["cer"], rates["wer"]

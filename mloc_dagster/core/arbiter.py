@@ -14,11 +14,11 @@ Every change runs in one ``BEGIN IMMEDIATE`` transaction, itself taken behind a 
 contending processes are then woken by the kernel as soon as the lock is free, instead of by
 SQLite's busy handler, which sleeps with a back-off of up to 100 ms and ruins tail latency.
 
-Granting is a hand-off: whoever frees a device (a release, a reclaim, a timeout) grants it to the
-best waiter inside the same transaction and then pokes that waiter through a named pipe, so a
-waiter learns of its grant in well under a millisecond and no waiter can jump the queue. Waiters
-also poll on a slow timer, which covers dead holders, NVML memory changes and platforms without
-named pipes.
+Granting is a hand-off: whoever frees a device (a release, a reclaim) grants it to the best waiter
+inside the same transaction and then pokes that waiter through a named pipe, so a waiter learns of
+its grant in well under a millisecond, with a plain read and no lock, and no waiter can jump the
+queue. Waiters also wake on a slow timer (0.5 s) to heartbeat their queue entry, reclaim devices
+from dead holders, notice NVML memory changes, and give up at their deadline.
 
 No Dagster imports here: the resource in ``mloc_dagster.resources.gpu`` is a thin shell over this.
 """
@@ -641,7 +641,7 @@ COUNTER_HELP: dict[str, str] = {
     "queue_full": "Requests refused at once because queue_limit requests were waiting.",
     "watchdog_exceeded": "Leases held longer than their task type's max_hold_s.",
     "reclaimed": "Leases taken back from a dead holder or after a stale heartbeat.",
-    "dropped_waiters": "Queue entries dropped because their process died.",
+    "dropped_waiters": "Queue entries dropped because their process died or went silent.",
     "released": "Leases released by their holder.",
 }
 
@@ -693,6 +693,16 @@ def _pid_alive(pid: int, pid_start: float | None) -> bool:
         return False
     except psutil.AccessDenied:  # exists, owned by someone else: assume alive, the TTL still applies
         return True
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _own_start_time() -> float | None:
@@ -797,12 +807,16 @@ class Arbiter:
     # -- connection and transactions ----------------------------------------------------------
 
     def _ensure_open(self) -> sqlite3.Connection:
-        # A forked child must not reuse its parent's SQLite connection or flock descriptor.
-        if self._pid != os.getpid() or self._conn is None:
+        # A forked child must not reuse its parent's SQLite connection or flock descriptor (and must
+        # not close them either: they are the parent's). It opens its own.
+        if self._pid != os.getpid():
             self._pid = os.getpid()
             self._own_start = _own_start_time()
+            self._conn = None
+            self._lock_fd = None
             if fcntl is not None:
                 self._lock_fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        if self._conn is None:
             self._conn = _connect(self.db_path)
         return self._conn
 
@@ -932,16 +946,11 @@ class Arbiter:
         """
         for row in conn.execute("SELECT * FROM leases WHERE heartbeat_at + ttl_s < ?", (now,)).fetchall():
             self._reclaim(conn, row, f"heartbeat older than {row['ttl_s']:.1f} s")
-        conn.execute("DELETE FROM queue WHERE heartbeat_at + ttl_s < ?", (now,))
-
-        if time.monotonic() - self._last_liveness >= self.liveness_interval_s:
-            self._last_liveness = time.monotonic()
-            for row in conn.execute("SELECT * FROM leases WHERE node = ?", (self.node_id,)).fetchall():
-                if not _pid_alive(row["pid"], row["pid_start"]):
-                    self._reclaim(conn, row, f"holder pid {row['pid']} is dead")
-            for row in conn.execute("SELECT * FROM queue WHERE node = ?", (self.node_id,)).fetchall():
-                if not _pid_alive(row["pid"], row["pid_start"]):
-                    self._drop_waiter(conn, row)
+        for row in conn.execute("SELECT * FROM queue WHERE heartbeat_at + ttl_s < ?", (now,)).fetchall():
+            # Its process is silent (frozen, or on another node): if it wakes up, it queues again.
+            conn.execute("DELETE FROM queue WHERE ticket = ?", (row["ticket"],))
+            _count(conn, "dropped_waiters", row["task_type"])
+            log.warning("GPU arbiter dropped waiter %s: no heartbeat for %.1f s", row["holder"], row["ttl_s"])
 
         for row in conn.execute(
             "SELECT lease_id, holder, task_type, device_idx, granted_at, max_hold_s FROM leases "
@@ -960,6 +969,52 @@ class Arbiter:
             )
 
         return self._grant_pass(conn, now)
+
+    def _liveness_pass(self) -> None:
+        """Reclaim leases and queue entries of processes on this node that died.
+
+        The pid checks (a /proc read or two each) run outside the write lock, and at most one
+        process per node runs them per liveness interval, so they never sit on a grant's path.
+        """
+        mono = time.monotonic()
+        if mono - self._last_liveness < self.liveness_interval_s:
+            return
+        self._last_liveness = mono
+        now = time.time()
+        with self._read() as conn:
+            last = conn.execute("SELECT value FROM meta WHERE key = 'liveness_at'").fetchone()
+            if last is not None and now - float(last[0]) < self.liveness_interval_s:
+                return
+            leases = conn.execute(
+                "SELECT lease_id, pid, pid_start FROM leases WHERE node = ?", (self.node_id,)
+            )
+            dead_leases = [
+                r["lease_id"] for r in leases.fetchall() if not _pid_alive(r["pid"], r["pid_start"])
+            ]
+            waiters = conn.execute(
+                "SELECT lease_id, pid, pid_start FROM queue WHERE node = ?", (self.node_id,)
+            )
+            dead_waiters = [
+                r["lease_id"] for r in waiters.fetchall() if not _pid_alive(r["pid"], r["pid_start"])
+            ]
+        others: list[_Grant] = []
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('liveness_at', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (repr(now),),
+            )
+            for lease_id in dead_leases:
+                row = conn.execute("SELECT * FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+                if row is not None:
+                    self._reclaim(conn, row, f"holder pid {row['pid']} is dead")
+            for lease_id in dead_waiters:
+                row = conn.execute("SELECT * FROM queue WHERE lease_id = ?", (lease_id,)).fetchone()
+                if row is not None:
+                    self._drop_waiter(conn, row)
+            if dead_leases or dead_waiters:
+                others = self._grant_pass(conn, time.time())
+        self._wake_all(others)
 
     def _drop_waiter(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
         conn.execute("DELETE FROM queue WHERE ticket = ?", (row["ticket"],))
@@ -1000,13 +1055,9 @@ class Arbiter:
         for w in waiters:
             if not free:
                 break
-            # One pid check per grant (not per waiter per transaction): a device handed to a dead
-            # waiter would sit idle until the next liveness pass.
-            if (
-                w["node"] == self.node_id
-                and w["pid"] != os.getpid()
-                and not _pid_alive(w["pid"], w["pid_start"])
-            ):
+            # A cheap existence check per grant: a device handed to a dead waiter would sit idle
+            # until the next liveness pass (which also catches zombies and recycled pids).
+            if w["node"] == self.node_id and not _pid_exists(w["pid"]):
                 self._drop_waiter(conn, w)
                 continue
             fits = [d for d in free if memory[d.index] is None or memory[d.index].free_mb >= w["min_free_mb"]]
@@ -1112,6 +1163,7 @@ class Arbiter:
         maintain_every_s = min(self._explicit_poll_s or 0.5, self.heartbeat_ttl_s / 3.0)
         check_every_s = maintain_every_s if waker else min(0.02, maintain_every_s)
         wake = str(waker.path) if waker is not None else None
+        self._liveness_pass()
         try:
             with self._txn() as conn:
                 now = time.time()
@@ -1148,6 +1200,7 @@ class Arbiter:
                 if lease is not None or (now_m < next_maintain and now_m < deadline):
                     continue
                 next_maintain = now_m + maintain_every_s
+                self._liveness_pass()
                 with self._txn() as conn:
                     now = time.time()
                     others = self._maintain(conn, now)
@@ -1329,6 +1382,7 @@ class Arbiter:
 
     def _heartbeat(self, lease_ids: list[str]) -> tuple[set[str], set[str]]:
         """Refresh heartbeats; returns the ids still held and the ids whose watchdog has fired."""
+        self._liveness_pass()
         with self._txn() as conn:
             now = time.time()
             others = self._maintain(conn, now)

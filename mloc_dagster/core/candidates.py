@@ -45,7 +45,7 @@ def recognize(base_model_dir: str | Path, adapter_dir: str | Path | None, versio
     model = bm.model
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    features = load_features(version_path, split, cache_dir=feature_cache)
+    features = load_features(version_path, split, bm.feature_extractor, cache_dir=feature_cache)
     with torch.no_grad():
         records = transcribe(model.to(device), bm.tokenizer, features, device=device)
     return [UttResult(r["utt_id"], r["speaker"], r["ref"], r["hyp"]) for r in records]

@@ -120,7 +120,18 @@ class GpuArbiter(dg.ConfigurableResource):
         Keyword overrides (``max_wait_s=...``, ``priority=...``) apply to this request only.
         """
         log = context.log if context is not None else None
-        lease = self.arbiter.acquire(task_type, holder=holder or _holder_name(context), **overrides)
+        on_watchdog = None
+        if log is not None:
+
+            def on_watchdog(held: Lease) -> None:  # called from the arbiter's heartbeat thread
+                log.warning(
+                    f"GPU watchdog: {held.task_type} has held {held.device_uuid} longer than "
+                    f"max_hold_s={held.policy.max_hold_s:.0f} s"
+                )
+
+        lease = self.arbiter.acquire(
+            task_type, holder=holder or _holder_name(context), on_watchdog=on_watchdog, **overrides
+        )
         if log is not None:
             _log_outcome(log, lease)
         try:

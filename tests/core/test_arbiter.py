@@ -473,3 +473,30 @@ def test_counters_and_textfile_are_node_wide(tmp_path: Path) -> None:
     with sim(tmp_path).acquire("EVAL"):
         pass
     assert 'mloc_gpu_arbiter_acquired_total{task_type="EVAL"} 4.0' in metrics_text(state)
+
+
+def test_interrupted_waiter_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arb = sim(tmp_path)
+    blocker = arb.acquire("TRAIN", "blocker")
+
+    def interrupted(self: object, timeout_s: float) -> bool:
+        raise KeyboardInterrupt  # what a terminated Dagster run raises into its step
+
+    monkeypatch.setattr(arbiter_module._Waker, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        arb.acquire("TRAIN", "interrupted", max_wait_s=60)
+    assert arb.snapshot()["queue"] == []
+    blocker.release()
+    assert arb.snapshot()["leases"] == []  # nothing was granted to the request that went away
+
+
+def test_corrupt_database_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = tmp_path / "gpu"
+    state.mkdir()
+    (state / "arbiter.sqlite").write_bytes(b"not a database, e.g. after a power cut" * 100)
+    with caplog.at_level(logging.ERROR, logger="mloc_dagster.arbiter"):
+        arb = Arbiter(state, simulated_devices=1)
+    with arb.acquire("TRAIN") as lease:
+        assert lease.acquired
+    assert [p.name.split(".corrupt-")[0] for p in state.glob("*.corrupt-*")] == ["arbiter.sqlite"]
+    assert any("moved aside" in r.getMessage() for r in caplog.records)

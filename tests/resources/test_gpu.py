@@ -59,6 +59,15 @@ def optional_report(context: dg.AssetExecutionContext, gpu: GpuArbiter) -> dg.Ma
     return dg.MaterializeResult(metadata=lease.metadata())
 
 
+@dg.asset
+def slow_merge(context: dg.AssetExecutionContext, gpu: GpuArbiter) -> dg.MaterializeResult:
+    with gpu.lease("MERGE", context, max_hold_s=0.2) as lease:
+        deadline = time.monotonic() + 30
+        while not lease.watchdog_exceeded and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return dg.MaterializeResult(metadata=lease.metadata())
+
+
 def metadata_of(instance: dg.DagsterInstance, asset: str) -> dict[str, object]:
     event = instance.get_latest_materialization_event(dg.AssetKey(asset))
     assert event is not None and event.asset_materialization is not None
@@ -173,6 +182,16 @@ def test_policies_from_run_config(tmp_path: Path, dagster_home: Path) -> None:
     policies = read_snapshot(tmp_path / "gpu")["policies"]  # as configured by the run's arbiter
     assert policies["TRAIN"]["priority"] == 90
     assert policies["TRAIN"]["busy_policy"] == "FALLBACK_CPU"
+
+
+def test_watchdog_shows_in_the_step_log_and_metadata(tmp_path: Path, dagster_home: Path) -> None:
+    gpu = GpuArbiter(state_dir=str(tmp_path / "gpu"), simulated_devices=1)
+    instance = dg.DagsterInstance.get()
+    result = dg.materialize([slow_merge], instance=instance, resources={"gpu": gpu})
+    assert result.success
+    assert metadata_of(instance, "slow_merge")["gpu/watchdog_exceeded"] is True
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any("GPU watchdog" in m for m in logs)
 
 
 def test_state_dir_defaults_to_mloc_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,727 @@
+"""The owned training loops: pre-training the tiny base model, and timeboxed LoRA adapter jobs.
+
+An adapter job (``train_adapter``) is one slice of a training run. It is a plain peft loop —
+``get_peft_model``, AdamW, a LambdaLR warm-up — with three things made explicit:
+
+**Exact resume.** Everything the loop depends on lives in one ``TrainState``: step and sample
+counters, the sample-level data position (epoch, permutation seed, index within the epoch), the
+trainable (LoRA) weights, AdamW's moments and step, the scheduler step, and the RNG states
+(python, numpy, torch CPU, every CUDA device). It is saved as ``train_state.safetensors`` (tensors)
++ ``train_state.json`` (everything else) — never pickle — so job k+1 continues bit-for-bit where
+job k stopped: a chain of jobs reproduces the uninterrupted loss curve.
+
+**Checkpoints, atomically.** A checkpoint directory is written in a hidden temp dir next to its
+destination, fsynced, then renamed into place, so a reader sees a complete checkpoint or none::
+
+    <out_dir>/                          the job's final checkpoint (what the next job resumes from)
+        adapter_model.safetensors       LoRA A/B in peft format (mergeable, loadable by PeftModel)
+        adapter_config.json             peft LoraConfig
+        train_state.safetensors         trainable weights, optimizer moments, RNG tensors
+        train_state.json                step, data position, scheduler, RNG, hparams, loss history,
+                                        base model + dataset versions, node + throughput per job
+        result.json                     the AdapterJobResult of the job that wrote it
+    <out_dir>.partial/step-000000120/   intermediate checkpoint (same files minus result.json),
+                                        every ``checkpoint_every_s``; only the newest is kept and
+                                        the directory is removed once the final checkpoint exists
+
+A job that starts looks in this order: ``<out_dir>/result.json`` exists → the job already
+finished (a retry after a late failure): return the stored result without training; else the
+newest ``<out_dir>.partial/step-*`` → the previous attempt of *this* job crashed: resume there
+(losing at most ``checkpoint_every_s`` of work) and keep this job's original step budget; else
+``resume_from`` (the previous job's final checkpoint of the same run); else start fresh from the
+seed. Every checkpoint read is validated first (``core/checkpoints.py``).
+
+**Timebox.** The loop checks before every step whether one more step, the final evaluation and
+the final save still fit before ``timebox_s`` (counted from ``started_at``, default: function
+entry), using the slowest recent step time, the measured last save time and an evaluation estimate
+from the measured per-frame compute. It stops itself, leaving that margin, so the job returns
+before the timebox; Dagster's ``dagster/max_runtime`` is only the backstop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import LambdaLR
+
+from mloc_dagster.core.checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESULT_JSON, TRAIN_STATE_JSON,
+                                           TRAIN_STATE_TENSORS, validate_checkpoint_dir)
+from mloc_dagster.core.datasets import DatasetVersion
+from mloc_dagster.core.evaluate import error_rates, transcribe
+from mloc_dagster.core.features import FeatureSet, collate, load_features
+from mloc_dagster.core.model import (BaseModel, default_lora_targets, file_sha256, fsync_tree, load_base_model,
+                                     model_dir_hash, new_tiny_model, save_base_model)
+
+STATE_FORMAT = 1
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot continue this job (different run settings, dataset or base model)."""
+
+
+# --------------------------------------------------------------------------- spec and result
+
+
+@dataclass
+class AdapterHParams:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: the base model's default (core.model.default_lora_targets)
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class Progress:
+    step: int  # steps of the training run so far
+    job_step: int  # steps of this job
+    samples: int  # samples of this job
+    loss: float  # last step's loss
+    samples_per_s: float
+    eta_s: float  # seconds until the loop stops (timebox or max_steps)
+    elapsed_s: float
+    epoch: int
+    event: str = "step"  # step | checkpoint | done
+    checkpoint: str | None = None
+
+
+@dataclass
+class AdapterJobSpec:
+    base_model_dir: str | Path
+    dataset_version_path: str | Path
+    out_dir: str | Path  # this job's final checkpoint directory
+    resume_from: str | Path | None = None  # previous job's final checkpoint of the same training run
+    timebox_s: float = 3600.0
+    checkpoint_every_s: float = 300.0
+    hparams: AdapterHParams = field(default_factory=AdapterHParams)
+    node_id: str | None = None  # default: MLOC_NODE_ID, else host (+ GPU UUID)
+    device: str | None = None  # default: cuda when available, else cpu
+    run_id: str | None = None
+    job_index: int | None = None
+    max_steps: int | None = None  # optional step budget of this job (tests, benchmarks, fixed-size jobs)
+    checkpoint_every_steps: int | None = None  # optional, in addition to checkpoint_every_s
+    feature_cache_dir: str | Path | None = None
+    eval_split: str = "dev"
+    eval_batch_size: int = 32
+    started_at: float | None = None  # time.time() the timebox counts from; default: function entry
+    progress: Callable[[Progress], None] | None = None
+    progress_every_s: float = 10.0
+    heartbeat: Callable[[], bool | None] | None = None  # returning False stops the job cleanly
+    heartbeat_every_s: float = 5.0
+    log: Callable[[str], None] | None = None
+
+
+@dataclass
+class AdapterJobResult:
+    path: str
+    sha256: str  # of adapter_model.safetensors
+    steps: int  # this job
+    samples: int  # this job
+    total_steps: int  # the training run so far
+    total_samples: int
+    epoch: float  # samples of the run / training rows
+    train_loss: float  # mean loss of this job's steps
+    dev_cer: float
+    dev_wer: float
+    samples_per_s: float  # this job's samples / train_seconds
+    train_seconds: float  # first step start → last step end
+    overhead_seconds: float  # start → first step, plus last step end → return
+    wall_seconds: float
+    timebox_s: float
+    utilization: float  # train_seconds / timebox_s
+    stop_reason: str  # timebox | max_steps | heartbeat
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+    node_id: str
+    device: str
+    run_id: str | None
+    job_index: int | None
+    resumed_from: str | None  # checkpoint this job started from (a partial one after a crash)
+    resumed_kind: str  # fresh | resume_from | partial | reused
+    checkpoints_written: int
+    last_save_seconds: float
+    feature_cache_hit: bool
+    dataset_version: str
+    base_model_hash: str
+    trainable_parameters: int
+    loss_history: list[float]  # this job's per-step losses
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AdapterJobResult":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def metrics(self) -> dict[str, float | int | str | None]:
+        """Scalar fields (everything but the loss history), e.g. for asset metadata."""
+        return {k: v for k, v in self.to_json().items() if k != "loss_history"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_node_id() -> str:
+    if os.environ.get("MLOC_NODE_ID"):
+        return os.environ["MLOC_NODE_ID"]
+    node = socket.gethostname()
+    if torch.cuda.is_available():
+        uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+        if uuid is not None:
+            node += f"-GPU-{uuid}"
+    return node
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+@contextlib.contextmanager
+def deterministic(device: str) -> Iterator[None]:
+    """Deterministic kernels for the duration of a job (restored afterwards)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SampleStream:
+    """The data order, position exact to the sample: epoch ``e`` visits every training row once, in
+    ``permutation(default_rng([seed, e]))``; a batch takes the next ``batch_size`` rows of the
+    endless stream (crossing epoch boundaries). Depends on no global RNG."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
+        if n <= 0:
+            raise ValueError("no training rows")
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < batch_size:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            take = min(batch_size - len(out), self.n - self.index)
+            out.extend(int(i) for i in self._perm[self.index:self.index + take])
+            self.index += take
+        return out
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "perm_seed": self.seed, "rows": self.n}
+
+
+def _batch(fs: FeatureSet, labels: list[list[int]], idx: list[int], device: str) -> tuple[dict, int]:
+    b = collate([fs.item(i) for i in idx], [labels[i] for i in idx])
+    frames = int(b["attention_mask"].sum())
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}, frames
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"kind": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
+    tensors = {"rng.torch_cpu": torch.get_rng_state().clone(),
+               "rng.numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    for i in range(meta["cuda_devices"]):
+        tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i).clone()
+    return meta, tensors
+
+
+def _set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["rng.numpy_keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if torch.cuda.is_available():
+        for i in range(min(meta["cuda_devices"], torch.cuda.device_count())):
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+
+
+# --------------------------------------------------------------------------- the state object
+
+
+@dataclass
+class TrainState:
+    """Everything an adapter run's loop depends on, besides code and inputs."""
+
+    step: int = 0
+    samples: int = 0
+    loss_history: list[float] = field(default_factory=list)
+    jobs: list[dict] = field(default_factory=list)  # per job: node, device, throughput, steps
+    run: dict = field(default_factory=dict)  # run_id, job_index, job_start_step, resume_from
+
+    def snapshot(self, model: torch.nn.Module, opt: AdamW, sched: LambdaLR, stream: SampleStream,
+                 hparams: AdapterHParams, identity: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(json, tensors) of the state right now, on CPU, detached from the live objects."""
+        tensors: dict[str, torch.Tensor] = {}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                tensors[f"param.{n}"] = p.detach().to("cpu", copy=True).contiguous()
+        osd = opt.state_dict()
+        for idx, st in osd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{idx}.{k}"] = v.detach().to("cpu", copy=True).reshape(v.shape).contiguous()
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+        ssd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+        rng_meta, rng_tensors = _rng_state()
+        tensors.update(rng_tensors)
+        meta = {
+            "format": STATE_FORMAT, "kind": "mloc-adapter-train-state",
+            "step": self.step, "samples": self.samples, "data": stream.position(),
+            "trainable": names, "optimizer": {"param_groups": groups, "state_ids": sorted(osd["state"])},
+            "scheduler": ssd, "rng": rng_meta, "hparams": asdict(hparams), "identity": identity,
+            "run": self.run, "jobs": self.jobs, "loss_history": self.loss_history,
+        }
+        return meta, tensors
+
+    @classmethod
+    def read(cls, directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta = json.loads((directory / TRAIN_STATE_JSON).read_text())
+        if meta.get("format") != STATE_FORMAT or meta.get("kind") != "mloc-adapter-train-state":
+            raise ResumeError(f"{directory}: not an mloc adapter train state (format {meta.get('format')!r})")
+        return meta, load_file(str(directory / TRAIN_STATE_TENSORS))
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module, opt: AdamW,
+                sched: LambdaLR) -> SampleStream:
+        params = dict(model.named_parameters())
+        trainable = [n for n, p in params.items() if p.requires_grad]
+        if trainable != meta["trainable"]:
+            raise ResumeError(f"trainable parameters differ from the checkpoint's "
+                              f"({len(trainable)} here vs {len(meta['trainable'])}); same target modules?")
+        with torch.no_grad():
+            for n in trainable:
+                src = tensors[f"param.{n}"]
+                if src.shape != params[n].shape:
+                    raise ResumeError(f"{n}: shape {tuple(src.shape)} != {tuple(params[n].shape)}")
+                params[n].copy_(src)
+        state = {}
+        for idx in meta["optimizer"]["state_ids"]:
+            prefix = f"optim.{idx}."
+            state[int(idx)] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        sched.load_state_dict(dict(meta["scheduler"], lr_lambdas=[None] * len(opt.param_groups)))
+        _set_rng_state(meta["rng"], tensors)
+        self.step, self.samples = meta["step"], meta["samples"]
+        self.loss_history = list(meta["loss_history"])
+        self.jobs = list(meta["jobs"])
+        d = meta["data"]
+        return SampleStream(d["rows"], d["perm_seed"], d["epoch"], d["index"])
+
+
+def _write_dir_atomically(dest: Path, write: Callable[[Path], None]) -> float:
+    """Write into a hidden temp dir beside ``dest``, fsync, rename. Returns seconds taken."""
+    t = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        if dest.exists():  # only a stale copy of the same step can be here; replace it
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return time.perf_counter() - t
+
+
+def _write_checkpoint(dest: Path, model, meta: dict, tensors: dict[str, torch.Tensor],
+                      result: Callable[[], dict] | None = None) -> float:
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp)  # peft format: adapter_model.safetensors + adapter_config.json
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template; not needed
+        save_file(tensors, str(tmp / TRAIN_STATE_TENSORS), metadata={"format": str(STATE_FORMAT)})
+        (tmp / TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        if result is not None:
+            (tmp / RESULT_JSON).write_text(json.dumps(result(), indent=1) + "\n")
+    return _write_dir_atomically(dest, write)
+
+
+def partial_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    return out.parent / f"{out.name}.partial"
+
+
+def latest_partial(out_dir: str | Path) -> Path | None:
+    """Newest complete intermediate checkpoint of this job, if a previous attempt left one."""
+    root = partial_dir(out_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted((p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAIN_STATE_JSON).is_file()),
+                   key=lambda p: int(p.name.split("-", 1)[1]))
+    return steps[-1] if steps else None
+
+
+# --------------------------------------------------------------------------- adapter job
+
+
+def _identity(spec: AdapterJobSpec, bm: BaseModel, base_hash: str, dv: DatasetVersion) -> dict:
+    return {"base_model_hash": base_hash, "base_model_dir": str(spec.base_model_dir),
+            "dataset_version": dv.version, "dialect": dv.dialect}
+
+
+def _check_resumable(meta: dict, source: Path, hparams: AdapterHParams, identity: dict) -> None:
+    saved = meta["hparams"]
+    mine = asdict(hparams)
+    diff = {k for k in mine if k not in ("lr",) and saved.get(k) != mine[k]}
+    if diff:
+        raise ResumeError(f"{source}: hyper-parameters {sorted(diff)} differ from the run's checkpoint "
+                          f"({ {k: saved.get(k) for k in sorted(diff)} } vs { {k: mine[k] for k in sorted(diff)} })")
+    for key in ("base_model_hash", "dataset_version"):
+        if meta["identity"].get(key) != identity[key]:
+            raise ResumeError(f"{source}: {key} {meta['identity'].get(key)!r} != this job's {identity[key]!r}; "
+                              "a training run pins its base model and dataset version")
+
+
+def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
+    """Run one timeboxed LoRA adapter job; see the module docstring for resume and timebox rules."""
+    t0 = time.monotonic() - (max(0.0, time.time() - spec.started_at) if spec.started_at else 0.0)
+    log = spec.log or (lambda _msg: None)
+    out = Path(spec.out_dir)
+    if (out / RESULT_JSON).is_file():
+        validate_checkpoint_dir(out)
+        result = AdapterJobResult.from_json(json.loads((out / RESULT_JSON).read_text()))
+        result.resumed_kind = "reused"
+        log(f"{out} already holds this job's finished checkpoint (step {result.total_steps}); not training again")
+        return result
+
+    device = spec.device or default_device()
+    hp = spec.hparams
+    node_id = spec.node_id or default_node_id()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with deterministic(device):
+        bm = load_base_model(spec.base_model_dir, device)
+        base_hash = model_dir_hash(spec.base_model_dir)
+        dv = DatasetVersion(spec.dataset_version_path)
+        train = load_features(dv, "train", bm.feature_extractor, spec.feature_cache_dir, log)
+        dev = load_features(dv, spec.eval_split, bm.feature_extractor, spec.feature_cache_dir, log)
+        labels = [bm.tokenizer.encode(t) for t in train.texts]
+        identity = _identity(spec, bm, base_hash, dv)
+
+        partial = latest_partial(out)
+        source, kind = ((partial, "partial") if partial is not None
+                        else (Path(spec.resume_from), "resume_from") if spec.resume_from else (None, "fresh"))
+        meta = tensors = None
+        if source is not None:
+            validate_checkpoint_dir(source, base_model=bm.model)
+            meta, tensors = TrainState.read(source)
+            _check_resumable(meta, source, hp, identity)
+
+        seed_everything(hp.seed)
+        targets = list(hp.target_modules or default_lora_targets(bm.model))
+        lora = LoraConfig(r=hp.r, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=targets,
+                          bias="none", init_lora_weights=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(bm.model, lora)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(1, hp.warmup_steps)
+        sched = LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+        ts = TrainState()
+        if meta is not None:
+            stream = ts.restore(meta, tensors, model, opt, sched)
+            if stream.n != len(train):
+                raise ResumeError(f"{source}: data position is over {stream.n} rows, the dataset has {len(train)}")
+        else:
+            stream = SampleStream(len(train), hp.seed)
+        if kind == "partial":
+            ts.run = dict(meta["run"])  # same job: keep its start step (and step budget)
+        else:
+            ts.run = {"run_id": spec.run_id, "job_index": spec.job_index, "job_start_step": ts.step,
+                      "resume_from": str(source) if source else None}
+        job_start_step = ts.run["job_start_step"]
+        log(f"adapter job: {kind}" + (f" from {source} (step {ts.step})" if source else "") +
+            f", {len(train)} training rows, device {device}, node {node_id}")
+
+        # ---- the loop
+        step_times: deque[float] = deque(maxlen=20)
+        pending: list[torch.Tensor] = []
+        job_losses: list[float] = []
+        eval_frames = dev.frames
+        per_frame_s = 0.0  # measured training compute per frame (forward+backward)
+        save_s = 1.0  # until measured
+        checkpoints = 0
+        stop_reason = "timebox"
+        job_samples = 0
+        t_first = t_last = None
+        last_ckpt_t = last_progress_t = last_heartbeat_t = time.monotonic()
+        last_loss = float("nan")
+
+        def flush_losses() -> None:
+            if pending:
+                values = torch.stack(pending).tolist()
+                pending.clear()
+                ts.loss_history.extend(values)
+                job_losses.extend(values)
+
+        def final_cost() -> float:
+            eval_s = eval_frames * per_frame_s * 0.6 + 0.5  # inference ≈ 1/3 of a training step, ×1.8
+            return 2.0 * save_s + eval_s
+
+        def progress(event: str, checkpoint: str | None = None) -> None:
+            nonlocal last_progress_t
+            if spec.progress is None:
+                return
+            now = time.monotonic()
+            last_progress_t = now
+            flush_losses()
+            train_s = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
+            eta = max(0.0, spec.timebox_s - (now - t0) - final_cost())
+            if spec.max_steps is not None and step_times:
+                eta = min(eta, (job_start_step + spec.max_steps - ts.step) * max(step_times))
+            spec.progress(Progress(ts.step, ts.step - job_start_step, job_samples,
+                                   job_losses[-1] if job_losses else float("nan"),
+                                   job_samples / train_s if train_s > 0 else 0.0, eta, now - t0,
+                                   stream.epoch, event, checkpoint))
+
+        while True:
+            if spec.max_steps is not None and ts.step - job_start_step >= spec.max_steps:
+                stop_reason = "max_steps"
+                break
+            now = time.monotonic()
+            step_est = 1.5 * max(step_times) if step_times else 0.0
+            if now - t0 + step_est + final_cost() > spec.timebox_s:
+                stop_reason = "timebox"
+                break
+            if spec.heartbeat is not None and now - last_heartbeat_t >= spec.heartbeat_every_s:
+                last_heartbeat_t = now
+                if spec.heartbeat() is False:
+                    stop_reason = "heartbeat"
+                    break
+
+            t_step = time.monotonic()
+            if t_first is None:
+                t_first = t_step
+            idx = stream.next_batch(hp.batch_size)
+            batch, frames = _batch(train, labels, idx, device)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if hp.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
+            opt.step()
+            sched.step()
+            ts.step += 1
+            ts.samples += len(idx)
+            job_samples += len(idx)
+            pending.append(loss.detach())
+            if device == "cpu" or len(pending) >= 50:
+                flush_losses()
+            t_last = time.monotonic()
+            step_times.append(t_last - t_step)
+            per_frame_s = max(per_frame_s * 0.9, (t_last - t_step) / max(1, frames)) if step_times else 0.0
+
+            every_steps = spec.checkpoint_every_steps
+            if (t_last - last_ckpt_t >= spec.checkpoint_every_s
+                    or (every_steps and (ts.step - job_start_step) % every_steps == 0)):
+                flush_losses()
+                ckpt_meta, ckpt_tensors = ts.snapshot(model, opt, sched, stream, hp, identity)
+                dest = partial_dir(out) / f"step-{ts.step:09d}"
+                save_s = _write_checkpoint(dest, model, ckpt_meta, ckpt_tensors)
+                for old in partial_dir(out).glob("step-*"):
+                    if old != dest:
+                        shutil.rmtree(old, ignore_errors=True)
+                checkpoints += 1
+                last_ckpt_t = time.monotonic()
+                log(f"checkpoint step {ts.step} → {dest} ({save_s:.2f}s)")
+                progress("checkpoint", str(dest))
+            elif spec.progress is not None and t_last - last_progress_t >= spec.progress_every_s:
+                progress("step")
+
+        # ---- the end: snapshot, evaluate, save, return
+        flush_losses()
+        t_loop_end = t_last if t_last is not None else time.monotonic()
+        train_seconds = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
+        job_record = {"node_id": node_id, "device": device, "run_id": spec.run_id, "job_index": spec.job_index,
+                      "start_step": job_start_step, "end_step": ts.step, "samples": job_samples,
+                      "train_seconds": round(train_seconds, 3),
+                      "samples_per_s": round(job_samples / train_seconds, 3) if train_seconds > 0 else 0.0,
+                      "finished_at": time.time()}
+        ts.jobs.append(job_record)
+        final_meta, final_tensors = ts.snapshot(model, opt, sched, stream, hp, identity)
+        rates = error_rates(transcribe(model, bm.tokenizer, dev, spec.eval_batch_size, device))
+        peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+
+        def result_json() -> dict:
+            now = time.monotonic()
+            startup = (t_first - t0) if t_first is not None else (t_loop_end - t0)
+            r = AdapterJobResult(
+                path=str(out), sha256="", steps=ts.step - job_start_step, samples=job_samples,
+                total_steps=ts.step, total_samples=ts.samples, epoch=round(ts.samples / len(train), 4),
+                train_loss=float(np.mean(job_losses)) if job_losses else float("nan"),
+                dev_cer=rates["cer"], dev_wer=rates["wer"],
+                samples_per_s=job_samples / train_seconds if train_seconds > 0 else 0.0,
+                train_seconds=train_seconds, overhead_seconds=startup + (now - t_loop_end),
+                wall_seconds=now - t0, timebox_s=spec.timebox_s,
+                utilization=train_seconds / spec.timebox_s if spec.timebox_s else 0.0,
+                stop_reason=stop_reason, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda, node_id=node_id,
+                device=device, run_id=spec.run_id, job_index=spec.job_index,
+                resumed_from=str(source) if source else None, resumed_kind=kind,
+                checkpoints_written=checkpoints + 1, last_save_seconds=save_s,
+                feature_cache_hit=train.cache_hit and dev.cache_hit, dataset_version=dv.version,
+                base_model_hash=base_hash, trainable_parameters=sum(p.numel() for p in trainable),
+                loss_history=job_losses)
+            return r.to_json()
+
+        holder: dict = {}
+
+        def result_once() -> dict:
+            holder["result"] = result_json()
+            holder["result"]["sha256"] = file_sha256(tmp_adapter[0])
+            return holder["result"]
+
+        tmp_adapter: list[Path] = []
+
+        def write(tmp: Path) -> None:
+            tmp_adapter.append(tmp / ADAPTER_WEIGHTS)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save_pretrained(tmp)
+            (tmp / "README.md").unlink(missing_ok=True)
+            save_file(final_tensors, str(tmp / TRAIN_STATE_TENSORS), metadata={"format": str(STATE_FORMAT)})
+            (tmp / TRAIN_STATE_JSON).write_text(json.dumps(final_meta, indent=1) + "\n")
+            (tmp / RESULT_JSON).write_text(json.dumps(result_once(), indent=1) + "\n")
+
+        _write_dir_atomically(out, write)
+        shutil.rmtree(partial_dir(out), ignore_errors=True)
+        result = AdapterJobResult.from_json(holder["result"])
+        result.wall_seconds = time.monotonic() - t0
+        log(f"adapter job done: {result.steps} steps ({stop_reason}), loss {result.train_loss:.3f}, "
+            f"dev CER {result.dev_cer:.3f}, {result.samples_per_s:.1f} samples/s, "
+            f"{result.wall_seconds:.1f}s of {spec.timebox_s:.0f}s")
+        if spec.progress is not None:
+            progress("done", str(out))
+        return result
+
+
+# --------------------------------------------------------------------------- base pre-training
+
+
+def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_seconds: float, seed: int = 0, *,
+                  device: str | None = None, batch_size: int = 16, lr: float = 4e-3, warmup_steps: int = 50,
+                  weight_decay: float = 0.01, max_grad_norm: float = 5.0, model_config: dict | None = None,
+                  feature_cache_dir: str | Path | None = None, eval_batch_size: int = 32,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Train the tiny CTC model from scratch on the train split for ``train_seconds`` of wall time
+    (the learning rate warms up, then follows a cosine over the time budget), evaluate it on dev and
+    test, and save it (weights, config, vocab.json, preprocessor_config.json, training.json) to
+    ``out_dir`` atomically. Returns the metrics."""
+    log = log or (lambda _msg: None)
+    device = device or default_device()
+    t_start = time.monotonic()
+    seed_everything(seed)
+    bm = new_tiny_model(**(model_config or {}))
+    model = bm.model.to(device)
+    dv = DatasetVersion(dataset_version_path)
+    train = load_features(dv, "train", bm.feature_extractor, feature_cache_dir, log)
+    labels = [bm.tokenizer.encode(t) for t in train.texts]
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    stream = SampleStream(len(train), seed)
+    model.train()
+    losses: list[float] = []
+    steps = samples = 0
+    t0 = time.monotonic()
+    last_log = t0
+    while (elapsed := time.monotonic() - t0) < train_seconds:
+        frac = elapsed / train_seconds
+        scale = min(1.0, (steps + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        idx = stream.next_batch(batch_size)
+        batch, _ = _batch(train, labels, idx, device)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        steps += 1
+        samples += len(idx)
+        losses.append(float(loss))
+        if time.monotonic() - last_log >= 15:
+            last_log = time.monotonic()
+            log(f"pretrain step {steps}, {elapsed:.0f}/{train_seconds:.0f}s, loss {np.mean(losses[-20:]):.3f}")
+    train_s = time.monotonic() - t0
+    model.eval()
+    metrics: dict = {"dialect": dv.dialect, "dataset_version": dv.version, "device": device,
+                     "parameters": bm.num_parameters, "steps": steps, "samples": samples,
+                     "epochs": round(samples / len(train), 2), "train_seconds": round(train_s, 2),
+                     "samples_per_s": round(samples / train_s, 2) if train_s > 0 else 0.0,
+                     "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+                     "feature_cache_hit": train.cache_hit, "seed": seed, "batch_size": batch_size, "lr": lr}
+    for split in ("dev", "test"):
+        fs = load_features(dv, split, bm.feature_extractor, feature_cache_dir, log)
+        rates = error_rates(transcribe(model, bm.tokenizer, fs, eval_batch_size, device))
+        metrics[f"{split}_cer"], metrics[f"{split}_wer"] = rates["cer"], rates["wer"]
+    model.to("cpu")
+    save_base_model(bm, out_dir, extra=metrics)
+    metrics["path"] = str(out_dir)
+    metrics["model_hash"] = model_dir_hash(out_dir)
+    metrics["wall_seconds"] = round(time.monotonic() - t_start, 2)
+    log(f"base model: {steps} steps, dev CER {metrics['dev_cer']:.3f}, test CER {metrics['test_cer']:.3f}")
+    return metrics
