@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mloc_dagster.core.arbiter import metrics_text, read_snapshot
@@ -17,7 +18,6 @@ from mloc_dagster.paths import MlocPaths
 gpu_app = typer.Typer(
     no_args_is_help=True, help="The node-local GPU arbiter: devices, leases, queue, counters."
 )
-console = Console()
 
 STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Arbiter state directory (default $MLOC_HOME/gpu).")
 
@@ -37,7 +37,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(snap, indent=2, sort_keys=True))
         return
-    render(snap, console)
+    render(snap, Console())
 
 
 @gpu_app.command("metrics")
@@ -63,11 +63,11 @@ def render(snap: dict[str, Any], out: Console) -> None:
         memory = "-" if d["total_mb"] is None else f"{_mb(d['free_mb'])} / {_mb(d['total_mb'])}"
         devices.add_row(
             str(d["index"]),
-            d["uuid"],
-            d["name"],
+            escape(d["uuid"]),
+            escape(d["name"]),
             memory,
             _opt(d["processes"]),
-            d["holder"] or "[green]free[/]",
+            escape(d["holder"]) if d["holder"] else "[green]free[/]",
         )
     out.print(devices)
 
@@ -77,7 +77,7 @@ def render(snap: dict[str, Any], out: Console) -> None:
     for lease in snap["leases"]:
         leases.add_row(
             str(lease["device_index"]),
-            lease["holder"],
+            escape(lease["holder"]),
             lease["task_type"],
             str(lease["priority"]),
             str(lease["pid"]),
@@ -93,7 +93,7 @@ def render(snap: dict[str, Any], out: Console) -> None:
     for w in snap["queue"]:
         queue.add_row(
             str(w["position"]),
-            w["holder"],
+            escape(w["holder"]),
             w["task_type"],
             str(w["priority"]),
             str(w["min_free_mb"]),

@@ -119,7 +119,7 @@ def list_runs(limit: int = typer.Option(50)) -> None:
     _, store = _context()
     table = Table()
     for col in ("run_id", "dialect", "status", "jobs done", "max jobs", "K", "timebox_s", "created"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("run_id", "dialect", "status"))
     for r in store.list_runs(limit=limit):
         done = 0 if r.last_finished_job is None else r.last_finished_job + 1
         table.add_row(r.run_id, r.dialect, r.status, str(done), str(r.max_jobs), str(r.candidate_every),

@@ -44,3 +44,27 @@ def copy_batch(src: Path, incoming: Path, dialect: str, batch_id: str) -> Path:
 def write_manifest(batch_dir: Path, rows: list, name: str = "manifest.jsonl") -> None:
     lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows]
     (batch_dir / name).write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.fixture()
+def registered_base(mloc_home, espeak_batch, tmp_path):
+    """On the test's DAGSTER_HOME: dataset versions for en-us and en-gb-scotland (the espeak batch)
+    and an untrained tiny base model registered through base_model's checkpoint_dir path."""
+    import dagster as dg
+
+    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.definitions import defs
+    from mloc_dagster.partitions import dialect_partitions
+
+    dialects = ["en-us", "en-gb-scotland"]
+    for dialect in dialects:
+        copy_batch(espeak_batch, mloc_home / "incoming", dialect, "b0001")
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(dialect_partitions.name, dialects)
+    for dialect in dialects:
+        assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance).success
+    base_dir = save_base_model(new_tiny_model(), tmp_path / "tiny")
+    assert defs.resolve_job_def("base_model_job").execute_in_process(
+        instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base_dir)}}}}).success
+    yield instance, base_dir
+    instance.dispose()

@@ -386,7 +386,8 @@ def _write_dir_atomically(dest: Path, write: Callable[[Path], None]) -> float:
 
 
 def _write_checkpoint(dest: Path, model, meta: dict, tensors: dict[str, torch.Tensor],
-                      result: Callable[[], dict] | None = None) -> float:
+                      result: Callable[[Path], dict] | None = None) -> float:
+    """Adapter (peft format) + train state [+ result.json, written last] into ``dest``, atomically."""
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -395,7 +396,7 @@ def _write_checkpoint(dest: Path, model, meta: dict, tensors: dict[str, torch.Te
         save_file(tensors, str(tmp / TRAIN_STATE_TENSORS), metadata={"format": str(STATE_FORMAT)})
         (tmp / TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         if result is not None:
-            (tmp / RESULT_JSON).write_text(json.dumps(result(), indent=1) + "\n")
+            (tmp / RESULT_JSON).write_text(json.dumps(result(tmp), indent=1) + "\n")
     return _write_dir_atomically(dest, write)
 
 
@@ -425,7 +426,7 @@ def _identity(spec: AdapterJobSpec, bm: BaseModel, base_hash: str, dv: DatasetVe
 def _check_resumable(meta: dict, source: Path, hparams: AdapterHParams, identity: dict) -> None:
     saved = meta["hparams"]
     mine = asdict(hparams)
-    diff = {k for k in mine if k not in ("lr",) and saved.get(k) != mine[k]}
+    diff = {k for k in mine if saved.get(k) != mine[k]}
     if diff:
         raise ResumeError(f"{source}: hyper-parameters {sorted(diff)} differ from the run's checkpoint "
                           f"({ {k: saved.get(k) for k in sorted(diff)} } vs { {k: mine[k] for k in sorted(diff)} })")
@@ -504,8 +505,9 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
         pending: list[torch.Tensor] = []
         job_losses: list[float] = []
         eval_frames = dev.frames
-        per_frame_s = 0.0  # measured training compute per frame (forward+backward)
-        save_s = 1.0  # until measured
+        frame_times: deque[float] = deque(maxlen=20)  # training seconds per frame (forward + backward)
+        # until the first save is measured: state ≈ 4 copies of the trainable weights, at 50 MB/s
+        save_s = 0.2 + 16 * sum(p.numel() for p in trainable) / 50e6
         checkpoints = 0
         stop_reason = "timebox"
         job_samples = 0
@@ -521,7 +523,9 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
                 job_losses.extend(values)
 
         def final_cost() -> float:
-            eval_s = eval_frames * per_frame_s * 0.6 + 0.5  # inference ≈ 1/3 of a training step, ×1.8
+            # inference costs well under a third of a training step per frame (no backward, sorted
+            # batches); budget a third, plus a constant for decoding and scoring
+            eval_s = eval_frames * (max(frame_times) if frame_times else 0.0) / 3 + 0.3
             return 2.0 * save_s + eval_s
 
         def progress(event: str, checkpoint: str | None = None) -> None:
@@ -575,7 +579,7 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
                 flush_losses()
             t_last = time.monotonic()
             step_times.append(t_last - t_step)
-            per_frame_s = max(per_frame_s * 0.9, (t_last - t_step) / max(1, frames)) if step_times else 0.0
+            frame_times.append((t_last - t_step) / max(1, frames))
 
             every_steps = spec.checkpoint_every_steps
             if (t_last - last_ckpt_t >= spec.checkpoint_every_s
@@ -631,24 +635,11 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
 
         holder: dict = {}
 
-        def result_once() -> dict:
-            holder["result"] = result_json()
-            holder["result"]["sha256"] = file_sha256(tmp_adapter[0])
+        def final_result(tmp: Path) -> dict:
+            holder["result"] = result_json() | {"sha256": file_sha256(tmp / ADAPTER_WEIGHTS)}
             return holder["result"]
 
-        tmp_adapter: list[Path] = []
-
-        def write(tmp: Path) -> None:
-            tmp_adapter.append(tmp / ADAPTER_WEIGHTS)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model.save_pretrained(tmp)
-            (tmp / "README.md").unlink(missing_ok=True)
-            save_file(final_tensors, str(tmp / TRAIN_STATE_TENSORS), metadata={"format": str(STATE_FORMAT)})
-            (tmp / TRAIN_STATE_JSON).write_text(json.dumps(final_meta, indent=1) + "\n")
-            (tmp / RESULT_JSON).write_text(json.dumps(result_once(), indent=1) + "\n")
-
-        _write_dir_atomically(out, write)
+        _write_checkpoint(out, model, final_meta, final_tensors, final_result)
         shutil.rmtree(partial_dir(out), ignore_errors=True)
         result = AdapterJobResult.from_json(holder["result"])
         result.wall_seconds = time.monotonic() - t0
@@ -702,7 +693,7 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
         opt.step()
         steps += 1
         samples += len(idx)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if time.monotonic() - last_log >= 15:
             last_log = time.monotonic()
             log(f"pretrain step {steps}, {elapsed:.0f}/{train_seconds:.0f}s, loss {np.mean(losses[-20:]):.3f}")

@@ -16,7 +16,7 @@ into an ``Arbiter``, names the holder after the step, and writes the outcome to 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -120,15 +120,7 @@ class GpuArbiter(dg.ConfigurableResource):
         Keyword overrides (``max_wait_s=...``, ``priority=...``) apply to this request only.
         """
         log = context.log if context is not None else None
-        on_watchdog = None
-        if log is not None:
-
-            def on_watchdog(held: Lease) -> None:  # called from the arbiter's heartbeat thread
-                log.warning(
-                    f"GPU watchdog: {held.task_type} has held {held.device_uuid} longer than "
-                    f"max_hold_s={held.policy.max_hold_s:.0f} s"
-                )
-
+        on_watchdog = _watchdog_logger(log) if log is not None else None
         lease = self.arbiter.acquire(
             task_type, holder=holder or _holder_name(context), on_watchdog=on_watchdog, **overrides
         )
@@ -161,6 +153,16 @@ def _holder_name(context: dg.OpExecutionContext | dg.AssetExecutionContext | Non
     if context.has_partition_key:
         name += f"[{context.partition_key}]"
     return name
+
+
+def _watchdog_logger(log: Any) -> Callable[[Lease], None]:
+    def on_watchdog(lease: Lease) -> None:  # called from the arbiter's heartbeat thread, while held
+        log.warning(
+            f"GPU watchdog: {lease.task_type} has held {lease.device_uuid} longer than "
+            f"max_hold_s={lease.policy.max_hold_s:.0f} s"
+        )
+
+    return on_watchdog
 
 
 def _log_outcome(log: Any, lease: Lease) -> None:

@@ -9,11 +9,9 @@ import dagster as dg
 import pytest
 from peft import LoraConfig, get_peft_model
 
-from mloc_dagster.core.model import default_lora_targets, new_tiny_model, save_base_model
+from mloc_dagster.core.model import default_lora_targets
 from mloc_dagster.core.state import StateStore, resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.partitions import dialect_partitions
-from tests.conftest import copy_batch
 
 DIALECT = "en-gb-scotland"
 LENIENT = {"thresholds": {DIALECT: {"max_cer": 10.0, "max_wer": 10.0}}, "bootstrap_samples": 200}
@@ -32,18 +30,9 @@ def make_adapter(base_dir, out, seed):
 
 
 @pytest.fixture()
-def world(mloc_home, espeak_batch, tmp_path):
-    """Dataset versions for en-us and the dialect, a registered tiny base model, one training run
-    with two succeeded jobs (adapters on disk) in the state store."""
-    for dialect in ("en-us", DIALECT):
-        copy_batch(espeak_batch, mloc_home / "incoming", dialect, "b0001")
-    instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions(dialect_partitions.name, ["en-us", DIALECT])
-    for dialect in ("en-us", DIALECT):
-        assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance).success
-    base_dir = save_base_model(new_tiny_model(), tmp_path / "tiny")
-    assert defs.resolve_job_def("base_model_job").execute_in_process(
-        instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base_dir)}}}}).success
+def world(registered_base, tmp_path):
+    """A training run with two succeeded jobs (adapters on disk) in the state store."""
+    instance, base_dir = registered_base
     store = StateStore(resolve_state_url())
     run = store.create_run(dialect=DIALECT, dataset_version="/d", base_model_version=str(base_dir),
                            timebox_s=60, max_jobs=2, candidate_every=2)
@@ -51,8 +40,7 @@ def world(mloc_home, espeak_batch, tmp_path):
         adapter = make_adapter(base_dir, tmp_path / f"adapter-{i}", seed=i)
         store.record_job_started(run.run_id, i, node_id="node-a")
         store.record_job_finished(run.run_id, i, "succeeded", checkpoint_path=str(adapter), sha256=f"s{i}")
-    yield instance, store, run, base_dir
-    instance.dispose()
+    return instance, store, run, base_dir
 
 
 def run_candidate_job(instance, gate_config):

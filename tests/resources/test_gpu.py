@@ -5,6 +5,7 @@ holding the device, and one in this process. What happened is read back from the
 materialization metadata, as a user would see it in the UI.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -74,21 +75,12 @@ def metadata_of(instance: dg.DagsterInstance, asset: str) -> dict[str, object]:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-@pytest.fixture
-def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
-
-
-def test_two_runs_contend_for_one_device(tmp_path: Path, dagster_home: Path) -> None:
+def test_two_runs_contend_for_one_device(tmp_path: Path, mloc_home: Path) -> None:
     state_dir = tmp_path / "gpu"
     ready, release = tmp_path / "ready", tmp_path / "release"
     holder = subprocess.Popen(
         [sys.executable, __file__, str(state_dir), str(ready), str(release)],
-        env={**os.environ, "DAGSTER_HOME": str(dagster_home)},
+        env=dict(os.environ),  # the same DAGSTER_HOME and MLOC_HOME as this test
     )
     try:
         deadline = time.monotonic() + 180
@@ -145,7 +137,7 @@ def test_two_runs_contend_for_one_device(tmp_path: Path, dagster_home: Path) -> 
     assert (totals["acquired"], totals["fallback_cpu"]) == (2, 1)
 
 
-def test_skipped_is_surfaced_to_the_asset(tmp_path: Path, dagster_home: Path) -> None:
+def test_skipped_is_surfaced_to_the_asset(tmp_path: Path, mloc_home: Path) -> None:
     gpu = GpuArbiter(
         state_dir=str(tmp_path / "gpu"), simulated_devices=1, policies={"OPTIONAL": {"max_wait_s": 0.2}}
     )
@@ -160,7 +152,7 @@ def test_skipped_is_surfaced_to_the_asset(tmp_path: Path, dagster_home: Path) ->
     assert failure.step_failure_data.user_failure_data.metadata["gpu/outcome"].value == "SKIPPED"
 
 
-def test_policies_from_run_config(tmp_path: Path, dagster_home: Path) -> None:
+def test_policies_from_run_config(tmp_path: Path, mloc_home: Path) -> None:
     run_config = {
         "resources": {
             "gpu": {
@@ -184,7 +176,7 @@ def test_policies_from_run_config(tmp_path: Path, dagster_home: Path) -> None:
     assert policies["TRAIN"]["busy_policy"] == "FALLBACK_CPU"
 
 
-def test_watchdog_shows_in_the_step_log_and_metadata(tmp_path: Path, dagster_home: Path) -> None:
+def test_watchdog_shows_in_the_step_log_and_metadata(tmp_path: Path, mloc_home: Path) -> None:
     gpu = GpuArbiter(state_dir=str(tmp_path / "gpu"), simulated_devices=1)
     instance = dg.DagsterInstance.get()
     result = dg.materialize([slow_merge], instance=instance, resources={"gpu": gpu})
@@ -216,3 +208,27 @@ if __name__ == "__main__":
         },
     )
     sys.exit(0 if outcome.success else 1)
+
+
+def test_mloc_gpu_status_shows_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from mloc_dagster.cli_gpu import gpu_app
+
+    monkeypatch.setenv("MLOC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "200")  # rich's table width
+    runner = CliRunner()
+    empty = runner.invoke(gpu_app, ["status"])
+    assert empty.exit_code == 0 and "nothing has asked for a device" in empty.output
+
+    gpu = GpuArbiter(simulated_devices=2)
+    with gpu.lease("TRAIN", holder="run-1/adapter_checkpoint[yue]"):
+        table = runner.invoke(gpu_app, ["status"])
+        snap = json.loads(runner.invoke(gpu_app, ["status", "--json"]).output)
+    assert table.exit_code == 0, table.output
+    assert "run-1/adapter_checkpoint[yue]" in table.output
+    assert [lease["holder"] for lease in snap["leases"]] == ["run-1/adapter_checkpoint[yue]"]
+    assert [d["uuid"] for d in snap["devices"]] == ["SIM-0", "SIM-1"]
+    assert snap["totals"]["acquired"] == 1
+    metrics = runner.invoke(gpu_app, ["metrics"]).output
+    assert 'mloc_gpu_arbiter_acquired_total{task_type="TRAIN"} 1.0' in metrics
