@@ -3,6 +3,7 @@
 
 import os
 import socket
+import time
 
 import dagster as dg
 
@@ -22,11 +23,15 @@ class AdapterJobConfig(dg.Config):
     job_index: int = 0
     timebox_s: int = 3600
     checkpoint_every_s: float = 300.0
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    max_steps: int = 0  # 0: train until the timebox; >0: a fixed-size job (tests, benchmarks)
+    # LoRA and optimizer hyper-parameters (defaults: core.training.AdapterHParams)
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
     target_modules: list[str] = []  # empty: the base model's default LoRA targets
-    lr: float = 2e-3
+    lr: float = 3e-3
     batch_size: int = 16
+    warmup_steps: int = 20
     seed: int = 0
 
 
@@ -42,8 +47,9 @@ def node_id() -> str:
 )
 def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConfig, artifacts: ArtifactStore,
                        state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
-    from mloc_dagster.core.training import AdapterJobSpec, train_adapter
+    from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, Progress, train_adapter
 
+    started_at = time.time()  # the timebox counts from the start of the step
     dialect = context.partition_key
     store = state.store()
     run = store.get_run(config.run_id)
@@ -63,35 +69,49 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
     store.record_job_started(run.run_id, config.job_index, dagster_run_id=context.run_id, node_id=node_id(),
                              worker_pid=os.getpid(), worker_host=socket.gethostname())
 
-    def progress(p: dict) -> None:
-        context.log.info("step {step} samples {samples} loss {loss:.4f} {samples_per_s:.1f} samples/s "
-                         "ETA to timebox {eta_s:.0f} s".format(**p))
+    last = {}
 
-    def heartbeat(p: dict | None = None) -> bool:
-        return store.heartbeat(run.run_id, config.job_index, p)
+    def progress(p: Progress) -> None:
+        last.update(step=p.step, samples=p.samples, loss=p.loss, samples_per_s=p.samples_per_s, eta_s=p.eta_s)
+        context.log.info(f"{p.event}: step {p.step} samples {p.samples} loss {p.loss:.4f} "
+                         f"{p.samples_per_s:.1f} samples/s, ETA to timebox {p.eta_s:.0f} s")
+
+    def heartbeat() -> bool:
+        # False once the job was cancelled or declared dead: the loop saves and stops.
+        return store.heartbeat(run.run_id, config.job_index, dict(last))
 
     with gpu.lease("TRAIN", context) as lease:
         if not lease.runnable:
             raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
         try:
             result = train_adapter(AdapterJobSpec(
-                base_model_dir=run.base_model_version, dataset_path=run.dataset_version, out_dir=out,
+                base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version, out_dir=out,
                 resume_from=previous.checkpoint_path if previous else None,
                 timebox_s=config.timebox_s, checkpoint_every_s=config.checkpoint_every_s,
-                lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules or None,
-                lr=config.lr, batch_size=config.batch_size, seed=config.seed, node_id=node_id(),
-                device=lease.torch_device, feature_cache=artifacts.paths.home / "features",
-                progress=progress, heartbeat=heartbeat,
+                hparams=AdapterHParams(r=config.r, alpha=config.alpha, dropout=config.dropout,
+                                       target_modules=config.target_modules or None, lr=config.lr,
+                                       batch_size=config.batch_size, warmup_steps=config.warmup_steps,
+                                       seed=config.seed),
+                max_steps=config.max_steps or None, node_id=node_id(), device=lease.torch_device, run_id=run.run_id, job_index=config.job_index,
+                feature_cache_dir=artifacts.paths.home / "features", started_at=started_at,
+                progress=progress, heartbeat=heartbeat, log=context.log.info,
             ))
         except Exception as exc:
             store.record_job_finished(run.run_id, config.job_index, "failed", error=str(exc)[:500])
             raise
-    metrics = {k: v for k, v in result.metrics().items() if isinstance(v, int | float)}
+    metrics = {k: v for k, v in result.to_json().items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
+    if result.stop_reason == "heartbeat":
+        store.record_job_finished(run.run_id, config.job_index, "failed", error="stopped: job cancelled")
+        raise dg.Failure(f"training job {run.run_id}/{config.job_index} was cancelled; "
+                         f"its progress is saved in {result.path}")
     store.record_job_finished(run.run_id, config.job_index, "succeeded", checkpoint_path=str(result.path),
                               sha256=result.sha256, metrics=metrics)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.sha256),
         metadata={**metrics, "node_id": node_id(), "run_id": run.run_id, "job_index": config.job_index,
+                  "stop_reason": result.stop_reason, "resumed_kind": result.resumed_kind,
+                  "resumed_from": result.resumed_from or "", "device": result.device,
                   "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)), **lease.metadata()},
     )
 

@@ -48,7 +48,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
 
             tmp = models / f".pretrain-{context.run_id[:8]}"
             train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,
-                                          seed=config.seed, device=lease.torch_device, log=context.log.info)
+                                          seed=config.seed, device=lease.torch_device,
+                                          feature_cache_dir=artifacts.paths.home / "features",
+                                          log=context.log.info)
             version = model_dir_hash(tmp)
             out = models / version
             if out.exists():

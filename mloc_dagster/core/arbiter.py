@@ -48,6 +48,7 @@ import psutil
 from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 try:  # flock is POSIX only; elsewhere SQLite's own busy handler serializes writers.
     import fcntl
@@ -418,14 +419,18 @@ class _Keeper(threading.Thread):
         self._held: dict[str, _Held] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._planned_wake = -math.inf  # monotonic time the thread will wake up next
 
     def add(self, lease: Lease, on_watchdog: Callable[[Lease], None] | None) -> None:
         max_hold = lease.policy.max_hold_s
+        held = _Held(lease, on_watchdog, lease._started + max_hold if max_hold else math.inf)
         with self._cond:
-            self._held[lease.lease_id] = _Held(
-                lease, on_watchdog, lease._started + max_hold if max_hold else math.inf
-            )
-            self._cond.notify()
+            self._held[lease.lease_id] = held
+            # Waking the thread costs a GIL hand-off on the acquire path: only do it when this
+            # lease's watchdog is due before the thread's next wake-up anyway. Heartbeats need no
+            # wake-up: the grant set the heartbeat, and the next beat is less than a TTL away.
+            if held.watchdog_at < self._planned_wake:
+                self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
         with self._cond:
@@ -445,13 +450,12 @@ class _Keeper(threading.Thread):
                     if self._closed:
                         return
                     now = time.monotonic()
-                    if not self._held:
-                        next_beat = now + interval
-                        self._cond.wait()
-                        continue
-                    wake_at = min(next_beat, *(h.watchdog_at for h in self._held.values()))
+                    if next_beat <= now and not self._held:
+                        next_beat = now + interval  # nothing to beat for: just plan the next round
+                    wake_at = min([next_beat, *(h.watchdog_at for h in self._held.values())])
                     if now >= wake_at:
                         break
+                    self._planned_wake = wake_at
                     self._cond.wait(wake_at - now)
                 held = list(self._held.values())
             try:  # outside the condition: the transaction may wait for the lock
@@ -939,8 +943,8 @@ class Arbiter:
 
     # -- maintenance: reclaim, watchdog, grant --------------------------------------------------
 
-    def _maintain(self, conn: sqlite3.Connection, now: float) -> list[_Grant]:
-        """Reclaim dead leases, drop dead waiters, fire watchdogs, hand free devices out.
+    def _maintain(self, conn: sqlite3.Connection, now: float, grant: bool = True) -> list[_Grant]:
+        """Reclaim stale leases, drop silent waiters, fire watchdogs, hand free devices out.
 
         Returns the grants made, whose waiters are to be woken after commit.
         """
@@ -968,7 +972,7 @@ class Arbiter:
                 row["max_hold_s"],
             )
 
-        return self._grant_pass(conn, now)
+        return self._grant_pass(conn, now) if grant else []
 
     def _liveness_pass(self) -> None:
         """Reclaim leases and queue entries of processes on this node that died.
@@ -1167,8 +1171,12 @@ class Arbiter:
         try:
             with self._txn() as conn:
                 now = time.time()
-                others = self._maintain(conn, now)
+                others = self._maintain(conn, now, grant=False)
                 waiting = conn.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+                if waiting >= policy.queue_limit:
+                    # Devices may have just been freed by the maintenance: serve the queue first.
+                    others += self._grant_pass(conn, now)
+                    waiting = conn.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
                 if waiting >= policy.queue_limit:
                     lease = self._decide_busy(
                         conn, task, holder, policy, lease_id, started, Reason.QUEUE_FULL
@@ -1664,7 +1672,7 @@ class _DbCollector(Collector):
                 cumulative, buckets = 0, []
                 for le, n in zip(BUCKETS_MS, counts, strict=True):
                     cumulative += n
-                    buckets.append(("+Inf" if math.isinf(le) else str(le), cumulative))
+                    buckets.append((floatToGoString(le), cumulative))
                 values = [s["task_type"], s["outcome"]] if len(labels) == 2 else [s["task_type"]]
                 family.add_metric(values, buckets, sum_value=s["sum"])
             yield family
