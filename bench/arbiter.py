@@ -4,6 +4,8 @@ P processes (1, 4, 16) loop on "take the device, give it back" against one share
 
 - ``arbiter``         ``Arbiter.acquire("TRAIN")`` + ``release()`` on one simulated device: the
                       real code path (policy, queue row, grant, heartbeat thread, metrics).
+- ``arbiter-P-devices`` the same with as many simulated devices as processes: nobody queues for a
+                      device, so this is the arbitration overhead under lock contention alone.
 - ``filelock``        a bare ``filelock.FileLock`` (poll interval lowered to 1 ms; its 50 ms
                       default would make the baseline look far worse than it is).
 - ``sqlite-immediate`` a bare SQLite ``BEGIN IMMEDIATE; COMMIT`` in WAL mode: the lock the arbiter
@@ -39,14 +41,14 @@ from rich.table import Table
 
 from mloc_dagster.core.arbiter import Arbiter
 
-VARIANTS = ("arbiter", "filelock", "sqlite-immediate")
+VARIANTS = ("arbiter", "arbiter-P-devices", "filelock", "sqlite-immediate")
 GOAL_P99_MS = 20.0
 
 
-def _worker(variant: str, state_dir: str, iterations: int, barrier: Any, results: Any) -> None:
-    if variant == "arbiter":
+def _worker(variant: str, state_dir: str, iterations: int, devices: int, barrier: Any, results: Any) -> None:
+    if variant.startswith("arbiter"):
         # Metrics text file rewritten at most every 5 s, as a production node would (1 s default).
-        arb = Arbiter(state_dir, simulated_devices=1, metrics_interval_s=5.0)
+        arb = Arbiter(state_dir, simulated_devices=devices, metrics_interval_s=5.0)
 
         def cycle() -> None:
             lease = arb.acquire("TRAIN", max_wait_s=600)
@@ -84,12 +86,13 @@ def run_case(variant: str, processes: int, total_ops: int) -> dict[str, Any]:
     iterations = max(20, total_ops // processes)
     state_dir = tempfile.mkdtemp(prefix=f"arbiter-bench-{variant}-")
     try:
-        if variant == "arbiter":
-            Arbiter(state_dir, simulated_devices=1).close()
+        devices = processes if variant == "arbiter-P-devices" else 1
+        if variant.startswith("arbiter"):
+            Arbiter(state_dir, simulated_devices=devices).close()
         barrier = ctx.Barrier(processes + 1)
         results = ctx.Queue()
         procs = [
-            ctx.Process(target=_worker, args=(variant, state_dir, iterations, barrier, results))
+            ctx.Process(target=_worker, args=(variant, state_dir, iterations, devices, barrier, results))
             for _ in range(processes)
         ]
         for p in procs:
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     console = Console()
+    load_before = os.getloadavg()[0]  # other work on the box skews every number below
     cases = []
     for processes in [int(p) for p in args.processes.split(",")]:
         for variant in args.variants.split(","):
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "platform": platform.platform(),
             "python": sys.version.split()[0],
             "sqlite": sqlite3.sqlite_version,
+            "load_avg_1m_before": round(load_before, 2),
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),
         },
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": cases,

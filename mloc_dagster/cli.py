@@ -66,11 +66,15 @@ def dialect_list() -> None:
 def demo(
     ui: bool = typer.Option(False, "--ui", help="Keep `dagster dev` running at the end for the UI."),
     utterances: int = typer.Option(0, help="Override utterances per dialect (0: demo defaults)."),
+    jobs: int = typer.Option(3, help="Jobs in the demo's training run."),
+    timebox: int = typer.Option(60, help="Seconds per training job."),
+    base_seconds: float = typer.Option(180, help="Pre-training time of the tiny base model."),
 ) -> None:
     """Run the end-to-end demo on the embedded default (SQLite, local files)."""
     from mloc_dagster.demo import run_demo
 
-    raise typer.Exit(run_demo(ui=ui, utterances=utterances or None))
+    raise typer.Exit(run_demo(ui=ui, utterances=utterances or None, jobs=jobs, timebox_s=timebox,
+                              base_seconds=base_seconds))
 
 
 app.add_typer(run_app, name="run")

@@ -43,7 +43,8 @@ def _wait(what: str, check, timeout_s: float, render=None):
             time.sleep(1)
 
 
-def run_demo(ui: bool = False, utterances: int | None = None) -> int:
+def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_JOBS, timebox_s: int = DEMO_TIMEBOX_S,
+             base_seconds: float = BASE_TRAIN_S) -> int:
     from dagster import DagsterInstance
 
     from mloc_dagster.assets.lineage import latest_metadata
@@ -63,6 +64,12 @@ def run_demo(ui: bool = False, utterances: int | None = None) -> int:
             synth_dialect(dialect, n, paths.incoming, seed=0)
         console.print(f"[green]corpus[/] {dialect}: {n} espeak utterances")
 
+    with DagsterInstance.get() as instance:
+        # Create every SQLite storage before the daemon starts: two processes migrating a fresh
+        # storage at once race on alembic's version table.
+        instance.get_runs(limit=1)
+        instance.get_dynamic_partitions("dialect")
+        instance.all_instigator_state()
     daemon_log = open(paths.home / "daemon.log", "ab")
     daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
                                str(REPO / "workspace.yaml")], cwd=REPO, stdout=daemon_log,
@@ -83,16 +90,16 @@ def run_demo(ui: bool = False, utterances: int | None = None) -> int:
             base = latest_metadata(instance, "base_model")
             if base is None:
                 console.print(f"[cyan]base_model[/]: pre-training the tiny CTC model on {BASE_DIALECT} "
-                              f"for {BASE_TRAIN_S} s ...")
+                              f"for {base_seconds:.0f} s ...")
                 defs.resolve_job_def("base_model_job").execute_in_process(
-                    instance=instance, run_config={"ops": {"base_model": {"config": {"train_seconds": BASE_TRAIN_S}}}})
+                    instance=instance, run_config={"ops": {"base_model": {"config": {"train_seconds": base_seconds}}},
+                                                  "loggers": {"console": {"config": {"log_level": "INFO"}}}})
                 base = latest_metadata(instance, "base_model")
             console.print(f"[green]base_model[/] {base['version']}: {base['parameters']:,} parameters, "
                           f"{BASE_DIALECT} test CER {base['test_cer']:.3f}")
 
-            run = start_run(instance, store, TARGET_DIALECT, jobs=DEMO_JOBS, candidate_every=DEMO_JOBS,
-                            timebox_s=DEMO_TIMEBOX_S)
-            console.print(f"[green]training run[/] {run.run_id}: {DEMO_JOBS} jobs × {DEMO_TIMEBOX_S} s on "
+            run = start_run(instance, store, TARGET_DIALECT, jobs=jobs, candidate_every=jobs, timebox_s=timebox_s)
+            console.print(f"[green]training run[/] {run.run_id}: {jobs} jobs × {timebox_s} s on "
                           f"{TARGET_DIALECT}, chained by training_chain_sensor")
 
             def render():

@@ -1162,8 +1162,8 @@ class Arbiter:
         waker = self._waker() if policy.max_wait_s > 0 else None
         if waker is not None:
             waker.drain()  # wake-ups left over from an earlier request of this thread
-        # With a wake-up pipe, polling only catches dead holders and memory changes; without one,
-        # it is the only way to notice a grant.
+        # The wake-up pipe announces grants; the timer (maintain_every_s) covers dead holders,
+        # memory changes and the queue heartbeat. Without a pipe, grants are found by polling.
         maintain_every_s = min(self._explicit_poll_s or 0.5, self.heartbeat_ttl_s / 3.0)
         check_every_s = maintain_every_s if waker else min(0.02, maintain_every_s)
         wake = str(waker.path) if waker is not None else None

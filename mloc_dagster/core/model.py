@@ -25,6 +25,7 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from transformers import (AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel)
 from transformers import initialization as hf_init
+from transformers.utils import logging as hf_logging
 from transformers.modeling_outputs import CausalLMOutput
 
 from mloc_dagster.core.features import default_feature_extractor
@@ -287,13 +289,26 @@ def default_lora_targets(model: nn.Module) -> list[str]:
                      f"(linear layers present: {sorted(linear_names)[:20]})")
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers draws tqdm bars on every save/load; they only clutter job logs."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_base_model(bm: BaseModel, out_dir: str | Path, extra: dict[str, object] | None = None) -> Path:
     """Write model + tokenizer + feature extractor config atomically (temp dir, fsync, rename)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        bm.model.save_pretrained(tmp)
+        with quiet_progress_bars():
+            bm.model.save_pretrained(tmp)
         bm.tokenizer.save_pretrained(tmp)
         bm.feature_extractor.save_pretrained(tmp)
         if extra is not None:
@@ -314,7 +329,8 @@ def load_base_model(path: str | Path, device: str | torch.device = "cpu") -> Bas
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    model = AutoModelForCTC.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    with quiet_progress_bars():
+        model = AutoModelForCTC.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if getattr(model, "main_input_name", "input_features") != "input_features":
         raise ValueError(f"{type(model).__name__} takes {model.main_input_name!r}, not log-mel "
                          "'input_features'; use a checkpoint like Wav2Vec2BertForCTC")
@@ -328,8 +344,22 @@ def load_base_model(path: str | Path, device: str | torch.device = "cpu") -> Bas
         fe = AutoFeatureExtractor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     else:
         fe = default_feature_extractor()
+    _own_memory(model)
     model.to(device).eval()
     return BaseModel(model, tokenizer, fe, path)
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy weights out of the memory-mapped checkpoint into fresh, aligned allocations.
+
+    transformers may hand back tensors that view the mmapped safetensors file at whatever offset
+    its header leaves; SIMD kernels then take different code paths than on aligned memory, and
+    results differ in the last bits from a model built in memory. Owning the memory makes the
+    numbers independent of the file layout (exact resume relies on it) and of later changes to
+    the file."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
 
 
 def new_tiny_model(tokenizer: CharTokenizer | None = None, **config_kwargs) -> BaseModel:

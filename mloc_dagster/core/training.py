@@ -656,12 +656,14 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
 
 def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_seconds: float, seed: int = 0, *,
                   device: str | None = None, batch_size: int = 16, lr: float = 4e-3, warmup_steps: int = 50,
-                  weight_decay: float = 0.01, max_grad_norm: float = 5.0, model_config: dict | None = None,
+                  weight_decay: float = 0.01, max_grad_norm: float = 5.0, max_steps: int | None = None,
+                  model_config: dict | None = None,
                   feature_cache_dir: str | Path | None = None, eval_batch_size: int = 32,
                   log: Callable[[str], None] | None = None) -> dict:
     """Train the tiny CTC model from scratch on the train split for ``train_seconds`` of wall time
-    (the learning rate warms up, then follows a cosine over the time budget), evaluate it on dev and
-    test, and save it (weights, config, vocab.json, preprocessor_config.json, training.json) to
+    (the learning rate warms up, then follows a cosine over the budget; with ``max_steps`` the budget
+    is whichever of time and steps runs out first — tests use steps, so the result does not depend
+    on how busy the machine is), evaluate it on dev and test, and save it (weights, config, vocab.json, preprocessor_config.json, training.json) to
     ``out_dir`` atomically. Returns the metrics."""
     log = log or (lambda _msg: None)
     device = device or default_device()
@@ -679,8 +681,8 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
     steps = samples = 0
     t0 = time.monotonic()
     last_log = t0
-    while (elapsed := time.monotonic() - t0) < train_seconds:
-        frac = elapsed / train_seconds
+    while (elapsed := time.monotonic() - t0) < train_seconds and (max_steps is None or steps < max_steps):
+        frac = max(elapsed / train_seconds, steps / max_steps if max_steps else 0.0)
         scale = min(1.0, (steps + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr * scale

@@ -1,0 +1,47 @@
+"""Real espeak-ng data and a briefly pre-trained tiny base model, shared by the core ML tests.
+
+Budgets are in steps, not seconds, so the tests assert the same things on a busy machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mloc_dagster.core.corpus import synth_dialect
+from mloc_dagster.core.datasets import build_version, find_batches
+
+PRETRAIN_STEPS = 150
+
+
+@dataclass(frozen=True)
+class Corpus:
+    root: Path
+    en_us: Path  # dataset version dirs
+    scottish: Path
+    feature_cache: Path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    root = tmp_path_factory.mktemp("ml-corpus")
+    versions = {}
+    for dialect, n in (("en-us", 300), ("en-gb-scotland", 200)):
+        synth_dialect(dialect, n, root / "incoming", seed=0)
+        versions[dialect] = build_version(dialect, find_batches(root / "incoming", dialect),
+                                          root / "datasets" / dialect).path
+    return Corpus(root, versions["en-us"], versions["en-gb-scotland"], root / "features")
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(corpus, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny model pre-trained for PRETRAIN_STEPS steps on en-us: far from converged, but it
+    transcribes (CER well below 1), so adaptation has something to improve."""
+    from mloc_dagster.core.training import pretrain_base
+
+    out = tmp_path_factory.mktemp("ml-base") / "base"
+    metrics = pretrain_base(corpus.en_us, out, train_seconds=900, max_steps=PRETRAIN_STEPS, seed=0,
+                            feature_cache_dir=corpus.feature_cache)
+    return out, metrics
