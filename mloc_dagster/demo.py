@@ -45,6 +45,7 @@ def _wait(what: str, check, timeout_s: float, render=None):
 
 def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_JOBS, timebox_s: int = DEMO_TIMEBOX_S,
              base_seconds: float = BASE_TRAIN_S) -> int:
+    import dagster as dg
     from dagster import DagsterInstance
 
     from mloc_dagster.assets.lineage import latest_metadata
@@ -118,6 +119,11 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
                 r = store.get_run(run.run_id)
                 if r.status == "failed":
                     raise RuntimeError(f"training run failed: {r.status_reason}")
+                failed = instance.get_run_records(dg.RunsFilter(
+                    job_name="candidate_job", tags={"mloc/run_id": run.run_id},
+                    statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
+                if failed and store.latest_candidate(TARGET_DIALECT) is None:
+                    raise RuntimeError(f"candidate_job run {failed[0].dagster_run.run_id} failed; see the UI")
                 cand = store.latest_candidate(TARGET_DIALECT)
                 return cand if cand is not None and cand.gate_decision is not None else None
             candidate = _wait("the chain, the candidate and its gate", gate_done, 900, render)

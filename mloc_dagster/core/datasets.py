@@ -124,6 +124,7 @@ class BatchSummary:
     speakers: dict[str, list[float]] = field(default_factory=dict)  # speaker -> [rows, seconds]
     shards: list[str] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    content: str = ""  # sha256 over accepted rows (audio hash, text, speaker, ...) and rejections
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -264,6 +265,7 @@ def ingest_batch(batch: BatchRef, settings: IngestSettings, out_dir: Path) -> Ba
     summary = BatchSummary(batch.batch_id, key)
     writer = _ShardWriter(tmp, settings.shard_max_bytes, settings.row_group_rows)
     seen: dict[str, int] = {}
+    content = hashlib.sha256()
     any_rows = False
     try:
         for line, row, error in _read_manifest_rows(batch):
@@ -276,6 +278,8 @@ def ingest_batch(batch: BatchRef, settings: IngestSettings, out_dir: Path) -> Ba
                 summary.rejected.append(rejection)
                 continue
             writer.add(accepted)
+            content.update(json.dumps([accepted[k] for k in ("utt_id", "sha256", "text", "speaker", "contributor")]
+                                      ).encode())
             summary.rows += 1
             summary.seconds += accepted["duration"]
             stats = summary.speakers.setdefault(accepted["speaker"], [0, 0.0])
@@ -285,6 +289,9 @@ def ingest_batch(batch: BatchRef, settings: IngestSettings, out_dir: Path) -> Ba
             summary.rejected.append(Rejection(batch.batch_id, 0, "manifest", "empty_manifest",
                                               f"{batch.manifest.name} has no rows"))
         summary.shards = writer.close()
+        for r in summary.rejected:
+            content.update(json.dumps(asdict(r)).encode())
+        summary.content = content.hexdigest()
         (tmp / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
         if out_dir.exists():  # a concurrent build finished the same key first; identical content
             shutil.rmtree(tmp)
@@ -361,7 +368,7 @@ def build_version(dialect: str, batches: list[BatchRef], dialect_root: Path,
     manifest = {
         "format": 1, "dialect": dialect, "ingest_version": INGEST_VERSION,
         "settings": settings.fingerprint(),
-        "batches": [{"batch_id": s.batch_id, "key": s.key, "dir": rel, "rows": s.rows,
+        "batches": [{"batch_id": s.batch_id, "content": s.content, "key": s.key, "dir": rel, "rows": s.rows,
                      "shards": [f"{rel}/{n}" for n in s.shards]} for rel, s in summaries],
         "splits": dict(sorted(splits.items())),
         "excluded": sorted(excluded),
@@ -373,12 +380,20 @@ def build_version(dialect: str, batches: list[BatchRef], dialect_root: Path,
     # Exclusions shrink per-split counts; recount them exactly from the shards' cheap columns.
     if excluded:
         _recount_after_exclusions(dialect_root, manifest)
-    version = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    version = _content_hash(manifest)
     path = dialect_root / "versions" / version
     if not (path / "manifest.json").is_file():
         _write_version(path, manifest | {"version": version}, rejected)
     (dialect_root / "LATEST").write_text(version + "\n")
     return VersionResult(version, path, manifest | {"version": version}, rejected, reused, built, warnings)
+
+
+def _content_hash(manifest: dict) -> str:
+    """The version: a hash of what the data *is* (batch contents, splits, exclusions, settings),
+    not of where the cache put it, so re-creating identical files gives the same version."""
+    canonical = manifest | {"batches": [{k: v for k, v in b.items() if k not in ("key", "dir", "shards")}
+                                        for b in manifest["batches"]]}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _cross_batch_duplicates(dialect_root: Path, summaries) -> tuple[set[str], list[Rejection]]:

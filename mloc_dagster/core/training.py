@@ -139,15 +139,15 @@ class AdapterJobSpec:
 class AdapterJobResult:
     path: str
     sha256: str  # of adapter_model.safetensors
-    steps: int  # this job
-    samples: int  # this job
+    steps: int  # this job (a retried job counts the steps of its crashed attempt too)
+    samples: int  # this job (likewise)
     total_steps: int  # the training run so far
     total_samples: int
     epoch: float  # samples of the run / training rows
     train_loss: float  # mean loss of this job's steps
     dev_cer: float
     dev_wer: float
-    samples_per_s: float  # this job's samples / train_seconds
+    samples_per_s: float  # samples trained by this attempt / train_seconds
     train_seconds: float  # first step start → last step end
     overhead_seconds: float  # start → first step, plus last step end → return
     wall_seconds: float
@@ -168,7 +168,7 @@ class AdapterJobResult:
     dataset_version: str
     base_model_hash: str
     trainable_parameters: int
-    loss_history: list[float]  # this job's per-step losses
+    loss_history: list[float]  # this job's per-step losses (all attempts)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -495,8 +495,8 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
             ts.run = dict(meta["run"])  # same job: keep its start step (and step budget)
         else:
             ts.run = {"run_id": spec.run_id, "job_index": spec.job_index, "job_start_step": ts.step,
-                      "resume_from": str(source) if source else None}
-        job_start_step = ts.run["job_start_step"]
+                      "job_start_samples": ts.samples, "resume_from": str(source) if source else None}
+        job_start_step, job_start_samples = ts.run["job_start_step"], ts.run["job_start_samples"]
         log(f"adapter job: {kind}" + (f" from {source} (step {ts.step})" if source else "") +
             f", {len(train)} training rows, device {device}, node {node_id}")
 
@@ -609,6 +609,7 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
                       "finished_at": time.time()}
         ts.jobs.append(job_record)
         final_meta, final_tensors = ts.snapshot(model, opt, sched, stream, hp, identity)
+        job_history = ts.loss_history[job_start_step:]
         rates = error_rates(transcribe(model, bm.tokenizer, dev, spec.eval_batch_size, device))
         peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
@@ -616,9 +617,9 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
             now = time.monotonic()
             startup = (t_first - t0) if t_first is not None else (t_loop_end - t0)
             r = AdapterJobResult(
-                path=str(out), sha256="", steps=ts.step - job_start_step, samples=job_samples,
+                path=str(out), sha256="", steps=ts.step - job_start_step, samples=ts.samples - job_start_samples,
                 total_steps=ts.step, total_samples=ts.samples, epoch=round(ts.samples / len(train), 4),
-                train_loss=float(np.mean(job_losses)) if job_losses else float("nan"),
+                train_loss=float(np.mean(job_history)) if job_history else float("nan"),
                 dev_cer=rates["cer"], dev_wer=rates["wer"],
                 samples_per_s=job_samples / train_seconds if train_seconds > 0 else 0.0,
                 train_seconds=train_seconds, overhead_seconds=startup + (now - t_loop_end),
@@ -630,7 +631,7 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
                 checkpoints_written=checkpoints + 1, last_save_seconds=save_s,
                 feature_cache_hit=train.cache_hit and dev.cache_hit, dataset_version=dv.version,
                 base_model_hash=base_hash, trainable_parameters=sum(p.numel() for p in trainable),
-                loss_history=job_losses)
+                loss_history=job_history)
             return r.to_json()
 
         holder: dict = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -180,3 +181,16 @@ def test_csv_manifest(tmp_path, espeak_batch):
     result = build(tmp_path)
     assert result.rows == 3
     assert [(r.line, r.reason) for r in result.rejected] == [(5, "malformed_line")]
+
+
+def test_version_depends_on_content_not_file_times(tmp_path, espeak_batch):
+    copy_batch(espeak_batch, tmp_path / "a" / "incoming", DIALECT, "b0001")
+    first = build(tmp_path / "a")
+    batch = copy_batch(espeak_batch, tmp_path / "b" / "incoming", DIALECT, "b0001")
+    for p in batch.rglob("*.wav"):
+        os.utime(p, ns=(1, 1))  # same bytes, other mtimes: a different cache key, the same version
+    second = build(tmp_path / "b")
+    assert second.built_batches == 1 and second.version == first.version
+    data, sr = sf.read(batch / "audio" / "000000.wav")
+    sf.write(batch / "audio" / "000000.wav", data * 0.9, sr)  # changed content: a new version
+    assert build(tmp_path / "b").version != first.version
