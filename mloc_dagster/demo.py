@@ -132,6 +132,10 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
                   or store.production(TARGET_DIALECT, "experimental") or candidate.gate_decision != "passed", 120)
             gate = latest_metadata(instance, "gate_report", TARGET_DIALECT)
             promoted = latest_metadata(instance, "production_adapter", TARGET_DIALECT)
+            # Let the daemon's run workers finish writing before the daemon is stopped.
+            in_flight = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+            _wait("the last runs to finish", lambda: not instance.get_run_records(
+                dg.RunsFilter(statuses=in_flight), limit=1), 120)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(timeout=60)

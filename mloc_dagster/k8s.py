@@ -70,6 +70,6 @@ def _json_env(name: str, kind: type, default: Any) -> Any:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name} is not valid JSON ({exc.msg}): {raw!r}") from exc
-    if not isinstance(value, kind):
-        raise ValueError(f"{name} must be a JSON {'object' if kind is dict else 'array'}, got {raw!r}")
-    return value
+    if isinstance(value, kind):
+        return value
+    raise ValueError(f"{name} must be a JSON {'object' if kind is dict else 'array'}, got {raw!r}")

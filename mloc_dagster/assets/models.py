@@ -58,19 +58,20 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             else:
                 tmp.rename(out)
         bm = load_base_model(out, lease.torch_device)
-        cache = artifacts.paths.home / "features"
-        scores = {}
-        for split in ("dev", "test"):
-            records = transcribe(bm.model, bm.tokenizer, load_features(dataset["path"], split, bm.feature_extractor, cache_dir=cache),
-                                 device=lease.torch_device)
-            rates = error_rates(records)
-            scores[f"{split}_cer"], scores[f"{split}_wer"] = rates["cer"], rates["wer"]
+        # Pre-training evaluates dev and test itself; a registered checkpoint is evaluated here.
+        scores = {k: train_metrics[k] for k in ("dev_cer", "dev_wer", "test_cer", "test_wer") if k in train_metrics}
+        if not scores:
+            for split in ("dev", "test"):
+                features = load_features(dataset["path"], split, bm.feature_extractor,
+                                         cache_dir=artifacts.paths.home / "features")
+                rates = error_rates(transcribe(bm.model, bm.tokenizer, features, device=lease.torch_device))
+                scores[f"{split}_cer"], scores[f"{split}_wer"] = rates["cer"], rates["wer"]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
             "version": version, "base_dialect": config.base_dialect, "parameters": bm.num_parameters,
             "dataset_version": dataset["version"], **scores,
-            **{k: v for k, v in train_metrics.items() if isinstance(v, int | float)},
+            **{k: v for k, v in train_metrics.items() if isinstance(v, int | float) and k not in scores},
             "path": dg.MetadataValue.path(str(out)), **lease.metadata(),
         },
     )
