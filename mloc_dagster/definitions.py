@@ -1,5 +1,7 @@
 """The code location: merges each domain's Definitions; nothing else."""
 
+import os
+
 import dagster as dg
 
 from mloc_dagster import jobs, training_runs
@@ -19,5 +21,10 @@ defs = dg.Definitions.merge(
     incoming.defs,
     training_chain.defs,
     watchdog.defs,
-    dg.Definitions(resources={"artifacts": ArtifactStore(), "state": StateStoreResource(), "gpu": GpuArbiter()}),
+    dg.Definitions(resources={
+        "artifacts": ArtifactStore(),
+        "state": StateStoreResource(),
+        # CPU-only nodes lease MLOC_CPU_SLOTS "devices" (default 1: CPU training jobs serialize).
+        "gpu": GpuArbiter(cpu_slots=int(os.environ.get("MLOC_CPU_SLOTS", "1"))),
+    }),
 )

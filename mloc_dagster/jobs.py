@@ -7,6 +7,7 @@ import dagster as dg
 from mloc_dagster.assets.adapters import TIMEBOX_MARGIN_S, AdapterJobConfig, adapter_checkpoint
 from mloc_dagster.assets.candidates import candidate_job
 from mloc_dagster.core.state import TrainingRun
+from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config
 from mloc_dagster.partitions import dialect_partitions
 
 TRAIN_JOB = "train_adapter_job"
@@ -14,6 +15,8 @@ CANDIDATE_JOB = candidate_job.name
 
 train_adapter_job = dg.define_asset_job(
     TRAIN_JOB, selection=[adapter_checkpoint], partitions_def=dialect_partitions,
+    # On Kubernetes (K8sRunLauncher) the run pod asks for one GPU; ignored by other launchers.
+    tags={K8S_CONFIG_TAG: gpu_k8s_config()},
     description="One timeboxed LoRA job of a training run (config: run_id, job_index, timebox_s, hparams).",
 )
 

@@ -123,6 +123,7 @@ class AdapterJobSpec:
     run_id: str | None = None
     job_index: int | None = None
     max_steps: int | None = None  # optional step budget of this job (tests, benchmarks, fixed-size jobs)
+    cpu_threads: int | None = None  # None: auto_cpu_threads (1 for small models on CPU)
     checkpoint_every_steps: int | None = None  # optional, in addition to checkpoint_every_s
     feature_cache_dir: str | Path | None = None
     eval_split: str = "dev"
@@ -204,6 +205,32 @@ def default_node_id() -> str:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def auto_cpu_threads(model: torch.nn.Module, device: str) -> int | None:
+    """Intra-op CPU threads for a job: 1 for small models on CPU, else torch's default (None).
+
+    The tiny GRU's per-timestep matmuls are far too small to split: OpenMP synchronisation costs
+    more than a second core gains, and spinning OpenMP threads collapse when the cores are shared
+    with other processes (measured on 2 shared cores: 1 thread ~90 samples/s, 2 threads 9–16)."""
+    if device != "cpu":
+        return None
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else None
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (None: leave torch's setting), restored afterwards."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -453,8 +480,10 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
     node_id = spec.node_id or default_node_id()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with deterministic(device):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(deterministic(device))
         bm = load_base_model(spec.base_model_dir, device)
+        stack.enter_context(cpu_threads(spec.cpu_threads or auto_cpu_threads(bm.model, device)))
         base_hash = model_dir_hash(spec.base_model_dir)
         dv = DatasetVersion(spec.dataset_version_path)
         train = load_features(dv, "train", bm.feature_extractor, spec.feature_cache_dir, log)
@@ -498,7 +527,7 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
                       "job_start_samples": ts.samples, "resume_from": str(source) if source else None}
         job_start_step, job_start_samples = ts.run["job_start_step"], ts.run["job_start_samples"]
         log(f"adapter job: {kind}" + (f" from {source} (step {ts.step})" if source else "") +
-            f", {len(train)} training rows, device {device}, node {node_id}")
+            f", {len(train)} training rows, device {device} ({torch.get_num_threads()} CPU threads), node {node_id}")
 
         # ---- the loop
         step_times: deque[float] = deque(maxlen=20)
@@ -658,14 +687,18 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
 def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_seconds: float, seed: int = 0, *,
                   device: str | None = None, batch_size: int = 16, lr: float = 4e-3, warmup_steps: int = 50,
                   weight_decay: float = 0.01, max_grad_norm: float = 5.0, max_steps: int | None = None,
-                  model_config: dict | None = None,
+                  model_config: dict | None = None, cpu_threads_per_job: int | None = None,
                   feature_cache_dir: str | Path | None = None, eval_batch_size: int = 32,
                   log: Callable[[str], None] | None = None) -> dict:
-    """Train the tiny CTC model from scratch on the train split for ``train_seconds`` of wall time
-    (the learning rate warms up, then follows a cosine over the budget; with ``max_steps`` the budget
-    is whichever of time and steps runs out first — tests use steps, so the result does not depend
-    on how busy the machine is), evaluate it on dev and test, and save it (weights, config, vocab.json, preprocessor_config.json, training.json) to
-    ``out_dir`` atomically. Returns the metrics."""
+    """Train the tiny CTC model from scratch on the train split of a dataset version for
+    ``train_seconds`` of wall time, evaluate it on dev and test, and save it to ``out_dir``
+    atomically (config.json + model.safetensors, vocab.json, preprocessor_config.json, and
+    training.json with these metrics). Returns the metrics.
+
+    The learning rate warms up, then follows a cosine over the budget. With ``max_steps`` the budget
+    is whichever of time and steps runs out first; tests use steps so that the model they get does
+    not depend on how busy the machine is.
+    """
     log = log or (lambda _msg: None)
     device = device or default_device()
     t_start = time.monotonic()
@@ -677,41 +710,42 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
     labels = [bm.tokenizer.encode(t) for t in train.texts]
     opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     stream = SampleStream(len(train), seed)
-    model.train()
     losses: list[float] = []
     steps = samples = 0
-    t0 = time.monotonic()
-    last_log = t0
-    while (elapsed := time.monotonic() - t0) < train_seconds and (max_steps is None or steps < max_steps):
-        frac = max(elapsed / train_seconds, steps / max_steps if max_steps else 0.0)
-        scale = min(1.0, (steps + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
-        idx = stream.next_batch(batch_size)
-        batch, _ = _batch(train, labels, idx, device)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        steps += 1
-        samples += len(idx)
-        losses.append(loss.item())
-        if time.monotonic() - last_log >= 15:
-            last_log = time.monotonic()
-            log(f"pretrain step {steps}, {elapsed:.0f}/{train_seconds:.0f}s, loss {np.mean(losses[-20:]):.3f}")
-    train_s = time.monotonic() - t0
-    model.eval()
-    metrics: dict = {"dialect": dv.dialect, "dataset_version": dv.version, "device": device,
-                     "parameters": bm.num_parameters, "steps": steps, "samples": samples,
-                     "epochs": round(samples / len(train), 2), "train_seconds": round(train_s, 2),
-                     "samples_per_s": round(samples / train_s, 2) if train_s > 0 else 0.0,
-                     "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
-                     "feature_cache_hit": train.cache_hit, "seed": seed, "batch_size": batch_size, "lr": lr}
-    for split in ("dev", "test"):
-        fs = load_features(dv, split, bm.feature_extractor, feature_cache_dir, log)
-        rates = error_rates(transcribe(model, bm.tokenizer, fs, eval_batch_size, device))
-        metrics[f"{split}_cer"], metrics[f"{split}_wer"] = rates["cer"], rates["wer"]
+    with cpu_threads(cpu_threads_per_job or auto_cpu_threads(model, device)):
+        model.train()
+        t0 = last_log = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < train_seconds and (max_steps is None or steps < max_steps):
+            frac = max(elapsed / train_seconds, steps / max_steps if max_steps else 0.0)
+            scale = min(1.0, (steps + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            idx = stream.next_batch(batch_size)
+            batch, _ = _batch(train, labels, idx, device)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            steps += 1
+            samples += len(idx)
+            losses.append(loss.item())
+            if time.monotonic() - last_log >= 15:
+                last_log = time.monotonic()
+                log(f"pretrain step {steps}, {elapsed:.0f}/{train_seconds:.0f}s, loss {np.mean(losses[-20:]):.3f}")
+        train_s = time.monotonic() - t0
+        model.eval()
+        metrics: dict = {"dialect": dv.dialect, "dataset_version": dv.version, "device": device,
+                         "parameters": bm.num_parameters, "steps": steps, "samples": samples,
+                         "epochs": round(samples / len(train), 2), "train_seconds": round(train_s, 2),
+                         "samples_per_s": round(samples / train_s, 2) if train_s > 0 else 0.0,
+                         "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+                         "feature_cache_hit": train.cache_hit, "seed": seed, "batch_size": batch_size, "lr": lr,
+                         "cpu_threads": torch.get_num_threads()}
+        for split in ("dev", "test"):
+            fs = load_features(dv, split, bm.feature_extractor, feature_cache_dir, log)
+            rates = error_rates(transcribe(model, bm.tokenizer, fs, eval_batch_size, device))
+            metrics[f"{split}_cer"], metrics[f"{split}_wer"] = rates["cer"], rates["wer"]
     model.to("cpu")
     save_base_model(bm, out_dir, extra=metrics)
     metrics["path"] = str(out_dir)

@@ -148,8 +148,6 @@ def test_cpu_run_keeps_the_launcher_defaults(k8s_launcher_and_instance):
     assert "MLOC_NODE_ID" not in env_by_name(pod.containers[0])
 
 
-@pytest.mark.xfail(K8S_CONFIG_TAG not in defs.resolve_job_def(TRAIN_JOB).run_tags, strict=True,
-                   reason="train_adapter_job does not carry the dagster-k8s/config tag yet")
 def test_train_job_carries_the_gpu_tag():
     tag = defs.resolve_job_def(TRAIN_JOB).run_tags[K8S_CONFIG_TAG]
     assert json.loads(tag) == gpu_k8s_config()

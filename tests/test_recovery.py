@@ -1,0 +1,167 @@
+"""Failure recovery with real processes: a SIGKILLed training worker, a SIGKILLed daemon, four
+concurrent runs on the embedded SQLite default, and a full disk. Slow by nature (real daemon,
+real run workers): a few minutes in all."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+
+from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.training_runs import start_run
+
+REPO = Path(__file__).resolve().parent.parent
+DIALECT = "en-gb-scotland"
+
+
+class Daemon:
+    """`dagster-daemon run` on the test's DAGSTER_HOME, as a user starts it."""
+
+    def __init__(self, home: Path, **env):
+        self.log_path = home / "daemon.log"
+        self.env = os.environ.copy() | env
+        self.proc = None
+
+    def start(self):
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+                                      str(REPO / "workspace.yaml")], cwd=REPO, env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def kill(self, sig=signal.SIGKILL):
+        """Kill the daemon and its code server with no chance to clean up. Run workers it launched
+        keep running, as they would after a real crash of the daemon."""
+        parent = psutil.Process(self.proc.pid)
+        for child in parent.children(recursive=False):
+            if "api grpc" in " ".join(child.cmdline()) or "code-server" in " ".join(child.cmdline()):
+                child.send_signal(sig)
+        parent.send_signal(sig)
+        self.proc.wait(timeout=60)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture()
+def daemon(registered_base, mloc_home):
+    d = Daemon(mloc_home, MLOC_HEARTBEAT_TTL_S="8")
+    d.start()
+    yield d
+    d.stop()
+
+
+def wait_for(predicate, timeout_s, what, daemon: Daemon):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}; daemon log tail:\n{daemon.tail()}")
+
+
+def train_runs(instance, run_id, job_index=None):
+    tags = {"mloc/run_id": run_id} | ({"mloc/job_index": str(job_index)} if job_index is not None else {})
+    return instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job", tags=tags),
+                                    order_by="create_timestamp", ascending=True)
+
+
+@pytest.mark.slow
+def test_sigkilled_training_worker_is_retried_and_resumes_from_its_checkpoint(registered_base, daemon, mloc_home):
+    instance, _ = registered_base
+    store = StateStore(resolve_state_url())
+    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600,
+                    hparams={"max_steps": 60, "batch_size": 4, "checkpoint_every_s": 2})
+    job_dir = mloc_home / "adapters" / DIALECT / run.run_id / "job-0000"
+    partial = job_dir.parent / "job-0000.partial"
+
+    def checkpoint_written():
+        steps = [p for p in partial.glob("step-*") if (p / "train_state.json").is_file()] if partial.is_dir() else []
+        job = store.get_job(run.run_id, 0)
+        return steps and job and job.status == "running" and job.worker_pid
+    wait_for(checkpoint_written, 300, "an intermediate checkpoint", daemon)
+    time.sleep(1)
+    job = store.get_job(run.run_id, 0)
+    step_process = psutil.Process(job.worker_pid)
+    run_worker = step_process.parent()
+    code_server = run_worker.parent()
+    assert "grpc" in " ".join(code_server.cmdline())
+    killed_at = time.time()
+    # The whole user-code side dies: the step process, its run worker, and the code server that
+    # launched it (which would otherwise notice the dead worker itself). Nothing is left that
+    # knows the run is dead: only the heartbeat in the state store, and the pid on this node.
+    for p in (step_process, run_worker, code_server):
+        p.send_signal(signal.SIGKILL)
+    last_partial_mtime = max(p.stat().st_mtime for p in partial.glob("step-*"))
+
+    # dead_worker_sensor fails the orphaned run; Dagster's run retries start it again
+    def succeeded():
+        runs = train_runs(instance, run.run_id, 0)
+        return runs if any(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs) else None
+    runs = wait_for(succeeded, 420, "the retried job to succeed", daemon)
+    first, retry = runs[0].dagster_run, runs[-1].dagster_run
+    assert first.status == dg.DagsterRunStatus.FAILURE
+    assert retry.tags.get("dagster/retry_number") == "1" and retry.status == dg.DagsterRunStatus.SUCCESS
+    messages = " ".join(e.message or "" for e in instance.all_logs(first.run_id))
+    assert f"worker pid {step_process.pid}" in messages and "died" in messages  # dead_worker_sensor's reason
+
+    mat = instance.get_latest_materialization_event(dg.AssetKey("adapter_checkpoint")).asset_materialization
+    assert mat.metadata["resumed_kind"].value == "partial"
+    assert mat.metadata["total_steps"].value == 60
+    assert killed_at - last_partial_mtime <= 2 + 3  # work lost ≤ checkpoint interval (+ scheduling slack)
+    assert store.get_job(run.run_id, 0).attempts == 2
+
+
+@pytest.mark.slow
+def test_sigkilled_daemon_between_jobs_launches_the_next_job_exactly_once(registered_base, daemon):
+    instance, _ = registered_base
+    store = StateStore(resolve_state_url())
+    run = start_run(instance, store, DIALECT, jobs=2, candidate_every=2, timebox_s=60,
+                    hparams={"max_steps": 2, "batch_size": 4})
+    wait_for(lambda: store.get_run(run.run_id).last_finished_job == 0, 300, "job 0", daemon)
+    daemon.kill()  # between job 0's success and (most likely) the request for job 1
+    daemon.start()
+    wait_for(lambda: store.get_run(run.run_id).status == "completed", 300, "the run to complete", daemon)
+    assert [r.dagster_run.tags["mloc/job_index"] for r in train_runs(instance, run.run_id)] == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_four_concurrent_runs_on_sqlite(registered_base, mloc_home):
+    instance, _ = registered_base
+    instance.event_log_storage.set_concurrency_slots("gpu", 4)  # let the four steps overlap ...
+    daemon = Daemon(mloc_home, MLOC_CPU_SLOTS="4")  # ... and the arbiter lease four CPU slots
+    daemon.start()
+    try:
+        check_four_runs(instance, daemon)
+    finally:
+        daemon.stop()
+
+
+def check_four_runs(instance, daemon):
+    store = StateStore(resolve_state_url())
+    runs = [start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=45,
+                      hparams={"batch_size": 4, "seed": i, "checkpoint_every_s": 5}) for i in range(4)]
+    def all_finished():
+        records = [rec for r in runs for rec in train_runs(instance, r.run_id)]
+        done = len(records) == 4 and all(rec.dagster_run.is_finished for rec in records)
+        return records if done and all(store.get_run(r.run_id).status == "completed" for r in runs) else None
+    records = wait_for(all_finished, 420, "four runs to complete", daemon)
+    assert len(records) == 4 and all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
+    overlap = max(r.start_time for r in records) < min(r.end_time for r in records)
+    assert overlap, "the four runs did not run concurrently"
+    for rec in records:
+        logs = " ".join(e.message or "" for e in instance.all_logs(rec.dagster_run.run_id))
+        assert "database is locked" not in logs
+    assert "database is locked" not in daemon.tail()
