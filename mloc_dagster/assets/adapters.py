@@ -96,6 +96,15 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                 feature_cache_dir=artifacts.paths.home / "features", started_at=started_at,
                 progress=progress, heartbeat=heartbeat, log=context.log.info,
             ))
+        except OSError as exc:  # full disk, unwritable artifact dir: say so, and what is still safe
+            store.record_job_finished(run.run_id, config.job_index, "failed", error=str(exc)[:500])
+            kept = previous.checkpoint_path if previous else "none (first job)"
+            raise dg.Failure(
+                description=f"cannot write the checkpoint of job {config.job_index} under {out.parent}: {exc}. "
+                            f"The previous checkpoint is intact: {kept}. Free space or fix the directory, then "
+                            "re-execute this run (or let run retries do it).",
+                metadata={"out_dir": dg.MetadataValue.path(str(out)), "previous_checkpoint": kept},
+            ) from exc
         except Exception as exc:
             store.record_job_finished(run.run_id, config.job_index, "failed", error=str(exc)[:500])
             raise

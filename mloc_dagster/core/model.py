@@ -141,7 +141,8 @@ class TinyCtcConfig(PretrainedConfig):
                  hidden_size: int = 256, gru_hidden_size: int = 128, num_layers: int = 3,
                  dropout: float = 0.1, pad_token_id: int = 0, ctc_loss_reduction: str = "mean",
                  ctc_zero_infinity: bool = True, lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-                 **kwargs):
+                 mel_bins: int = 80, mask_time_prob: float = 0.0, mask_time_length: int = 10,
+                 mask_feature_count: int = 0, mask_feature_length: int = 10, **kwargs):
         self.vocab_size = vocab_size
         self.input_dim = input_dim
         self.stack_frames = stack_frames
@@ -152,6 +153,14 @@ class TinyCtcConfig(PretrainedConfig):
         self.ctc_loss_reduction = ctc_loss_reduction
         self.ctc_zero_infinity = ctc_zero_infinity
         self.lora_target_modules = list(lora_target_modules)
+        # SpecAugment (training mode only): ~mask_time_prob of the frames in spans of up to
+        # mask_time_length input frames, and mask_feature_count bands of up to mask_feature_length
+        # mel bins (the same bins in every stacked frame), set to 0 = the normalized mean.
+        self.mel_bins = mel_bins
+        self.mask_time_prob = mask_time_prob
+        self.mask_time_length = mask_time_length
+        self.mask_feature_count = mask_feature_count
+        self.mask_feature_length = mask_feature_length
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
@@ -217,6 +226,8 @@ class TinyCtcForCTC(TinyCtcPreTrainedModel):
         else:
             lengths = attention_mask.sum(-1).long()
         out_lengths = self._get_feat_extract_output_lengths(lengths)
+        if self.training:
+            input_features = self._spec_augment(input_features, lengths)
         t_out = max(1, frames // s)
         x = input_features[:, :t_out * s] if frames >= s else F.pad(input_features, (0, 0, 0, s - frames))
         x = x.reshape(batch, t_out, dim * s)
@@ -242,6 +253,25 @@ class TinyCtcForCTC(TinyCtcPreTrainedModel):
                                   blank=self.config.pad_token_id, reduction=self.config.ctc_loss_reduction,
                                   zero_infinity=self.config.ctc_zero_infinity)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def _spec_augment(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        batch, frames, dim = x.shape
+        keep = torch.ones(batch, frames, dim, dtype=torch.bool, device=x.device)
+        if c.mask_time_prob > 0 and c.mask_time_length > 0:
+            spans = max(1, round(c.mask_time_prob * frames / c.mask_time_length))
+            start = (torch.rand(batch, spans, device=x.device) * lengths[:, None]).long()
+            width = (torch.rand(batch, spans, device=x.device) * (c.mask_time_length + 1)).long()
+            pos = torch.arange(frames, device=x.device)[None, None, :]
+            hit = ((pos >= start[..., None]) & (pos < (start + width)[..., None])).any(1)
+            keep &= ~hit[..., None]
+        if c.mask_feature_count > 0 and c.mask_feature_length > 0 and dim % c.mel_bins == 0:
+            start = (torch.rand(batch, c.mask_feature_count, device=x.device) * c.mel_bins).long()
+            width = (torch.rand(batch, c.mask_feature_count, device=x.device) * (c.mask_feature_length + 1)).long()
+            pos = (torch.arange(dim, device=x.device) % c.mel_bins)[None, None, :]
+            hit = ((pos >= start[..., None]) & (pos < (start + width)[..., None])).any(1)
+            keep &= ~hit[:, None, :]
+        return x * keep
 
 
 AutoConfig.register(MODEL_TYPE, TinyCtcConfig, exist_ok=True)

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.optim import AdamW
@@ -406,6 +407,10 @@ def _write_dir_atomically(dest: Path, write: Callable[[Path], None]) -> float:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except SafetensorError as exc:
+        # safetensors reports ENOSPC/EFBIG as its own error type; callers handle OSError.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write {dest}: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,3 +57,21 @@ def test_job_without_previous_checkpoint_is_refused(registered_base):
     message = result.get_step_failure_events()[0].step_failure_data.error.message
     assert "needs job 2's checkpoint" in message
 
+
+
+def test_unwritable_artifact_dir_fails_clearly_and_keeps_the_previous_checkpoint(registered_base, mloc_home):
+    instance, _ = registered_base
+    assert train(instance, "tr-test000003", 0).success
+    job0 = mloc_home / "adapters" / DIALECT / "tr-test000003" / "job-0000"
+    before = {p.name: p.read_bytes() for p in job0.iterdir()}
+    # Root ignores permission bits, so block the directory itself: job 1's dir path is a file.
+    (job0.parent / "job-0001").write_text("not a directory")
+    (job0.parent / "job-0001.partial").write_text("not a directory")
+    result = train(instance, "tr-test000003", 1)
+    assert not result.success
+    message = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert "cannot write the checkpoint of job 1" in message and f"intact: {job0}" in message
+    assert {p.name: p.read_bytes() for p in job0.iterdir()} == before
+    store = StateStore(resolve_state_url())
+    assert store.get_job("tr-test000003", 1).status == "failed"
+    assert store.get_run("tr-test000003").last_finished_job == 0
