@@ -18,7 +18,7 @@ ui: setup
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: setup
-	@bash scripts/test.sh
+	@bash scripts/test.sh $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check mloc_dagster tests bench
