@@ -201,7 +201,7 @@ def _check_tensors_finite(root: Path, filename: str) -> dict[str, tuple]:
     shapes = {}
     try:
         with safe_open(str(root / filename), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 t = f.get_tensor(key)
                 shapes[key] = (tuple(t.shape), t.dtype)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import SeamlessM4TFeatureExtractor
 
@@ -103,7 +103,7 @@ class FeatureSet:
         return int(self.offsets[-1])
 
     @classmethod
-    def from_arrays(cls, utts: Sequence[Utterance], feats: Sequence[np.ndarray], dim: int) -> "FeatureSet":
+    def from_arrays(cls, utts: Sequence[Utterance], feats: Sequence[np.ndarray], dim: int) -> FeatureSet:
         lengths = [len(f) for f in feats]
         offsets = torch.zeros(len(feats) + 1, dtype=torch.int64)
         if lengths:
@@ -111,6 +111,14 @@ class FeatureSet:
         data = (torch.from_numpy(np.concatenate(feats, axis=0)) if feats
                 else torch.zeros((0, dim), dtype=torch.float32))
         return cls([u.utt_id for u in utts], [u.text for u in utts], [u.speaker for u in utts], data, offsets)
+
+
+def concat_feature_sets(a: FeatureSet, b: FeatureSet) -> FeatureSet:
+    """Rows of ``a`` then rows of ``b`` (e.g. a dialect's training rows plus rehearsal rows)."""
+    offsets = torch.cat([a.offsets, b.offsets[1:] + a.offsets[-1]])
+    return FeatureSet(a.utt_ids + b.utt_ids, a.texts + b.texts, a.speakers + b.speakers,
+                      torch.cat([a.features, b.features]), offsets, cache_hit=a.cache_hit and b.cache_hit,
+                      seconds=a.seconds + b.seconds)
 
 
 def compute_features(utterances: Iterable[Utterance], fe: SeamlessM4TFeatureExtractor | None = None) -> FeatureSet:
@@ -145,7 +153,7 @@ def load_features(version: DatasetVersion | str | Path, split: str,
             fs.seconds = time.perf_counter() - t0
             log(f"features {dv.dialect}/{dv.version}/{split}: cache hit ({len(fs)} utts, {fs.frames} frames)")
             return fs
-        except Exception as exc:  # a torn or foreign file: recompute rather than fail the job
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # torn or foreign: recompute
             log(f"features cache {path} unreadable ({exc}); recomputing")
     fs = compute_features(dv.iter_utterances(split), fe)
     if path is not None:

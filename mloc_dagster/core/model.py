@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
-from transformers import (AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel)
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
-from transformers.utils import logging as hf_logging
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import logging as hf_logging
 
 from mloc_dagster.core.features import default_feature_extractor
 
@@ -76,7 +76,7 @@ class CharTokenizer:
         self._special = {i for t, i in self.vocab.items() if len(t) > 1 and t.startswith("<")}
 
     @classmethod
-    def english(cls) -> "CharTokenizer":
+    def english(cls) -> CharTokenizer:
         chars = [BLANK, WORD_DELIMITER, "'", *"abcdefghijklmnopqrstuvwxyz"]
         return cls({c: i for i, c in enumerate(chars)})
 
@@ -108,7 +108,7 @@ class CharTokenizer:
         Path(directory, VOCAB_FILE).write_text(json.dumps(self.vocab, indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, blank_id: int | None = None) -> "CharTokenizer":
+    def from_pretrained(cls, directory: str | Path, blank_id: int | None = None) -> CharTokenizer:
         vocab = json.loads(Path(directory, VOCAB_FILE).read_text())
         if vocab and all(isinstance(v, dict) for v in vocab.values()):  # multilingual {lang: vocab}
             vocab = next(iter(vocab.values()))

@@ -58,19 +58,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from peft import LoraConfig, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESULT_JSON, TRAIN_STATE_JSON,
-                                           TRAIN_STATE_TENSORS, validate_checkpoint_dir)
+from mloc_dagster.core.checkpoints import (
+    ADAPTER_WEIGHTS,
+    RESULT_JSON,
+    TRAIN_STATE_JSON,
+    TRAIN_STATE_TENSORS,
+    validate_checkpoint_dir,
+)
 from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.evaluate import error_rates, transcribe
-from mloc_dagster.core.features import FeatureSet, collate, load_features
-from mloc_dagster.core.model import (BaseModel, default_lora_targets, file_sha256, fsync_tree, load_base_model,
-                                     model_dir_hash, new_tiny_model, save_base_model)
+from mloc_dagster.core.features import FeatureSet, collate, concat_feature_sets, load_features
+from mloc_dagster.core.model import (
+    default_lora_targets,
+    file_sha256,
+    fsync_tree,
+    load_base_model,
+    model_dir_hash,
+    new_tiny_model,
+    save_base_model,
+)
 
 STATE_FORMAT = 1
 
@@ -86,7 +98,7 @@ class ResumeError(ValueError):
 class AdapterHParams:
     r: int = 16
     alpha: float = 32.0
-    dropout: float = 0.0
+    dropout: float = 0.1
     target_modules: list[str] | None = None  # None: the base model's default (core.model.default_lora_targets)
     lr: float = 3e-3
     batch_size: int = 16
@@ -94,6 +106,7 @@ class AdapterHParams:
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
     seed: int = 0
+    rehearsal_fraction: float = 0.25  # share of each epoch drawn from the rehearsal dataset, if one is given
 
 
 @dataclass
@@ -125,8 +138,12 @@ class AdapterJobSpec:
     job_index: int | None = None
     max_steps: int | None = None  # optional step budget of this job (tests, benchmarks, fixed-size jobs)
     cpu_threads: int | None = None  # None: auto_cpu_threads (1 for small models on CPU)
+    deterministic: bool | None = None  # torch deterministic algorithms; None: on for CUDA, off for CPU
     checkpoint_every_steps: int | None = None  # optional, in addition to checkpoint_every_s
     feature_cache_dir: str | Path | None = None
+    # The base dialect's dataset version: mixed into training (hparams.rehearsal_fraction) so the
+    # adapter does not forget the base dialect (the gate limits base-dialect regression).
+    rehearsal_dataset_path: str | Path | None = None
     eval_split: str = "dev"
     eval_batch_size: int = 32
     started_at: float | None = None  # time.time() the timebox counts from; default: function entry
@@ -145,7 +162,7 @@ class AdapterJobResult:
     samples: int  # this job (likewise)
     total_steps: int  # the training run so far
     total_samples: int
-    epoch: float  # samples of the run / training rows
+    epoch: float  # data position of the run in epochs (epoch + fraction of the current one)
     train_loss: float  # mean loss of this job's steps
     dev_cer: float
     dev_wer: float
@@ -176,7 +193,7 @@ class AdapterJobResult:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "AdapterJobResult":
+    def from_json(cls, d: dict) -> AdapterJobResult:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -235,13 +252,21 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def deterministic(device: str) -> Iterator[None]:
-    """Deterministic kernels for the duration of a job (restored afterwards)."""
+def deterministic(device: str, enabled: bool | None = None) -> Iterator[None]:
+    """Deterministic kernels for the duration of a job (restored afterwards).
+
+    ``enabled=None`` means on for CUDA (atomics make several kernels nondeterministic there) and off
+    for CPU: the CPU kernels of these models are already deterministic at a fixed thread count (the
+    exact-resume tests run without the flag), and the flag's sort-based fallbacks cost ~5 % of CPU
+    throughput."""
+    if enabled is None:
+        enabled = device.startswith("cuda")
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if device.startswith("cuda"):
+    if enabled and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
@@ -255,32 +280,50 @@ def seed_everything(seed: int) -> None:
 
 
 class SampleStream:
-    """The data order, position exact to the sample: epoch ``e`` visits every training row once, in
-    ``permutation(default_rng([seed, e]))``; a batch takes the next ``batch_size`` rows of the
-    endless stream (crossing epoch boundaries). Depends on no global RNG."""
+    """The data order, position exact to the sample.
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
+    Epoch ``e`` visits every one of the ``n`` training rows once, plus ``extra_per_epoch`` rehearsal
+    rows (indices ``n + j``) chosen by ``permutation(default_rng([seed, e, 1]))`` from ``extra_n``,
+    all in the order ``permutation(default_rng([seed, e]))``. A batch takes the next ``batch_size``
+    rows of this endless stream (crossing epoch boundaries). Depends on no global RNG, so
+    (epoch, index, seed) is the whole position.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0, extra_n: int = 0,
+                 extra_per_epoch: int = 0):
         if n <= 0:
             raise ValueError("no training rows")
         self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
-        self._perm = self._permutation(epoch)
+        self.extra_n, self.extra_per_epoch = extra_n, (extra_per_epoch if extra_n else 0)
+        self._order = self._epoch_order(epoch)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    @classmethod
+    def from_position(cls, d: dict) -> SampleStream:
+        return cls(d["rows"], d["perm_seed"], d["epoch"], d["index"], d.get("extra_rows", 0),
+                   d.get("extra_per_epoch", 0))
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        rows = np.arange(self.n)
+        if self.extra_per_epoch:
+            pick = np.random.default_rng([self.seed, epoch, 1]).permutation(self.extra_n)
+            pick = np.resize(pick, self.extra_per_epoch)  # repeats only if asked for more than exist
+            rows = np.concatenate([rows, self.n + pick])
+        return rows[np.random.default_rng([self.seed, epoch]).permutation(len(rows))]
 
     def next_batch(self, batch_size: int) -> list[int]:
         out: list[int] = []
         while len(out) < batch_size:
-            if self.index >= self.n:
+            if self.index >= len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0
-                self._perm = self._permutation(self.epoch)
-            take = min(batch_size - len(out), self.n - self.index)
-            out.extend(int(i) for i in self._perm[self.index:self.index + take])
+                self._order = self._epoch_order(self.epoch)
+            take = min(batch_size - len(out), len(self._order) - self.index)
+            out.extend(int(i) for i in self._order[self.index:self.index + take])
             self.index += take
         return out
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "perm_seed": self.seed, "rows": self.n}
+        return {"epoch": self.epoch, "index": self.index, "perm_seed": self.seed, "rows": self.n,
+                "extra_rows": self.extra_n, "extra_per_epoch": self.extra_per_epoch}
 
 
 def _batch(fs: FeatureSet, labels: list[list[int]], idx: list[int], device: str) -> tuple[dict, int]:
@@ -387,8 +430,7 @@ class TrainState:
         self.step, self.samples = meta["step"], meta["samples"]
         self.loss_history = list(meta["loss_history"])
         self.jobs = list(meta["jobs"])
-        d = meta["data"]
-        return SampleStream(d["rows"], d["perm_seed"], d["epoch"], d["index"])
+        return SampleStream.from_position(meta["data"])
 
 
 def _write_dir_atomically(dest: Path, write: Callable[[Path], None]) -> float:
@@ -418,9 +460,11 @@ def _write_dir_atomically(dest: Path, write: Callable[[Path], None]) -> float:
 
 
 def _write_checkpoint(dest: Path, model, meta: dict, tensors: dict[str, torch.Tensor],
-                      result: Callable[[Path], dict] | None = None) -> float:
-    """Adapter (peft format) + train state [+ result.json, written last] into ``dest``, atomically."""
+                      result: Callable[[Path, float], dict] | None = None) -> float:
+    """Adapter (peft format) + train state [+ result.json, written last, told the seconds the rest
+    took] into ``dest``, atomically. Returns the seconds taken."""
     def write(tmp: Path) -> None:
+        t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.save_pretrained(tmp)  # peft format: adapter_model.safetensors + adapter_config.json
@@ -428,7 +472,7 @@ def _write_checkpoint(dest: Path, model, meta: dict, tensors: dict[str, torch.Te
         save_file(tensors, str(tmp / TRAIN_STATE_TENSORS), metadata={"format": str(STATE_FORMAT)})
         (tmp / TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         if result is not None:
-            (tmp / RESULT_JSON).write_text(json.dumps(result(tmp), indent=1) + "\n")
+            (tmp / RESULT_JSON).write_text(json.dumps(result(tmp, time.perf_counter() - t), indent=1) + "\n")
     return _write_dir_atomically(dest, write)
 
 
@@ -450,9 +494,11 @@ def latest_partial(out_dir: str | Path) -> Path | None:
 # --------------------------------------------------------------------------- adapter job
 
 
-def _identity(spec: AdapterJobSpec, bm: BaseModel, base_hash: str, dv: DatasetVersion) -> dict:
+def _identity(spec: AdapterJobSpec, base_hash: str, dv: DatasetVersion, rehearsal: DatasetVersion | None) -> dict:
     return {"base_model_hash": base_hash, "base_model_dir": str(spec.base_model_dir),
-            "dataset_version": dv.version, "dialect": dv.dialect}
+            "dataset_version": dv.version, "dialect": dv.dialect,
+            "rehearsal_version": rehearsal.version if rehearsal else None,
+            "rehearsal_dialect": rehearsal.dialect if rehearsal else None}
 
 
 def _check_resumable(meta: dict, source: Path, hparams: AdapterHParams, identity: dict) -> None:
@@ -462,7 +508,7 @@ def _check_resumable(meta: dict, source: Path, hparams: AdapterHParams, identity
     if diff:
         raise ResumeError(f"{source}: hyper-parameters {sorted(diff)} differ from the run's checkpoint "
                           f"({ {k: saved.get(k) for k in sorted(diff)} } vs { {k: mine[k] for k in sorted(diff)} })")
-    for key in ("base_model_hash", "dataset_version"):
+    for key in ("base_model_hash", "dataset_version", "rehearsal_version"):
         if meta["identity"].get(key) != identity[key]:
             raise ResumeError(f"{source}: {key} {meta['identity'].get(key)!r} != this job's {identity[key]!r}; "
                               "a training run pins its base model and dataset version")
@@ -486,15 +532,23 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(deterministic(device))
+        stack.enter_context(deterministic(device, spec.deterministic))
         bm = load_base_model(spec.base_model_dir, device)
         stack.enter_context(cpu_threads(spec.cpu_threads or auto_cpu_threads(bm.model, device)))
         base_hash = model_dir_hash(spec.base_model_dir)
         dv = DatasetVersion(spec.dataset_version_path)
         train = load_features(dv, "train", bm.feature_extractor, spec.feature_cache_dir, log)
         dev = load_features(dv, spec.eval_split, bm.feature_extractor, spec.feature_cache_dir, log)
+        rehearsal = DatasetVersion(spec.rehearsal_dataset_path) if spec.rehearsal_dataset_path else None
+        n_rows, n_extra, extra_per_epoch = len(train), 0, 0
+        if rehearsal is not None:
+            extra = load_features(rehearsal, "train", bm.feature_extractor, spec.feature_cache_dir, log)
+            n_extra = len(extra)
+            f = min(max(hp.rehearsal_fraction, 0.0), 0.9)
+            extra_per_epoch = round(n_rows * f / (1 - f))
+            train = concat_feature_sets(train, extra)
         labels = [bm.tokenizer.encode(t) for t in train.texts]
-        identity = _identity(spec, bm, base_hash, dv)
+        identity = _identity(spec, base_hash, dv, rehearsal)
 
         partial = latest_partial(out)
         source, kind = ((partial, "partial") if partial is not None
@@ -521,10 +575,11 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
         ts = TrainState()
         if meta is not None:
             stream = ts.restore(meta, tensors, model, opt, sched)
-            if stream.n != len(train):
-                raise ResumeError(f"{source}: data position is over {stream.n} rows, the dataset has {len(train)}")
+            if (stream.n, stream.extra_n, stream.extra_per_epoch) != (n_rows, n_extra, extra_per_epoch):
+                raise ResumeError(f"{source}: data position is over {stream.n}+{stream.extra_n} rows, "
+                                  f"this job has {n_rows}+{n_extra}")
         else:
-            stream = SampleStream(len(train), hp.seed)
+            stream = SampleStream(n_rows, hp.seed, extra_n=n_extra, extra_per_epoch=extra_per_epoch)
         if kind == "partial":
             ts.run = dict(meta["run"])  # same job: keep its start step (and step budget)
         else:
@@ -547,7 +602,6 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
         job_samples = 0
         t_first = t_last = None
         last_ckpt_t = last_progress_t = last_heartbeat_t = time.monotonic()
-        last_loss = float("nan")
 
         def flush_losses() -> None:
             if pending:
@@ -652,7 +706,8 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
             startup = (t_first - t0) if t_first is not None else (t_loop_end - t0)
             r = AdapterJobResult(
                 path=str(out), sha256="", steps=ts.step - job_start_step, samples=ts.samples - job_start_samples,
-                total_steps=ts.step, total_samples=ts.samples, epoch=round(ts.samples / len(train), 4),
+                total_steps=ts.step, total_samples=ts.samples, epoch=round(stream.epoch + stream.index /
+                                                                           len(stream._order), 4),
                 train_loss=float(np.mean(job_history)) if job_history else float("nan"),
                 dev_cer=rates["cer"], dev_wer=rates["wer"],
                 samples_per_s=job_samples / train_seconds if train_seconds > 0 else 0.0,
@@ -670,8 +725,9 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
 
         holder: dict = {}
 
-        def final_result(tmp: Path) -> dict:
-            holder["result"] = result_json() | {"sha256": file_sha256(tmp / ADAPTER_WEIGHTS)}
+        def final_result(tmp: Path, save_seconds: float) -> dict:
+            holder["result"] = result_json() | {"sha256": file_sha256(tmp / ADAPTER_WEIGHTS),
+                                                "last_save_seconds": save_seconds}
             return holder["result"]
 
         _write_checkpoint(out, model, final_meta, final_tensors, final_result)

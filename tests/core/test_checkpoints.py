@@ -13,8 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mloc_dagster.core.checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_STATE_TENSORS, InvalidAdapter,
-                                           UnsafeCheckpoint, validate_checkpoint_dir)
+from mloc_dagster.core.checkpoints import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    TRAIN_STATE_TENSORS,
+    InvalidAdapter,
+    UnsafeCheckpoint,
+    validate_checkpoint_dir,
+)
 from mloc_dagster.core.model import new_tiny_model, save_base_model
 from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
 

@@ -12,8 +12,16 @@ from transformers import AutoConfig, AutoModelForCTC, Wav2Vec2BertConfig, Wav2Ve
 from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.evaluate import error_rates, transcribe
 from mloc_dagster.core.features import collate, default_feature_extractor, load_features
-from mloc_dagster.core.model import (CharTokenizer, TinyCtcConfig, TinyCtcForCTC, greedy_ctc_decode, load_base_model,
-                                     model_dir_hash, new_tiny_model, save_base_model)
+from mloc_dagster.core.model import (
+    CharTokenizer,
+    TinyCtcConfig,
+    TinyCtcForCTC,
+    greedy_ctc_decode,
+    load_base_model,
+    model_dir_hash,
+    new_tiny_model,
+    save_base_model,
+)
 
 
 def _inputs(seed: int = 0):

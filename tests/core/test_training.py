@@ -18,11 +18,18 @@ from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, TRAIN_STATE_JSON, Uns
 from mloc_dagster.core.evaluate import error_rates, transcribe
 from mloc_dagster.core.features import load_features
 from mloc_dagster.core.model import load_base_model
-from mloc_dagster.core.training import (AdapterHParams, AdapterJobSpec, ResumeError, latest_partial, partial_dir,
-                                        train_adapter)
+from mloc_dagster.core.training import (
+    AdapterHParams,
+    AdapterJobSpec,
+    ResumeError,
+    latest_partial,
+    partial_dir,
+    train_adapter,
+)
 
 N = 4  # steps before the interruption
-RESUME_HPARAMS = dict(r=4, alpha=8.0, dropout=0.1, batch_size=8, warmup_steps=3, seed=7)  # dropout: RNG matters
+# dropout > 0, so the RNG state has to be restored exactly too
+RESUME_HPARAMS = {"r": 4, "alpha": 8.0, "dropout": 0.1, "batch_size": 8, "warmup_steps": 3, "seed": 7}
 
 
 def _spec(base: Path, corpus, out: Path, **kw) -> AdapterJobSpec:
@@ -64,10 +71,13 @@ def test_lora_lowers_loss_and_dev_cer(pretrained_base, corpus, tmp_path):
 
 
 def test_chained_jobs_reproduce_the_uninterrupted_run(pretrained_base, corpus, tmp_path):
+    """Job 0 (N steps) → job 1 (N more, resume_from job 0) == one 2N-step job; with en-us rehearsal
+    rows mixed into the data stream."""
     base, _ = pretrained_base
-    full = train_adapter(_spec(base, corpus, tmp_path / "full", max_steps=2 * N))
-    first = train_adapter(_spec(base, corpus, tmp_path / "job0", max_steps=N))
-    second = train_adapter(_spec(base, corpus, tmp_path / "job1", max_steps=N, resume_from=tmp_path / "job0"))
+    full = train_adapter(_spec(base, corpus, tmp_path / "full", max_steps=2 * N, rehearsal_dataset_path=corpus.en_us))
+    first = train_adapter(_spec(base, corpus, tmp_path / "job0", max_steps=N, rehearsal_dataset_path=corpus.en_us))
+    second = train_adapter(_spec(base, corpus, tmp_path / "job1", max_steps=N, resume_from=tmp_path / "job0",
+                                 rehearsal_dataset_path=corpus.en_us))
 
     assert (first.total_steps, second.total_steps, second.resumed_kind) == (N, 2 * N, "resume_from")
     assert first.loss_history + second.loss_history == pytest.approx(full.loss_history, abs=1e-6)
@@ -75,6 +85,11 @@ def test_chained_jobs_reproduce_the_uninterrupted_run(pretrained_base, corpus, t
     _assert_same_adapter(tmp_path / "full", tmp_path / "job1")
     assert _state(tmp_path / "job1")["data"] == _state(tmp_path / "full")["data"]
     assert len(_state(tmp_path / "job1")["jobs"]) == 2
+    data = _state(tmp_path / "job1")["data"]
+    assert data["extra_rows"] > 0 and data["extra_per_epoch"] == round(data["rows"] * 0.25 / 0.75)
+
+    with pytest.raises(ResumeError, match="rehearsal_version"):  # a run pins its data, rehearsal included
+        train_adapter(_spec(base, corpus, tmp_path / "norehearsal", max_steps=1, resume_from=tmp_path / "job0"))
 
     with pytest.raises(ResumeError, match="hyper-parameters"):
         train_adapter(_spec(base, corpus, tmp_path / "bad", max_steps=1, resume_from=tmp_path / "job0",
