@@ -96,8 +96,67 @@ def main() -> None:
     console.print(f"wrote {args.out}")
 
 
-def chain_gap(jobs: int = 6, timebox_s: int = 15) -> dict:
-    raise NotImplementedError
+def chain_gap(jobs: int = 6, steps_per_job: int = 10) -> dict:
+    """A real chain on a temporary home, driven by `dagster-daemon run`."""
+    import dagster as dg
+
+    from mloc_dagster.core.corpus import synth_dialect
+    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.definitions import defs
+    from mloc_dagster.training_runs import start_run
+
+    home = Path(tempfile.mkdtemp(prefix="mloc-bench-gap-"))
+    (home / "dagster").mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    os.environ.update(MLOC_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
+    daemon = None
+    try:
+        with dg.DagsterInstance.get() as instance:
+            for dialect in ("en-us", "en-gb-scotland"):
+                synth_dialect(dialect, 60, home / "incoming", seed=0)
+                instance.add_dynamic_partitions("dialect", [dialect])
+                defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance)
+            base = save_base_model(new_tiny_model(), home / "tiny")
+            defs.resolve_job_def("base_model_job").execute_in_process(
+                instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base)}}}})
+            instance.all_instigator_state()
+            log = open(home / "daemon.log", "wb")
+            daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+                                       str(REPO / "workspace.yaml")], cwd=REPO, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            store = StateStore(resolve_state_url())
+            run = start_run(instance, store, "en-gb-scotland", jobs=jobs, candidate_every=12, timebox_s=300,
+                            hparams={"max_steps": steps_per_job, "batch_size": 4})
+            console.print(f"chain of {jobs} jobs ({steps_per_job} steps each) on the real daemon ...")
+            deadline = time.time() + 1200
+            while store.get_run(run.run_id).status != "completed" and time.time() < deadline:
+                time.sleep(2)
+            records = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job", tags={"mloc/run_id": run.run_id},
+                                                             statuses=[dg.DagsterRunStatus.SUCCESS]),
+                                               order_by="create_timestamp", ascending=True)
+            by_index = {int(r.dagster_run.tags["mloc/job_index"]): r for r in records}
+
+            def first_step_at(record) -> float:
+                events = instance.get_records_for_run(record.dagster_run.run_id,
+                                                      of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+                return events[0].event_log_entry.asset_materialization.metadata["first_step_at"].value
+
+            gaps, requests, launches = [], [], []
+            for i in range(jobs - 1):
+                prev, nxt = by_index[i], by_index[i + 1]
+                gaps.append(first_step_at(nxt) - prev.end_time)
+                requests.append(nxt.create_timestamp.timestamp() - prev.end_time)
+                launches.append(nxt.start_time - nxt.create_timestamp.timestamp())
+    finally:
+        if daemon is not None:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
+    return {"transitions": len(gaps), "chain_gap_s_median": statistics.median(gaps),
+            "chain_gap_s_max": max(gaps), "chain_gap_s_all": [round(g, 2) for g in gaps],
+            "next_run_created_after_success_s_median": statistics.median(requests),
+            "run_start_after_creation_s_median": statistics.median(launches)}
 
 
 if __name__ == "__main__":

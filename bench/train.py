@@ -71,7 +71,8 @@ class BenchConfig:
     dialect_utts: int = 360  # ~180 train rows
     pretrain_s: float = 180.0
     steps: int = 150  # throughput comparison
-    reps: int = 2
+    reps: int = 3
+    rehearsal: bool = True  # also train the adapter with base-dialect rehearsal
     timebox_s: float = 60.0
     project_to_s: float = 3600.0
     checkpoint_every_s: float = 300.0
@@ -167,12 +168,19 @@ def run_bench(cfg: BenchConfig, run_job: RunJob = train_adapter, label: str = "c
     n_ckpt = max(0, int(cfg.project_to_s // cfg.checkpoint_every_s) - 1)
     projected_train = cfg.project_to_s - fixed - n_ckpt * tb.last_save_seconds
 
-    # 3. learning
+    # 3. learning; plus the same job with en-us rehearsal rows mixed in (base-dialect regression)
+    rh = None
+    if cfg.rehearsal:
+        log(f"learning: one more {cfg.timebox_s:.0f} s job with {BASE_DIALECT} rehearsal ...")
+        rh = run_job(replace(spec, out_dir=jobs / "rehearsal", timebox_s=cfg.timebox_s,
+                             rehearsal_dataset_path=paths[BASE_DIALECT]))
     log("learning: base vs base + adapter on the test splits ...")
     learning = {}
     for name, dataset in ((BASE_DIALECT, paths[BASE_DIALECT]), (cfg.dialect, data)):
         learning[name] = {"base": test_cer(base, None, dataset, cache),
                           "adapter": test_cer(base, jobs / "timebox", dataset, cache)}
+        if rh is not None:
+            learning[name]["adapter_rehearsal"] = test_cer(base, jobs / "rehearsal", dataset, cache)
     base_metrics = json.loads((base / "training.json").read_text())
 
     return {
@@ -194,7 +202,8 @@ def run_bench(cfg: BenchConfig, run_job: RunJob = train_adapter, label: str = "c
                     "projected": {"timebox_s": cfg.project_to_s, "intermediate_checkpoints": n_ckpt,
                                   "fixed_seconds": fixed + n_ckpt * tb.last_save_seconds,
                                   "utilization": projected_train / cfg.project_to_s}},
-        "learning": {"adapter_train_seconds": tb.train_seconds, "adapter_steps": tb.steps, **learning},
+        "learning": {"adapter_train_seconds": tb.train_seconds, "adapter_steps": tb.steps,
+                     "rehearsal_fraction": cfg.hparams.rehearsal_fraction if rh else None, **learning},
     }
 
 
@@ -204,7 +213,7 @@ def print_report(res: dict, console: Console) -> None:
     t.add_column("value", justify="right")
     t.add_column("note")
     b, th, tb, ln = res["base_model"], res["throughput"], res["timebox"], res["learning"]
-    dialect = next(k for k in ln if k not in ("adapter_train_seconds", "adapter_steps", BASE_DIALECT))
+    dialect = next(k for k in ln if isinstance(ln[k], dict) and k != BASE_DIALECT)
     t.add_row("base model", f"{b['parameters'] / 1e6:.2f} M params",
               f"{b['train_seconds']:.0f} s pre-training on {BASE_DIALECT}, {b['steps']} steps")
     t.add_row("bare peft loop", f"{th['bare_samples_per_s']:.1f} samples/s", f"{th['steps']} steps x bs {th['batch_size']}")
@@ -221,6 +230,9 @@ def print_report(res: dict, console: Console) -> None:
     for name in (BASE_DIALECT, dialect):
         t.add_row(f"CER {name} test", f"{ln[name]['base']['cer']:.3f} → {ln[name]['adapter']['cer']:.3f}",
                   f"base → base + {dialect} adapter ({ln['adapter_train_seconds']:.0f} s, {ln['adapter_steps']} steps)")
+        if "adapter_rehearsal" in ln[name]:
+            t.add_row("", f"→ {ln[name]['adapter_rehearsal']['cer']:.3f}",
+                      f"adapter trained with {ln['rehearsal_fraction']:.0%} {BASE_DIALECT} rehearsal")
     console.print(t)
 
 
@@ -232,12 +244,13 @@ def main(argv: list[str] | None = None, run_job: RunJob = train_adapter, label: 
     ap.add_argument("--dialect", default="en-gb-scotland")
     ap.add_argument("--pretrain-s", type=float, default=180.0)
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-rehearsal", action="store_true", help="skip the adapter job with en-us rehearsal")
     ap.add_argument("--timebox-s", type=float, default=60.0)
     args = ap.parse_args(argv)
     console = Console()
     cfg = BenchConfig(work=args.work, dialect=args.dialect, pretrain_s=args.pretrain_s, steps=args.steps,
-                      reps=args.reps, timebox_s=args.timebox_s)
+                      reps=args.reps, timebox_s=args.timebox_s, rehearsal=not args.no_rehearsal)
     res = run_bench(cfg, run_job=run_job, label=label, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     print_report(res, console)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,13 @@ seed. Every checkpoint read is validated first (``core/checkpoints.py``).
 the final save still fit before ``timebox_s`` (counted from ``started_at``, default: function
 entry), using the slowest recent step time, the measured last save time and an evaluation estimate
 from the measured per-frame compute. It stops itself, leaving that margin, so the job returns
-before the timebox; Dagster's ``dagster/max_runtime`` is only the backstop.
+before the timebox; Dagster's ``dagster/max_runtime`` is only the backstop. A ``heartbeat``
+callback that returns False (pause, cancel, a lost GPU lease) stops the loop the same clean way.
+
+Determinism: the data order depends only on (seed, epoch); RNG states are restored; CPU jobs run
+with a fixed intra-op thread count (1 for small models, see ``auto_cpu_threads``) and CUDA jobs
+with ``torch.use_deterministic_algorithms``. Base-dialect *rehearsal* rows can be mixed into every
+epoch (``rehearsal_dataset_path``) to limit forgetting of the base dialect.
 """
 
 from __future__ import annotations
