@@ -8,7 +8,7 @@ import time
 import dagster as dg
 
 from mloc_dagster.assets.datasets import dataset_version
-from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models import base_model
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -27,12 +27,23 @@ class AdapterJobConfig(dg.Config):
     # LoRA and optimizer hyper-parameters (defaults: core.training.AdapterHParams)
     r: int = 16
     alpha: float = 32.0
-    dropout: float = 0.0
+    dropout: float = 0.1
     target_modules: list[str] = []  # empty: the base model's default LoRA targets
     lr: float = 3e-3
     batch_size: int = 16
     warmup_steps: int = 20
     seed: int = 0
+    # Share of each epoch drawn from the base dialect's dataset, against forgetting it (0: off).
+    rehearsal_fraction: float = 0.25
+
+
+def rehearsal_dataset(instance: dg.DagsterInstance, dialect: str) -> str | None:
+    """The base dialect's latest dataset version, mixed into adaptation so it is not forgotten."""
+    base = latest_metadata(instance, "base_model")
+    if base is None or base.get("base_dialect") in (None, dialect):
+        return None
+    dataset = latest_metadata(instance, "dataset_version", base["base_dialect"])
+    return dataset["path"] if dataset else None
 
 
 def node_id() -> str:
@@ -66,6 +77,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
         raise dg.Failure(f"job {config.job_index} of {run.run_id} needs job {config.job_index - 1}'s checkpoint")
 
     out = artifacts.paths.adapters / dialect / run.run_id / f"job-{config.job_index:04d}"
+    rehearsal = rehearsal_dataset(context.instance, dialect) if config.rehearsal_fraction > 0 else None
     store.record_job_started(run.run_id, config.job_index, dagster_run_id=context.run_id, node_id=node_id(),
                              worker_pid=os.getpid(), worker_host=socket.gethostname())
 
@@ -91,7 +103,8 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                 hparams=AdapterHParams(r=config.r, alpha=config.alpha, dropout=config.dropout,
                                        target_modules=config.target_modules or None, lr=config.lr,
                                        batch_size=config.batch_size, warmup_steps=config.warmup_steps,
-                                       seed=config.seed),
+                                       seed=config.seed, rehearsal_fraction=config.rehearsal_fraction),
+                rehearsal_dataset_path=rehearsal,
                 max_steps=config.max_steps or None, node_id=node_id(), device=lease.torch_device, run_id=run.run_id, job_index=config.job_index,
                 feature_cache_dir=artifacts.paths.home / "features", started_at=started_at,
                 progress=progress, heartbeat=heartbeat, log=context.log.info,

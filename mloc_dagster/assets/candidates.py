@@ -1,6 +1,7 @@
 """merged_candidate → gate_report (blocking checks) → production_adapter, per dialect."""
 
 
+import json
 import shutil
 
 import dagster as dg
@@ -61,8 +62,12 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
     )
 
 
+GATES_FILE = "gates.json"  # $MLOC_HOME/gates.json: {"<dialect>": {"max_cer": 0.2, ...}}
+
+
 class GateConfig(dg.Config):
-    # Per-dialect overrides of GateThresholds, e.g. {"en-gb-scotland": {"max_cer": 0.2}}.
+    # Per-dialect overrides of GateThresholds, e.g. {"en-gb-scotland": {"max_cer": 0.2}}; they win
+    # over $MLOC_HOME/gates.json, which wins over the defaults (CER 0.15, WER 0.20, ...).
     thresholds: dict[str, dict[str, float]] = {}
     bootstrap_samples: int = 2000
 
@@ -84,8 +89,13 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     base_dataset = require_metadata(context.instance, "dataset_version", base["base_dialect"])
     production = store.production(dialect, "stable")
     cache = artifacts.paths.home / "features"
-    overrides = {"bootstrap_samples": config.bootstrap_samples, **config.thresholds.get(dialect, {})}
-    thresholds = GateThresholds.from_mapping(overrides)
+    gates_file = artifacts.paths.home / GATES_FILE
+    from_file = json.loads(gates_file.read_text()).get(dialect, {}) if gates_file.is_file() else {}
+    try:
+        thresholds = GateThresholds.from_mapping(
+            {"bootstrap_samples": config.bootstrap_samples, **from_file, **config.thresholds.get(dialect, {})})
+    except ValueError as exc:
+        raise dg.Failure(f"invalid gate thresholds for {dialect} ({gates_file} or run config): {exc}") from exc
 
     with gpu.lease("EVAL", context) as lease:
         device = lease.torch_device

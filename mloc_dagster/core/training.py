@@ -194,6 +194,7 @@ class AdapterJobResult:
     base_model_hash: str
     trainable_parameters: int
     loss_history: list[float]  # this job's per-step losses (all attempts)
+    first_step_at: float | None = None  # wall-clock time (time.time()) of this attempt's first step
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -726,7 +727,8 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
                 checkpoints_written=checkpoints + 1, last_save_seconds=save_s,
                 feature_cache_hit=train.cache_hit and dev.cache_hit, dataset_version=dv.version,
                 base_model_hash=base_hash, trainable_parameters=sum(p.numel() for p in trainable),
-                loss_history=job_history)
+                loss_history=job_history,
+                first_step_at=time.time() - (now - t_first) if t_first is not None else None)
             return r.to_json()
 
         holder: dict = {}

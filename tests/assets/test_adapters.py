@@ -75,3 +75,15 @@ def test_unwritable_artifact_dir_fails_clearly_and_keeps_the_previous_checkpoint
     store = StateStore(resolve_state_url())
     assert store.get_job("tr-test000003", 1).status == "failed"
     assert store.get_run("tr-test000003").last_finished_job == 0
+
+
+def test_config_defaults_match_the_core():
+    from dataclasses import fields
+
+    from mloc_dagster.assets.adapters import AdapterJobConfig
+    from mloc_dagster.core.training import AdapterHParams
+
+    config = AdapterJobConfig(run_id="x")
+    for f in fields(AdapterHParams):
+        if f.name != "target_modules":
+            assert getattr(config, f.name, f.default) == f.default, f.name

@@ -98,3 +98,10 @@ def test_no_new_adapters_is_a_clear_failure(world):
     assert not again.success
     error = again.get_step_failure_events()[0].step_failure_data.error
     assert "no new adapter for en-gb-scotland since its last candidate" in error.message
+
+
+def test_thresholds_from_the_gates_file(world, mloc_home):
+    instance = world[0]
+    (mloc_home / "gates.json").write_text('{"en-gb-scotland": {"max_cer": 10.0, "max_wer": 10.0}}')
+    result = run_candidate_job(instance, {"bootstrap_samples": 200})
+    assert result.success and check_results(result)["cer_gate"] is True
