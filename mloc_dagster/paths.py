@@ -21,7 +21,7 @@ class MlocPaths:
     home: Path
 
     @classmethod
-    def from_env(cls) -> "MlocPaths":
+    def from_env(cls) -> MlocPaths:
         return cls(mloc_home())
 
     @property

@@ -105,7 +105,8 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                                        batch_size=config.batch_size, warmup_steps=config.warmup_steps,
                                        seed=config.seed, rehearsal_fraction=config.rehearsal_fraction),
                 rehearsal_dataset_path=rehearsal,
-                max_steps=config.max_steps or None, node_id=node_id(), device=lease.torch_device, run_id=run.run_id, job_index=config.job_index,
+                max_steps=config.max_steps or None, node_id=node_id(), device=lease.torch_device,
+                run_id=run.run_id, job_index=config.job_index,
                 feature_cache_dir=artifacts.paths.home / "features", started_at=started_at,
                 progress=progress, heartbeat=heartbeat, log=context.log.info,
             ))

@@ -3,7 +3,12 @@
 import dagster as dg
 
 from mloc_dagster.core.datasets import (
-    INGEST_VERSION, DatasetError, DatasetVersion, IngestSettings, build_version, find_batches,
+    INGEST_VERSION,
+    DatasetError,
+    DatasetVersion,
+    IngestSettings,
+    build_version,
+    find_batches,
 )
 from mloc_dagster.core.text import charset_for
 from mloc_dagster.partitions import dialect_partitions

@@ -130,7 +130,7 @@ class BatchSummary:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "BatchSummary":
+    def from_json(cls, d: dict) -> BatchSummary:
         return cls(**(d | {"rejected": [Rejection(**r) for r in d["rejected"]]}))
 
 

@@ -5,7 +5,6 @@ candidate recognizes exactly like the base model: the gate's mechanics (checks, 
 promotion branches, improvement over production) are tested without waiting for training.
 """
 
-import dagster as dg
 import pytest
 from peft import LoraConfig, get_peft_model
 

@@ -14,7 +14,11 @@ import pytest
 import soundfile as sf
 
 from mloc_dagster.core.datasets import (
-    DatasetError, DatasetVersion, IngestSettings, build_version, find_batches,
+    DatasetError,
+    DatasetVersion,
+    IngestSettings,
+    build_version,
+    find_batches,
 )
 from tests.conftest import copy_batch, write_manifest
 
@@ -142,7 +146,7 @@ def test_file_size_limit(tmp_path, espeak_batch):
     copy_batch(espeak_batch, tmp_path / "incoming", DIALECT, "b0001")
     with pytest.raises(DatasetError, match="file_too_large"):
         build(tmp_path, IngestSettings(max_file_bytes=1000))
-    sizes = sorted((p.stat().st_size for p in (espeak_batch / "audio").iterdir()))
+    sizes = sorted(p.stat().st_size for p in (espeak_batch / "audio").iterdir())
     limit = sizes[len(sizes) // 2]
     result = build(tmp_path, IngestSettings(max_file_bytes=limit))
     too_large = [r for r in result.rejected if r.reason == "file_too_large"]
