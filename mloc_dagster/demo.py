@@ -129,17 +129,23 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
                 r = store.get_run(run.run_id)
                 if r.status == "failed":
                     raise RuntimeError(f"training run failed: {r.status_reason}")
+                cand = store.latest_candidate(TARGET_DIALECT)
+                if cand is not None and cand.gate_decision is not None and \
+                        any(src.run_id == run.run_id for src in cand.sources):
+                    return cand  # decided, passed or failed
                 failed = instance.get_run_records(dg.RunsFilter(
                     job_name="candidate_job", tags={"mloc/run_id": run.run_id},
                     statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
-                if failed and store.latest_candidate(TARGET_DIALECT) is None:
+                if failed:  # failed before the gate could decide
                     raise RuntimeError(f"candidate_job run {failed[0].dagster_run.run_id} failed; see the UI")
-                cand = store.latest_candidate(TARGET_DIALECT)
-                return cand if cand is not None and cand.gate_decision is not None else None
+                return None
             candidate = _wait("the chain, the candidate and its gate", gate_done, 900, render)
             console.print(render())
-            _wait("promotion", lambda: store.production(TARGET_DIALECT, "stable")
-                  or store.production(TARGET_DIALECT, "experimental") or candidate.gate_decision != "passed", 120)
+            def promoted_or_refused():
+                current = [store.production(TARGET_DIALECT, b) for b in ("stable", "experimental")]
+                return candidate.gate_decision != "passed" or any(
+                    p is not None and p.candidate_id == candidate.candidate_id for p in current)
+            _wait("promotion", promoted_or_refused, 120)
             gate = latest_metadata(instance, "gate_report", TARGET_DIALECT)
             promoted = latest_metadata(instance, "production_adapter", TARGET_DIALECT)
             # Let the daemon's run workers finish writing before the daemon is stopped.
@@ -161,7 +167,9 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
     summary.add_row(f"{TARGET_DIALECT} CER, candidate", f"{gate['cer_candidate']:.3f} (WER {gate['wer_candidate']:.3f})")
     summary.add_row(f"{BASE_DIALECT} regression", f"{gate['base_dialect_regression_rel']:+.1%} relative")
     summary.add_row("gate", gate["decision"])
-    summary.add_row("production_adapter", f"{promoted['branch']} {promoted['candidate_id']}" if promoted else "not promoted")
+    promoted_now = promoted is not None and promoted["candidate_id"] == candidate.candidate_id
+    summary.add_row("production_adapter",
+                    f"{promoted['branch']} {promoted['candidate_id']}" if promoted_now else "not promoted")
     summary.add_row("wall time", f"{time.time() - t_start:.0f} s")
     console.print(summary)
     console.print("Open the UI: [bold]make ui[/] (dagster dev on this DAGSTER_HOME, http://127.0.0.1:3000)")
