@@ -2,42 +2,20 @@
 a 2-job run with a tiny budget; each job runs exactly once, in order; the candidate and its gate
 follow. Slow by nature (every Dagster run is a fresh Python process): ~1-2 minutes."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import dagster as dg
 import pytest
 
 from mloc_dagster.core.state import StateStore, resolve_state_url
 from mloc_dagster.training_runs import start_run
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.daemon import Daemon, wait_for
 
 
 @pytest.fixture()
 def daemon(registered_base, mloc_home):
-    log = open(mloc_home / "daemon.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-                             str(REPO / "workspace.yaml")], cwd=REPO, env=os.environ.copy(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-    log.close()
-
-
-def wait_for(predicate, timeout_s, what, log: Path):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(2)
-    raise AssertionError(f"timed out waiting for {what}; daemon log tail:\n{log.read_text()[-4000:]}")
+    d = Daemon(mloc_home)
+    d.start()
+    yield d
+    d.stop()
 
 
 @pytest.mark.slow
@@ -46,12 +24,11 @@ def test_two_job_chain_with_the_real_daemon(registered_base, daemon, mloc_home):
     store = StateStore(resolve_state_url())
     run = start_run(instance, store, "en-gb-scotland", jobs=2, candidate_every=2, timebox_s=30,
                     hparams={"max_steps": 3, "batch_size": 4})
-    log = mloc_home / "daemon.log"
 
     def candidate_finished():
         records = instance.get_run_records(dg.RunsFilter(job_name="candidate_job", tags={"mloc/run_id": run.run_id}))
         return records if records and records[0].dagster_run.is_finished else None
-    wait_for(candidate_finished, 420, "the chain and its candidate", log)
+    wait_for(candidate_finished, 420, "the chain and its candidate", daemon)
 
     train_runs = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job", tags={"mloc/run_id": run.run_id}),
                                           order_by="create_timestamp", ascending=True)
