@@ -43,8 +43,11 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
     failures_after = cursor.get("failures_after")
     requested: dict[str, list[int]] = cursor.get("requested", {})  # run_id -> [train, candidate]
     store = state.store()
+    live = store.list_runs(status=(ACTIVE, PAUSED), limit=None)
+    live_ids = {r.run_id for r in live}
 
-    # 1. A job whose retries are exhausted fails its training run, with the reason.
+    # 1. A job whose retries are exhausted fails its training run, with the reason. Failures of
+    #    runs that are no longer live cost one skipped record, never a log read or a write.
     records = context.instance.get_run_records(
         filters=dg.RunsFilter(job_name=TRAIN_JOB, statuses=[dg.DagsterRunStatus.FAILURE],
                               updated_after=datetime.fromisoformat(failures_after) if failures_after else None),
@@ -53,7 +56,7 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
         run = record.dagster_run
         failures_after = record.update_timestamp.isoformat()
         run_id, job_index = run.tags.get("mloc/run_id"), run.tags.get("mloc/job_index")
-        if run_id is None or job_index is None or not retries_exhausted(context.instance, run):
+        if run_id not in live_ids or job_index is None or not retries_exhausted(context.instance, run):
             continue
         reason = f"job {job_index} failed after {int(run.tags.get('dagster/retry_number', '0')) + 1} attempt(s): " \
                  f"{failure_reason(context.instance, run.run_id)}"
@@ -63,8 +66,7 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
 
     # 2. What each active run needs next.
     run_requests = []
-    live = store.list_runs(status=(ACTIVE, PAUSED), limit=None)
-    for run in live:
+    for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
         train_req, cand_req = requested.get(run.run_id, [-1, -1])
         for due in next_due(run, train_req, cand_req):
             if due.kind == "train":
@@ -80,7 +82,6 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
                 context.log.info(f"training run {run.run_id} completed")
         requested[run.run_id] = [train_req, cand_req]
 
-    live_ids = {r.run_id for r in live}
     cursor = {"failures_after": failures_after,
               "requested": {k: v for k, v in requested.items() if k in live_ids}}
     return dg.SensorResult(run_requests=run_requests, cursor=json.dumps(cursor, sort_keys=True))
