@@ -5,7 +5,6 @@ resource and calls the training loop, as `adapter_checkpoint` does.
     .venv/bin/python bench/train_dagster.py [bench/train.py options]
 """
 
-from __future__ import annotations
 
 import sys
 import tempfile
