@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -24,10 +23,13 @@ import uuid
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from report import report  # noqa: E402
+
 console = Console()
 
 
@@ -93,15 +95,7 @@ def main() -> None:
     if not args.ticks_only:
         results.update(chain_gap())
 
-    table = Table(title="training chain")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in results.items():
-        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
-    console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {args.out}")
+    report("training chain", results, args.out, console)
 
 
 def chain_gap(jobs: int = 6, steps_per_job: int = 10) -> dict:

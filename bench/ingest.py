@@ -19,10 +19,12 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from report import report  # noqa: E402
 
 from mloc_dagster.core.corpus import synth_dialect  # noqa: E402
 
@@ -93,15 +95,7 @@ def main() -> None:
         "incremental_vs_full_cpu_ratio": plus1["cpu_s"] / full["cpu_s"],
         "incremental_batches_built": plus1["built"], "incremental_batches_reused": plus1["reused"],
     }
-    table = Table(title="dataset_version ingest")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in results.items():
-        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
-    console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {args.out}")
+    report("dataset_version ingest", results, args.out, console)
 
 
 if __name__ == "__main__":
