@@ -8,7 +8,7 @@ import dagster as dg
 
 from mloc_dagster.assets.adapters import adapter_checkpoint
 from mloc_dagster.assets.lineage import require_metadata
-from mloc_dagster.core.candidates import merge_candidate, recognize
+from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -98,13 +98,12 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
         raise dg.Failure(f"invalid gate thresholds for {dialect} ({gates_file} or run config): {exc}") from exc
 
     with gpu.lease("EVAL", context) as lease:
-        device = lease.torch_device
-        cand = recognize(base["path"], candidate.adapter_path, dataset["path"], "test", cache, device)
-        prod = recognize(base["path"], production.adapter_path, dataset["path"], "test", cache, device) \
-            if production else None
-        base_cand = recognize(base["path"], candidate.adapter_path, base_dataset["path"], "test", cache, device)
-        base_ref = recognize(base["path"], None, base_dataset["path"], "test", cache, device)
-        dialect_base = recognize(base["path"], None, dataset["path"], "test", cache, device)
+        recognize = Recognizer(base["path"], cache, lease.torch_device)
+        cand = recognize(candidate.adapter_path, dataset["path"])
+        prod = recognize(production.adapter_path, dataset["path"]) if production else None
+        base_cand = recognize(candidate.adapter_path, base_dataset["path"])
+        base_ref = recognize(None, base_dataset["path"])
+        dialect_base = recognize(None, dataset["path"])
     report = evaluate_gates(cand, prod, base_candidate=base_cand, base_reference=base_ref, thresholds=thresholds)
 
     path = artifacts.paths.reports / dialect / f"{candidate.candidate_id}.json"

@@ -5,6 +5,7 @@ Glue between merge, model, features and gates; still no Dagster.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -69,19 +70,31 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
     return result, save_adapter(result, out_dir, overwrite=True)
 
 
-def recognize(base_model_dir: str | Path, adapter_dir: str | Path | None, version_path: str | Path,
-              split: str = "test", feature_cache: str | Path | None = None,
-              device: str = "cpu") -> list[UttResult]:
-    """Recognize one split with the base model, plus an adapter when given (merged in for speed)."""
-    from peft import PeftModel
+class Recognizer:
+    """Recognizes test splits with one base model, alone or with an adapter merged into a copy.
 
-    from mloc_dagster.core.evaluate import transcribe
+    The base model is loaded once and each split's features once, however many (adapter, split)
+    pairs a gate evaluates."""
 
-    bm = load_base_model(base_model_dir, device)
-    model = bm.model
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    features = load_features(version_path, split, bm.feature_extractor, cache_dir=feature_cache)
-    with torch.no_grad():
-        records = transcribe(model.to(device), bm.tokenizer, features, device=device)
-    return [UttResult(r["utt_id"], r["speaker"], r["ref"], r["hyp"]) for r in records]
+    def __init__(self, base_model_dir: str | Path, feature_cache: str | Path | None = None, device: str = "cpu"):
+        self.base = load_base_model(base_model_dir, device)
+        self.feature_cache = feature_cache
+        self.device = device
+        self._features: dict[tuple[str, str], object] = {}
+
+    def __call__(self, adapter_dir: str | Path | None, version_path: str | Path,
+                 split: str = "test") -> list[UttResult]:
+        from peft import PeftModel
+
+        from mloc_dagster.core.evaluate import transcribe
+
+        model = self.base.model
+        if adapter_dir is not None:  # peft injects layers in place: merge into a copy, keep the base clean
+            model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).merge_and_unload()
+        key = (str(version_path), split)
+        if key not in self._features:
+            self._features[key] = load_features(version_path, split, self.base.feature_extractor,
+                                                cache_dir=self.feature_cache)
+        with torch.no_grad():
+            records = transcribe(model.to(self.device), self.base.tokenizer, self._features[key], device=self.device)
+        return [UttResult(r["utt_id"], r["speaker"], r["ref"], r["hyp"]) for r in records]
