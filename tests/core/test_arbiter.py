@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mloc_dagster.core import arbiter as arbiter_module
 from mloc_dagster.core.arbiter import (
     DEFAULT_POLICIES,
     Arbiter,
@@ -38,6 +37,8 @@ from mloc_dagster.core.arbiter import (
     read_snapshot,
     resolve_policies,
 )
+from mloc_dagster.core.arbiter import devices as devices_module
+from mloc_dagster.core.arbiter import wakeup as wakeup_module
 
 SPAWN = mp.get_context("spawn")
 
@@ -52,6 +53,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str
 
 def queue_length(arb: Arbiter) -> int:
     return len(arb.snapshot()["queue"])
+
+
+@pytest.fixture(autouse=True)
+def _metrics_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The arbiter's Prometheus files default to $MLOC_HOME/metrics: keep them out of the checkout.
+    monkeypatch.setenv("MLOC_HOME", str(tmp_path / "home"))
 
 
 def sim(tmp_path: Path, devices: int = 1, **kwargs) -> Arbiter:
@@ -214,7 +221,7 @@ def test_no_nvml_means_cpu_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture
     """Real NVML: this machine has no NVML library, so discovery must fail and CPU mode take over."""
     if PynvmlBackend.load()[0] is not None:
         pytest.skip("this machine has a working NVML")
-    monkeypatch.setattr(arbiter_module, "_cpu_mode_announced", False)
+    monkeypatch.setattr(devices_module, "_cpu_mode_announced", False)
     with caplog.at_level(logging.WARNING, logger="mloc_dagster.arbiter"):
         arb = Arbiter(tmp_path / "gpu")
         Arbiter(tmp_path / "gpu")  # a second arbiter in the same process does not repeat it
@@ -451,28 +458,31 @@ def _three_leases(state_dir: str) -> None:
     arb.close()
 
 
-def test_counters_and_textfile_are_node_wide(tmp_path: Path) -> None:
+def test_counters_and_textfile_are_node_wide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "gpu"
-    proc = SPAWN.Process(target=_three_leases, args=(str(state),))
-    proc.start()
-    proc.join(timeout=60)
-    assert proc.exitcode == 0
+    # Every process on the node adds to one metrics directory (prometheus_client's multiprocess mode).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    for _ in range(2):  # two step processes, one after the other
+        proc = SPAWN.Process(target=_three_leases, args=(str(state),))
+        proc.start()
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
 
     snap = read_snapshot(state, use_nvml=False)
-    assert snap["counters"]["acquired"] == {"EVAL": 3}
-    assert snap["histograms"]["hold_ms"]["EVAL"]["count"] == 3
+    assert snap["counters"]["acquired"] == {"EVAL": 6}
+    assert snap["histograms"]["hold_ms"]["EVAL"]["count"] == 6
     assert snap["mode"] == "simulated"
     json.dumps(snap)  # JSON-able
 
-    prom = (state / "arbiter.prom").read_text()  # written by the child on close
-    assert 'mloc_gpu_arbiter_acquired_total{task_type="EVAL"} 3.0' in prom
-    assert 'mloc_gpu_arbiter_wait_ms_count{outcome="ACQUIRED",task_type="EVAL"} 3.0' in prom
-    assert 'mloc_gpu_arbiter_queue_length{task_type="all"} 0.0' in prom
-
-    # Another process adds to the same totals instead of starting from zero.
-    with sim(tmp_path).acquire("EVAL"):
-        pass
-    assert 'mloc_gpu_arbiter_acquired_total{task_type="EVAL"} 4.0' in metrics_text(state)
+    # The second process's totals include the first's: written by it on close.
+    prom = (state / "arbiter.prom").read_text()
+    assert 'gpu_arbiter_acquire_total{status="ACQUIRED",task_type="EVAL"} 6.0' in prom
+    assert 'gpu_arbiter_queue_wait_ms_count{status="ACQUIRED",task_type="EVAL"} 6.0' in prom
+    assert 'gpu_arbiter_hold_ms_bucket{le="+Inf",task_type="EVAL"} 6.0' in prom
+    assert 'gpu_arbiter_released_total{task_type="EVAL"} 6.0' in prom
+    assert 'gpu_arbiter_queue_length{task_type="EVAL"} 0.0' in prom
+    assert 'gpu_arbiter_device_leased{device="0",uuid="SIM-0"} 0.0' in prom
+    assert metrics_text(state) == prom  # any process reads the same node totals
 
 
 def test_interrupted_waiter_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -482,7 +492,7 @@ def test_interrupted_waiter_leaves_nothing_behind(tmp_path: Path, monkeypatch: p
     def interrupted(self: object, timeout_s: float) -> bool:
         raise KeyboardInterrupt  # what a terminated Dagster run raises into its step
 
-    monkeypatch.setattr(arbiter_module._Waker, "wait", interrupted)
+    monkeypatch.setattr(wakeup_module.Waker, "wait", interrupted)
     with pytest.raises(KeyboardInterrupt):
         arb.acquire("TRAIN", "interrupted", max_wait_s=60)
     assert arb.snapshot()["queue"] == []

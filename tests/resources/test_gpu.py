@@ -231,4 +231,5 @@ def test_mloc_gpu_status_shows_the_lease(tmp_path: Path, monkeypatch: pytest.Mon
     assert [d["uuid"] for d in snap["devices"]] == ["SIM-0", "SIM-1"]
     assert snap["totals"]["acquired"] == 1
     metrics = runner.invoke(gpu_app, ["metrics"]).output
-    assert 'mloc_gpu_arbiter_acquired_total{task_type="TRAIN"} 1.0' in metrics
+    assert 'gpu_arbiter_acquire_total{status="ACQUIRED",task_type="TRAIN"}' in metrics
+    assert 'gpu_arbiter_device_leased{device="0",uuid="SIM-0"} 0.0' in metrics
