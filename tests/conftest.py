@@ -32,7 +32,7 @@ def espeak_batch(tmp_path_factory) -> Path:
     from mloc_dagster.core.corpus import synth_dialect
 
     root = tmp_path_factory.mktemp("espeak")
-    return synth_dialect("en-gb-scotland", 36, root / "incoming", seed=3, batch_id="b0001")
+    return synth_dialect("en-gb-scotland", 36, root / "incoming", seed=3, speakers=12, batch_id="b0001")
 
 
 def copy_batch(src: Path, incoming: Path, dialect: str, batch_id: str) -> Path:

@@ -1,9 +1,18 @@
 """The demo corpus: real dialect voices from espeak-ng, written like a contributor upload.
 
-Sentences are 3–10 words drawn from a vocabulary of a few hundred common words, so a small CTC
-model can learn the task in CPU-minutes. Speakers are (voice variant, pitch, speed) combinations.
-A held-out sentence pool is spoken only by speakers that the dataset's speaker-disjoint split puts
-in dev/test, so evaluation sentences never appear in training.
+A corpus that can teach: many distinct speakers and sentences per dialect, so that more training
+keeps helping on *unseen* speakers and sentences instead of memorising a few.
+
+- **Speakers** are (voice variant, pitch, speed, word gap) combinations of one dialect voice:
+  37 human-sounding espeak variants × 5 pitches × 4 speeds × 2 word gaps (1,480 per dialect), drawn
+  deterministically per (seed, dialect). The default of 40 speakers per dialect gives ≥ 5 dev and
+  ≥ 5 test speakers under the default split policy (``core/splits.py``).
+- **Sentences** are 3–10 words from a vocabulary of a few hundred common words: half random word
+  strings (no language model can guess them), half drawn from ~20 grammatical templates (closer to
+  speech). A held-out pool is spoken only by the speakers that the dataset's speaker-disjoint split
+  puts in dev/test, so evaluation sentences never appear in training.
+
+espeak-ng takes ~10 ms per utterance; synthesis runs ``workers`` processes at once.
 """
 
 from __future__ import annotations
@@ -48,9 +57,59 @@ DIALECT_VOICES = {
     "en-029": "en-029",
     "en-us-nyc": "en-us-nyc",
 }
-VARIANTS = ("m1", "m3", "f1", "f3", "m7", "f4")
-PITCHES = (35, 50, 65)
-SPEEDS = (150, 175)
+# espeak-ng variants that sound like people (robots, whispers and croaks left out).
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+            "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "antonio", "belinda", "benjamin",
+            "caleb", "david", "ed", "edward", "john", "linda", "max", "Michael", "paul", "quincy",
+            "rob", "robert", "steph", "travis", "victor")
+PITCHES = (30, 40, 50, 60, 70)
+SPEEDS = (140, 160, 180, 200)  # words per minute
+WORD_GAPS = (0, 2)  # extra pause between words, in units of 10 ms
+DEFAULT_SPEAKERS = 40
+
+# Grammatical templates over the same vocabulary: {category} slots are filled from CATEGORIES.
+CATEGORIES = {
+    "det": "the a this that my your his her our their every each some".split(),
+    "adj": ("old new young good bad happy sad quiet loud fast slow early late small big little large long "
+            "short high low cold warm hot dry wet green blue red white black brown yellow grey bright dark "
+            "light heavy").split(),
+    "noun": ("man woman child friend mother father brother sister house room door window table chair bed "
+             "kitchen garden street road town city country river sea lake hill mountain tree forest field "
+             "flower stone fire sun moon star sky dog cat horse cow sheep bird fish boat ship train car bus "
+             "bike bread milk tea coffee apple cake soup dinner lunch breakfast book letter paper story song "
+             "picture game school teacher class lesson question answer idea word name place thing").split(),
+    "pron": "i you he she we they".split(),
+    "verb_past": "saw took made gave found knew told asked built bought said ran went came".split(),
+    "verb": "see take make give find help tell ask call keep hold bring build open close start stop".split(),
+    "modal": "can could will would should may might must".split(),
+    "prep": "on in at to from with near under over into across around along".split(),
+    "time": ["today", "tomorrow", "again", "now", "soon", "often", "sometimes", "always", "once",
+             "in the morning", "in the evening", "at night", "after dinner", "before breakfast"],
+    "adv": "very really also still just only almost".split(),
+    "num": "two three four five six seven eight nine ten".split(),
+}
+TEMPLATES = (
+    "{det} {adj} {noun} {verb_past} {det} {noun}",
+    "{pron} {verb_past} {det} {adj} {noun} {prep} the {noun}",
+    "{pron} {modal} {verb} the {noun} {time}",
+    "{det} {noun} is {adv} {adj}",
+    "{det} {noun} was {adj} and {adj}",
+    "{pron} {verb_past} {num} {noun} {prep} the {noun}",
+    "where is the {adj} {noun}",
+    "{modal} {pron} {verb} {det} {noun}",
+    "the {noun} {prep} the {noun} is {adj}",
+    "{pron} {adv} {verb_past} the {noun} {time}",
+    "{det} {noun} and {det} {noun} {verb_past} home",
+    "{pron} {modal} never {verb} the {adj} {noun}",
+    "why did {pron} {verb} the {noun}",
+    "{pron} went to the {noun} {prep} the {adj} {noun}",
+    "there are {num} {adj} {noun} {prep} the {noun}",
+    "{det} {adj} {noun} {modal} {verb} the {noun}",
+    "{pron} {verb_past} that the {noun} was {adj}",
+    "how {adj} is {det} {noun}",
+    "{pron} {modal} {verb} {det} {noun} {prep} the {noun} {time}",
+    "{det} {noun} {verb_past} {prep} the {adj} {noun} {time}",
+)
 
 
 @dataclass(frozen=True)
@@ -60,9 +119,11 @@ class Speaker:
     variant: str
     pitch: int
     speed: int
+    word_gap: int = 0
 
     def espeak_args(self) -> list[str]:
-        return ["-v", f"{self.voice}+{self.variant}", "-p", str(self.pitch), "-s", str(self.speed)]
+        return ["-v", f"{self.voice}+{self.variant}", "-p", str(self.pitch), "-s", str(self.speed),
+                "-g", str(self.word_gap)]
 
 
 def espeak_binary() -> str:
@@ -72,30 +133,54 @@ def espeak_binary() -> str:
     return path
 
 
+def _template_sentence(rng: random.Random) -> str:
+    template = rng.choice(TEMPLATES)
+    words = template.format_map(_Fill(rng)).split()
+    return " ".join(words)
+
+
+class _Fill(dict):
+    def __init__(self, rng: random.Random):
+        super().__init__()
+        self.rng = rng
+
+    def __missing__(self, key: str) -> str:
+        return self.rng.choice(CATEGORIES[key])
+
+
 def make_sentences(n: int, seed: int) -> list[str]:
+    """``n`` distinct sentences of 3–10 words: alternately random word strings and templates."""
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[str] = []
     while len(out) < n:
-        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+        if len(out) % 2:
+            sentence = _template_sentence(rng)
+            if not 3 <= len(sentence.split()) <= 10:
+                continue
+        else:
+            sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
         if sentence not in seen:
             seen.add(sentence)
             out.append(sentence)
     return out
 
 
-def sentence_pools(seed: int, train_size: int = 6000, heldout_size: int = 800) -> tuple[list[str], list[str]]:
+def sentence_pools(seed: int, train_size: int = 20000, heldout_size: int = 3000) -> tuple[list[str], list[str]]:
     """Disjoint train and held-out pools; the same for every dialect for a given seed."""
     sentences = make_sentences(train_size + heldout_size, seed)
     return sentences[heldout_size:], sentences[:heldout_size]
 
 
 def make_speakers(dialect: str, n: int, seed: int) -> list[Speaker]:
+    """``n`` distinct speakers of a dialect, deterministic for (dialect, seed)."""
     voice = DIALECT_VOICES.get(dialect, dialect)
-    combos = [(v, p, s) for v in VARIANTS for p in PITCHES for s in SPEEDS]
+    combos = [(v, p, s, g) for v in VARIANTS for p in PITCHES for s in SPEEDS for g in WORD_GAPS]
+    if n > len(combos):
+        raise ValueError(f"at most {len(combos)} distinct speakers per dialect, asked for {n}")
     random.Random(f"{seed}:{dialect}").shuffle(combos)
     prefix = dialect.replace("en-gb-x-", "").replace("en-gb-", "").replace("en-", "")
-    return [Speaker(f"{prefix}-{v}-p{p}-s{s}", voice, v, p, s) for v, p, s in combos[:n]]
+    return [Speaker(f"{prefix}-{v.lower()}-p{p}-s{s}-g{g}", voice, v, p, s, g) for v, p, s, g in combos[:n]]
 
 
 def synthesize(text: str, speaker: Speaker, out_wav: Path) -> None:
@@ -103,7 +188,7 @@ def synthesize(text: str, speaker: Speaker, out_wav: Path) -> None:
                    check=True, capture_output=True)
 
 
-def synth_dialect(dialect: str, utterances: int, out_dir: Path, seed: int = 0, speakers: int = 12,
+def synth_dialect(dialect: str, utterances: int, out_dir: Path, seed: int = 0, speakers: int = DEFAULT_SPEAKERS,
                   batch_id: str | None = None, contributor: str = "espeak-demo", workers: int = 4) -> Path:
     """Write one incoming batch ``out_dir/<dialect>/<batch_id>/`` with wavs and manifest.jsonl.
 
@@ -116,7 +201,9 @@ def synth_dialect(dialect: str, utterances: int, out_dir: Path, seed: int = 0, s
     (batch_dir / "audio").mkdir(parents=True, exist_ok=True)
     train_pool, heldout_pool = sentence_pools(seed)
     voices = make_speakers(dialect, speakers, seed)
-    eval_speakers = {s for s, split in assign_splits(dialect, [v.id for v in voices]).items() if split != "train"}
+    # The split the dataset will make (same policy, same per-speaker row counts).
+    counts = {v.id: len(range(i, utterances, len(voices))) for i, v in enumerate(voices)}
+    eval_speakers = {s for s, split in assign_splits(dialect, counts).items() if split != "train"}
 
     rng = random.Random(f"{seed}:{dialect}:utts")
     # Draw without replacement (cycling when a pool runs out) so no utterance is a duplicate.

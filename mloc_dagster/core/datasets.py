@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mloc_dagster.core.audio import AudioError, decode_to_16k_mono, from_pcm16, probe_duration, to_pcm16
-from mloc_dagster.core.splits import SPLITS, assign_splits
+from mloc_dagster.core.splits import SPLITS, SplitPolicy, assign_splits, split_report
 from mloc_dagster.core.text import ENGLISH_CHARSET, characters_outside, normalize_transcript
 
 INGEST_VERSION = "1"  # bump when validation changes meaning: it invalidates every batch cache
@@ -323,8 +323,14 @@ class VersionResult:
 
 def build_version(dialect: str, batches: list[BatchRef], dialect_root: Path,
                   settings: IngestSettings = IngestSettings(),
-                  log: Callable[[str], None] = lambda _msg: None) -> VersionResult:
-    """Build (or find) the version for these batches. Raises ``DatasetError`` when no row is usable."""
+                  log: Callable[[str], None] = lambda _msg: None,
+                  split_policy: SplitPolicy | None = None) -> VersionResult:
+    """Build (or find) the version for these batches. Raises ``DatasetError`` when no row is usable.
+
+    Splits follow ``split_policy`` (``core/splits.py``: speaker-disjoint, ≥ 5 test and dev speakers
+    when the dialect has enough); the manifest's ``split`` entry records the policy, the speakers
+    per split and ``sufficient_test_speakers``, and a shortfall is also returned as a warning."""
+    split_policy = split_policy or SplitPolicy()
     summaries: list[tuple[str, BatchSummary]] = []
     reused = built = 0
     warnings: list[str] = []
@@ -359,7 +365,12 @@ def build_version(dialect: str, batches: list[BatchRef], dialect_root: Path,
         raise DatasetError(f"no valid rows for dialect {dialect!r} in {len(batches)} batch(es); "
                            f"{len(rejected)} rejected, e.g. {detail}")
 
-    splits = assign_splits(dialect, speaker_stats)
+    splits = assign_splits(dialect, speaker_stats, split_policy)
+    split_info = split_report(splits, split_policy)
+    if not split_info["sufficient_test_speakers"]:
+        warnings.append(f"{dialect}: {split_info['test_speakers']} test speaker(s) of "
+                        f"{len(splits)}, fewer than the {split_policy.min_test_speakers} the gate needs "
+                        "(it will fail with 'insufficient evidence'); add speakers")
     per_split = {s: {"rows": 0, "seconds": 0.0, "speakers": 0} for s in SPLITS}
     for spk, (n, sec) in speaker_stats.items():
         per_split[splits[spk]]["rows"] += n
@@ -375,6 +386,7 @@ def build_version(dialect: str, batches: list[BatchRef], dialect_root: Path,
         "rows": rows,
         "seconds": round(sum(s.seconds for _, s in summaries), 3),
         "per_split": per_split,
+        "split": split_info,
         "quarantined": len(rejected),
     }
     # Exclusions shrink per-split counts; recount them exactly from the shards' cheap columns.
@@ -473,6 +485,16 @@ class DatasetVersion:
     @property
     def splits(self) -> dict[str, str]:
         return self.manifest["splits"]
+
+    @property
+    def test_speakers(self) -> int:
+        """Speakers with rows in the test split (what the gate's speaker bootstrap resamples)."""
+        return int(self.manifest["per_split"]["test"]["speakers"])
+
+    @property
+    def min_test_speakers(self) -> int:
+        """The split policy's minimum (versions built before the policy existed: the default)."""
+        return int(self.manifest.get("split", {}).get("min_test_speakers", SplitPolicy().min_test_speakers))
 
     def num_rows(self, split: str | None = None) -> int:
         return self.manifest["rows"] if split is None else self.manifest["per_split"][split]["rows"]

@@ -32,3 +32,30 @@ def test_heldout_sentences_only_in_dev_and_test(tmp_path):
     train_texts = {u.text for u in version.iter_utterances("train")}
     eval_texts = {u.text for s in ("dev", "test") for u in version.iter_utterances(s)}
     assert train_texts <= set(train) and eval_texts <= set(heldout) and eval_texts
+
+
+def test_many_distinct_speakers_and_sentences():
+    from mloc_dagster.core.corpus import DEFAULT_SPEAKERS, TEMPLATES, make_sentences, make_speakers
+
+    speakers = make_speakers("en-gb-scotland", 400, seed=0)
+    assert len({s.id for s in speakers}) == 400
+    assert len({(s.variant, s.pitch, s.speed, s.word_gap) for s in speakers}) == 400
+    assert make_speakers("en-gb-scotland", DEFAULT_SPEAKERS, 0) == speakers[:DEFAULT_SPEAKERS]
+    assert len({s.variant for s in speakers[:DEFAULT_SPEAKERS]}) >= 15  # many voices, not one voice at many pitches
+    sentences = make_sentences(2000, seed=0)
+    assert len(set(sentences)) == 2000 and len(TEMPLATES) >= 20
+    assert all(set(s.split()) <= set(WORDS) and 3 <= len(s.split()) <= 10 for s in sentences)
+
+
+def test_demo_sized_corpus_gives_five_dev_and_test_speakers_with_150_utterances(tmp_path):
+    from collections import Counter
+
+    from mloc_dagster.core.corpus import make_speakers
+    from mloc_dagster.core.splits import assign_splits
+
+    # the split the dataset builder will make for 1,200 utterances of the default 40 speakers
+    voices = make_speakers("en-gb-scotland", 40, 0)
+    splits = assign_splits("en-gb-scotland", {v.id: [30, 0.0] for v in voices})
+    speakers = Counter(splits.values())
+    assert speakers["dev"] >= 5 and speakers["test"] >= 5
+    assert speakers["dev"] * 30 >= 150 and speakers["test"] * 30 >= 150

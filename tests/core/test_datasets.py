@@ -198,3 +198,48 @@ def test_version_depends_on_content_not_file_times(tmp_path, espeak_batch):
     data, sr = sf.read(batch / "audio" / "000000.wav")
     sf.write(batch / "audio" / "000000.wav", data * 0.9, sr)  # changed content: a new version
     assert build(tmp_path / "b").version != first.version
+
+
+# --------------------------------------------------------------------------- split policy
+
+
+def test_splits_guarantee_minimum_evaluation_speakers_and_rows():
+    from collections import Counter
+
+    from mloc_dagster.core.splits import SplitPolicy, assign_splits, split_report
+
+    # the demo corpus shape: 40 speakers × 30 utterances
+    splits = assign_splits("en-gb-scotland", {f"spk{i:02d}": [30, 60.0] for i in range(40)})
+    per = Counter(splits.values())
+    assert per["test"] >= 5 and per["dev"] >= 5 and per["train"] >= 20
+    assert per["test"] * 30 >= 150 and per["dev"] * 30 >= 150
+    # stable: the same speakers give the same splits, whatever their order
+    assert assign_splits("en-gb-scotland", {f"spk{i:02d}": [30, 60.0] for i in reversed(range(40))}) == splits
+    for dialect in ("a", "b", "c", "d", "e", "f"):
+        for n in range(3, 30):
+            per = Counter(assign_splits(dialect, [f"s{i}" for i in range(n)]).values())
+            assert per["train"] >= 1 and per["dev"] >= 1 and per["test"] >= 1
+            if n >= 12:  # 5 test speakers as soon as half the speakers allow it
+                assert per["test"] >= 5
+    # configurable minimum, recorded with the verdict the gate needs
+    few = assign_splits("x", [f"s{i}" for i in range(12)], SplitPolicy(min_test_speakers=3, min_dev_speakers=1))
+    assert Counter(few.values())["test"] >= 3
+    report = split_report(assign_splits("x", [f"s{i}" for i in range(6)]))
+    assert report["test_speakers"] < 5 and report["sufficient_test_speakers"] is False
+    assert report["min_test_speakers"] == 5
+
+
+def test_manifest_records_test_speakers_and_warns_when_too_few(tmp_path, espeak_batch):
+    copy_batch(espeak_batch, tmp_path / "incoming", DIALECT, "b0001")
+    result = build(tmp_path)  # 12 speakers: 5 test speakers, the minimum
+    version = DatasetVersion(result.path)
+    assert version.test_speakers == result.manifest["split"]["test_speakers"] == 5
+    assert result.manifest["split"]["sufficient_test_speakers"] and not result.warnings
+    assert version.min_test_speakers == 5
+
+    from mloc_dagster.core.splits import SplitPolicy
+    strict = build_version(DIALECT, find_batches(tmp_path / "incoming", DIALECT), tmp_path / "strict" / DIALECT,
+                           split_policy=SplitPolicy(min_test_speakers=8))
+    assert strict.manifest["split"]["test_speakers"] < 8
+    assert not strict.manifest["split"]["sufficient_test_speakers"]
+    assert any("fewer than the 8 the gate needs" in w for w in strict.warnings)
