@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from mloc_dagster.cli_gpu import gpu_app
+from mloc_dagster.cli_metrics import metrics_app
 from mloc_dagster.cli_run import run_app
 from mloc_dagster.paths import MlocPaths
 
@@ -79,6 +80,7 @@ def demo(
 
 app.add_typer(run_app, name="run")
 app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
+app.add_typer(metrics_app, name="metrics")
 
 
 if __name__ == "__main__":
