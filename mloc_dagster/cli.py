@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from mloc_dagster.cli_candidate import candidate_app
 from mloc_dagster.cli_gpu import gpu_app
 from mloc_dagster.cli_metrics import metrics_app
+from mloc_dagster.cli_node import node_app
 from mloc_dagster.cli_run import run_app
 from mloc_dagster.paths import MlocPaths
 
@@ -23,10 +25,12 @@ console = Console()
 @corpus_app.command("synth")
 def corpus_synth(
     dialects: str = typer.Option("en-us,en-gb-scotland,en-gb-x-gbclan", help="Comma-separated espeak dialects."),
-    utterances: int = typer.Option(200, help="Utterances per dialect."),
+    utterances: int = typer.Option(1200, help="Utterances per dialect (1,200 = 30 per speaker: dev and test "
+                                                "get ≥ 5 speakers and ≥ 150 utterances each)."),
     out: Path = typer.Option(None, help="Incoming root (default $MLOC_HOME/incoming)."),
     seed: int = typer.Option(0),
-    speakers: int = typer.Option(12, help="Speakers per dialect (voice variant × pitch × speed)."),
+    speakers: int = typer.Option(40, help="Speakers per dialect (voice variant × pitch × speed × word gap; "
+                                          "at most 1,480)."),
     batch_id: str = typer.Option(None, help="Batch id (default synth-s<seed>-n<utterances>)."),
 ) -> None:
     """Synthesize a deterministic demo corpus, written as normal incoming batches."""
@@ -79,6 +83,8 @@ def demo(
 
 
 app.add_typer(run_app, name="run")
+app.add_typer(candidate_app, name="candidate")
+app.add_typer(node_app, name="node")
 app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
 app.add_typer(metrics_app, name="metrics")
 

@@ -23,7 +23,10 @@ def _context():
 def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Option(6, "--jobs"),
           candidate_every: int = typer.Option(6, "--candidate-every", min=1, max=12),
           timebox: int = typer.Option(3600, "--timebox", help="Seconds per job."),
-          hparams: str = typer.Option("{}", "--hparams", help='JSON, e.g. {"lr": 0.002, "lora_r": 8}')) -> None:
+          hparams: str = typer.Option("{}", "--hparams",
+                                      help='JSON, e.g. {"lr": 0.002, "r": 8, "target_modules": ["head"]}'),
+          init_from: str = typer.Option(None, "--from", help="Warm start from an adapter of the dialect: "
+                                        "production, production:experimental or a candidate id.")) -> None:
     """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
     from mloc_dagster.training_runs import TrainingRunError, start_run
 
@@ -33,7 +36,7 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
         raise typer.BadParameter(f"--hparams is not valid JSON: {exc}") from exc
     instance, store = _context()
     try:
-        run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed)
+        run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from)
     except (TrainingRunError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc

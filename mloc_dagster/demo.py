@@ -129,10 +129,9 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
                 r = store.get_run(run.run_id)
                 if r.status == "failed":
                     raise RuntimeError(f"training run failed: {r.status_reason}")
-                cand = store.latest_candidate(TARGET_DIALECT)
-                if cand is not None and cand.gate_decision is not None and \
-                        any(src.run_id == run.run_id for src in cand.sources):
-                    return cand  # decided, passed or failed
+                mine = [c for c in store.list_candidates(TARGET_DIALECT) if c.training_run_id == run.run_id]
+                if mine and mine[0].gate_decision is not None:
+                    return mine[0]  # decided, passed or failed
                 failed = instance.get_run_records(dg.RunsFilter(
                     job_name="candidate_job", tags={"mloc/run_id": run.run_id},
                     statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import TIMEBOX_MARGIN_S, AdapterJobConfig, adapter_checkpoint
+from mloc_dagster.assets.adapters import TIMEBOX_MARGIN_S, adapter_checkpoint, validate_hparams
 from mloc_dagster.assets.candidates import candidate_job
 from mloc_dagster.core.state import TrainingRun
 from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config
@@ -20,15 +20,23 @@ train_adapter_job = dg.define_asset_job(
     description="One timeboxed LoRA job of a training run (config: run_id, job_index, timebox_s, hparams).",
 )
 
-HPARAM_KEYS = set(AdapterJobConfig.model_fields) - {"run_id", "job_index", "timebox_s"}
+
+
+def chain_run_key(run: TrainingRun, *parts: object) -> str:
+    """``<run_id>/<part>...``, plus ``/g<N>`` after the N-th resume: a job re-requested after a
+    pause is a new unit of work, a repeated sensor decision within one generation is not."""
+    key = "/".join([run.run_id, *map(str, parts)])
+    return f"{key}/g{run.generation}" if run.generation else key
 
 
 def train_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
-    hparams = {k: v for k, v in run.hparams.items() if k in HPARAM_KEYS}
+    # Validated when the run was created; checked again so a bad row fails loudly, never silently.
+    hparams = validate_hparams(run.hparams)
     return dg.RunRequest(
-        job_name=TRAIN_JOB, partition_key=run.dialect, run_key=f"{run.run_id}/{job_index}",
+        job_name=TRAIN_JOB, partition_key=run.dialect, run_key=chain_run_key(run, job_index),
         run_config={"ops": {"adapter_checkpoint": {"config": {
             "run_id": run.run_id, "job_index": job_index, "timebox_s": run.timebox_s, **hparams}}}},
+        # The backstop; the job moves it once its device is granted (adapters.start_timebox).
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(job_index),
               "dagster/max_runtime": str(run.timebox_s + TIMEBOX_MARGIN_S)},
     )

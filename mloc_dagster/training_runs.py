@@ -2,10 +2,24 @@
 `start_training_run` job of the UI launchpad."""
 
 
+import json
+from pathlib import Path
+from typing import Any
+
 import dagster as dg
 
+from mloc_dagster.assets.adapters import InvalidHParams, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
-from mloc_dagster.core.state import ACTIVE, CANCELLED, PAUSED, QUEUED, RUNNING, StateStore, TrainingRun
+from mloc_dagster.core.state import (
+    ACTIVE,
+    ADAPTER_BRANCHES,
+    CANCELLED,
+    PAUSED,
+    QUEUED,
+    RUNNING,
+    StateStore,
+    TrainingRun,
+)
 from mloc_dagster.partitions import is_valid_dialect
 from mloc_dagster.resources.state import StateStoreResource
 
@@ -17,21 +31,69 @@ class TrainingRunError(ValueError):
     pass
 
 
+def resolve_warm_start(store: StateStore, dialect: str, base_version: str, spec: str) -> tuple[str, str, Path]:
+    """``production[:stable|experimental]`` or a candidate id → (label, candidate id, adapter dir).
+    The adapter must be of this dialect and trained on the base model the new run pins."""
+    if spec == "production" or spec.startswith("production:"):
+        branch = spec.partition(":")[2] or "stable"
+        if branch not in ADAPTER_BRANCHES:
+            raise TrainingRunError(f"--from {spec}: branch is one of {', '.join(ADAPTER_BRANCHES)}")
+        promotion = store.production(dialect, branch)
+        if promotion is None:
+            raise TrainingRunError(f"--from {spec}: {dialect} has no {branch} production adapter yet")
+        candidate = store.get_candidate(promotion.candidate_id)
+        label = f"production:{branch}"
+    else:
+        candidate, label = store.get_candidate(spec), spec
+        if candidate is None:
+            raise TrainingRunError(f"--from {spec}: no such candidate (see `mloc candidate list`)")
+    assert candidate is not None
+    if candidate.dialect != dialect:
+        raise TrainingRunError(f"--from {spec}: {candidate.candidate_id} is an adapter of {candidate.dialect}, "
+                               f"not {dialect}")
+    if candidate.base_model != base_version:
+        raise TrainingRunError(f"--from {spec}: {candidate.candidate_id} was trained on base model "
+                               f"{(candidate.base_model or 'unknown')[:12]}, the current base is {base_version[:12]}; "
+                               "an adapter only continues on its own base")
+    return label, candidate.candidate_id, Path(candidate.adapter_path)
+
+
+def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
+    """A warm start continues the adapter's own LoRA shape (rank, alpha, target modules)."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    shape = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "target_modules": sorted(cfg["target_modules"])}
+    clash = {k: hparams[k] for k in shape if k in hparams and hparams[k] != shape[k]}
+    if clash:
+        raise TrainingRunError(f"hparams {clash} differ from the warm-start adapter's {shape}; leave them out")
+    return {**hparams, **shape}
+
+
 def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, jobs: int = 6,
-              candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None) -> TrainingRun:
-    """Pin the dialect's latest dataset version and the latest base model, and create the run.
+              candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None,
+              init_from: str | None = None) -> TrainingRun:
+    """Pin the dialect's latest dataset version and the latest base model, and create the run
+    (from the base alone, or warm-started from an adapter of the dialect: ``init_from``).
     The training_chain_sensor launches its first job on its next tick."""
     if not is_valid_dialect(dialect):
         raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
+    try:
+        hparams = validate_hparams(hparams or {})
+    except InvalidHParams as exc:
+        raise TrainingRunError(str(exc)) from exc
     dataset = latest_metadata(instance, "dataset_version", dialect)
     if dataset is None:
         raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
     base = latest_metadata(instance, "base_model")
     if base is None:
         raise TrainingRunError("no base_model yet: materialize base_model first")
+    label = init_adapter = None
+    if init_from:
+        label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
+        hparams = warm_start_hparams(adapter_dir, hparams)
+        label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
     return store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
-                            hparams=hparams or {}, timebox_s=timebox_s, max_jobs=jobs,
-                            candidate_every=min(candidate_every, 12))
+                            hparams=hparams, timebox_s=timebox_s, max_jobs=jobs,
+                            candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter)
 
 
 def pause_run(store: StateStore, run_id: str) -> bool:
@@ -40,7 +102,8 @@ def pause_run(store: StateStore, run_id: str) -> bool:
 
 
 def resume_run(store: StateStore, run_id: str) -> bool:
-    """The next job resumes from the last checkpoint."""
+    """The next job resumes from the last checkpoint (a new generation of run keys: a job that was
+    canceled or refused while paused is requested again)."""
     return store.transition_run(run_id, PAUSED, ACTIVE, None)
 
 
@@ -70,7 +133,11 @@ class StartRunConfig(dg.Config):
     jobs: int = 6
     candidate_every: int = 6
     timebox_s: int = 3600
-    hparams: dict[str, float] = {}
+    # Ints, floats and lists as the training job takes them, e.g. {"r": 8, "lr": 0.002,
+    # "target_modules": ["head"]}; unknown or ill-typed keys fail with the allowed ones listed.
+    hparams: dict[str, Any] = {}
+    # Warm start: "production", "production:experimental" or a candidate id ("" = from the base).
+    init_from: str = ""
 
 
 @dg.op(description="Create a training run; the training_chain_sensor then chains its jobs.")
@@ -78,10 +145,11 @@ def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
                         state: StateStoreResource) -> str:
     try:
         run = start_run(context.instance, state.store(), config.dialect, config.jobs, config.candidate_every,
-                        config.timebox_s, dict(config.hparams))
+                        config.timebox_s, dict(config.hparams), config.init_from or None)
     except TrainingRunError as exc:
         raise dg.Failure(str(exc)) from exc
-    context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "jobs": run.max_jobs})
+    context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "jobs": run.max_jobs,
+                                 "hparams": dg.MetadataValue.json(run.hparams), "init_from": run.init_from or ""})
     context.log.info(f"training run {run.run_id} started for {run.dialect}")
     return run.run_id
 

@@ -39,4 +39,6 @@ def test_two_job_chain_with_the_real_daemon(registered_base, daemon, mloc_home):
     assert [j.status for j in store.jobs_for_run(run.run_id)] == ["succeeded", "succeeded"]
     gate = instance.get_latest_materialization_event(dg.AssetKey("gate_report"))
     assert gate is not None and gate.asset_materialization.partition == "en-gb-scotland"
-    assert store.latest_candidate("en-gb-scotland").gate_decision in ("passed", "failed")
+    (candidate,) = [c for c in store.list_candidates("en-gb-scotland") if c.training_run_id == run.run_id]
+    assert candidate.gate_decision in ("passed", "failed")
+    assert gate.asset_materialization.metadata["candidate_id"].value == candidate.candidate_id

@@ -1,21 +1,28 @@
 """adapter_checkpoint: one timeboxed LoRA training job of one training run, resumed exactly."""
 
 
+import math
 import os
+import shutil
 import socket
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
+import pydantic
 
 from mloc_dagster.assets.datasets import dataset_version
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models import base_model
+from mloc_dagster.core.state import ACTIVE, DISCARDED, retry_transient
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
 
-TIMEBOX_MARGIN_S = 120  # dagster/max_runtime = timebox + this: only a backstop
+# dagster/max_runtime = (wait for the device) + timebox + this margin: only a backstop.
+TIMEBOX_MARGIN_S = int(os.environ.get("MLOC_TIMEBOX_MARGIN_S", "120"))
 
 
 class AdapterJobConfig(dg.Config):
@@ -37,6 +44,29 @@ class AdapterJobConfig(dg.Config):
     rehearsal_fraction: float = 0.25
 
 
+# What a training run may set per job: every field above but the ones the chain sets itself.
+# The one rule for hparams, used by `mloc run start`, the launchpad and the chain alike.
+HPARAM_KEYS = tuple(sorted(set(AdapterJobConfig.model_fields) - {"run_id", "job_index", "timebox_s"}))
+
+
+class InvalidHParams(ValueError):
+    pass
+
+
+def validate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The hparams as the training job will receive them (ints stay ints, lists lists); an unknown
+    or ill-typed key is an ``InvalidHParams`` naming it and what is allowed."""
+    unknown = sorted(set(hparams) - set(HPARAM_KEYS))
+    if unknown:
+        raise InvalidHParams(f"unknown hparam(s) {', '.join(unknown)}; allowed: {', '.join(HPARAM_KEYS)}")
+    try:
+        checked = AdapterJobConfig.model_validate({"run_id": "-", **hparams})
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
+        raise InvalidHParams(f"ill-typed hparam(s): {problems}") from exc
+    return {k: getattr(checked, k) for k in hparams}
+
+
 def rehearsal_dataset(instance: dg.DagsterInstance, dialect: str) -> str | None:
     """The base dialect's latest dataset version, mixed into adaptation so it is not forgotten."""
     base = latest_metadata(instance, "base_model")
@@ -50,6 +80,26 @@ def node_id() -> str:
     return os.environ.get("MLOC_NODE_ID") or socket.gethostname()
 
 
+def refuse(context: dg.AssetExecutionContext, message: str, **tags: str) -> dg.Failure:
+    """A failure that Dagster must not retry (the training run is not active: retrying cannot help)."""
+    context.instance.add_run_tags(context.run_id, {"dagster/retry_on_asset_or_op_failure": "false", **tags})
+    return dg.Failure(message, allow_retries=False)
+
+
+def start_timebox(context: dg.AssetExecutionContext, timebox_s: int) -> float:
+    """The timebox starts now (the device is ours); move the run's ``dagster/max_runtime``
+    backstop so it counts the same interval: the wait before this moment is added to it."""
+    now = time.time()
+    record = context.instance.get_run_record_by_id(context.run_id)
+    run_start = record.start_time if record is not None and record.start_time else now
+    waited = max(0.0, now - run_start)
+    max_runtime = math.ceil(waited) + timebox_s + TIMEBOX_MARGIN_S
+    context.instance.add_run_tags(context.run_id, {"dagster/max_runtime": str(max_runtime)})
+    context.log.info(f"timebox of {timebox_s} s starts {waited:.0f} s after the run started; "
+                     f"dagster/max_runtime backstop set to {max_runtime} s")
+    return now
+
+
 @dg.asset(
     partitions_def=dialect_partitions, deps=[dataset_version, base_model], group_name="training",
     kinds={"pytorch", "safetensors"}, pool="gpu",
@@ -60,7 +110,6 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                        state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
     from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, Progress, train_adapter
 
-    started_at = time.time()  # the timebox counts from the start of the step
     dialect = context.partition_key
     store = state.store()
     run = store.get_run(config.run_id)
@@ -72,6 +121,12 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                                max_jobs=config.job_index + 1, candidate_every=min(12, config.job_index + 1))
     if run.dialect != dialect:
         raise dg.Failure(f"training run {run.run_id} is for {run.dialect}, not partition {dialect}")
+    if run.status != ACTIVE:
+        store.mark_job_failed(run.run_id, config.job_index, f"refused to start: training run {run.status}")
+        raise refuse(context, f"training run {run.run_id} is {run.status} ({run.status_reason or 'no reason given'}): "
+                              f"job {config.job_index} does not start. "
+                              + ("`mloc run resume` requests it again." if run.status == "paused" else ""),
+                     **{"mloc/refused": run.status})
     previous = store.get_job(run.run_id, config.job_index - 1) if config.job_index > 0 else None
     if config.job_index > 0 and (previous is None or previous.checkpoint_path is None):
         raise dg.Failure(f"job {config.job_index} of {run.run_id} needs job {config.job_index - 1}'s checkpoint")
@@ -81,20 +136,33 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
     store.record_job_started(run.run_id, config.job_index, dagster_run_id=context.run_id, node_id=node_id(),
                              worker_pid=os.getpid(), worker_host=socket.gethostname())
 
-    last = {}
+    last, stopped_by = {}, {}
 
     def progress(p: Progress) -> None:
         last.update(step=p.step, samples=p.samples, loss=p.loss, samples_per_s=p.samples_per_s, eta_s=p.eta_s)
         context.log.info(f"{p.event}: step {p.step} samples {p.samples} loss {p.loss:.4f} "
                          f"{p.samples_per_s:.1f} samples/s, ETA to timebox {p.eta_s:.0f} s")
 
-    def heartbeat() -> bool:
-        # False once the job was cancelled or declared dead: the loop saves and stops.
-        return store.heartbeat(run.run_id, config.job_index, dict(last))
+    def heartbeat() -> bool | None:
+        # Only a lost device lease or a deliberate stop (cancel, dead-worker verdict) stops the
+        # loop; a database that cannot be reached is retried, and training goes on if it stays away.
+        if lease.lost:
+            stopped_by["reason"] = "lease_lost"
+            return False
+        try:
+            alive = retry_transient(lambda: store.heartbeat(run.run_id, config.job_index, dict(last)),
+                                    log=context.log.warning)
+        except Exception as exc:  # the database stayed away: keep training, the next beat retries
+            context.log.error(f"heartbeat not recorded ({type(exc).__name__}); training goes on")
+            return None
+        if not alive:
+            stopped_by["reason"] = "stopped"
+        return alive
 
     with gpu.lease("TRAIN", context) as lease:
         if not lease.runnable:
             raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
+        started_at = start_timebox(context, config.timebox_s)
         try:
             result = train_adapter(AdapterJobSpec(
                 base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version, out_dir=out,
@@ -124,17 +192,29 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             raise
     metrics = {k: v for k, v in result.to_json().items()
                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
-    if result.stop_reason == "heartbeat":
+    if stopped_by.get("reason") == "stopped":
         store.record_job_finished(run.run_id, config.job_index, "failed", error="stopped: job cancelled")
-        raise dg.Failure(f"training job {run.run_id}/{config.job_index} was cancelled; "
+        raise dg.Failure(f"training job {run.run_id}/{config.job_index} was stopped (cancelled, or declared dead); "
                          f"its progress is saved in {result.path}")
-    store.record_job_finished(run.run_id, config.job_index, "succeeded", checkpoint_path=str(result.path),
-                              sha256=result.sha256, metrics=metrics)
+    if result.steps == 0 and result.resumed_kind != "reused":
+        shutil.rmtree(result.path, ignore_errors=True)  # identical to where it started: let a retry train
+        reason = (f"no training time: {result.overhead_seconds:.0f} s of the {config.timebox_s} s timebox went to "
+                  "start-up before the first step; raise timebox_s or use a faster node")
+        store.record_job_finished(run.run_id, config.job_index, "failed", error=reason)
+        raise dg.Failure(f"training job {run.run_id}/{config.job_index} trained 0 steps: {reason}")
+    stop_reason = "lease_lost" if stopped_by.get("reason") == "lease_lost" else result.stop_reason
+    if stop_reason == "lease_lost":
+        context.log.warning(f"the device lease was lost: training stopped at step {result.total_steps}, saved")
+    job = store.record_job_finished(run.run_id, config.job_index, "succeeded", checkpoint_path=str(result.path),
+                                    sha256=result.sha256, metrics=metrics, base_model=result.base_model_hash)
+    if job.status == DISCARDED:
+        context.log.warning(f"training run {run.run_id} was cancelled while this job ran: {job.error}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.sha256),
         metadata={**metrics, "node_id": node_id(), "run_id": run.run_id, "job_index": config.job_index,
-                  "stop_reason": result.stop_reason, "resumed_kind": result.resumed_kind,
+                  "stop_reason": stop_reason, "resumed_kind": result.resumed_kind,
                   "resumed_from": result.resumed_from or "", "device": result.device,
+                  "base_model": result.base_model_hash, "job_status": job.status,
                   "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)), **lease.metadata()},
     )
 

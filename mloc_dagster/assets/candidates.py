@@ -1,4 +1,11 @@
-"""merged_candidate → gate_report (blocking checks) → production_adapter, per dialect."""
+"""merged_candidate → gate_report (blocking checks) → production_adapter, per dialect.
+
+Identity, not recency: the candidate a run merges is the one that run gates and promotes. The
+merge records the candidate under the run's root Dagster run id (a re-execution from failure
+keeps it), and the gate and the promotion look it up by that id. A candidate is built from the
+adapters of one base model, evaluated on that base, and compared with production only where
+production is on the same base.
+"""
 
 
 import json
@@ -7,9 +14,10 @@ import shutil
 import dagster as dg
 
 from mloc_dagster.assets.adapters import adapter_checkpoint
-from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
+from mloc_dagster.core.state import AdapterClaimConflict, Candidate, StateStore
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -17,6 +25,7 @@ from mloc_dagster.resources.state import StateStoreResource
 
 MIN_TRUSTED_REPUTATION = 0.7
 GATES = ("cer_gate", "wer_gate", "improvement_gate", "regression_gate")
+CLAIM_ATTEMPTS = 3
 
 
 class MergeConfig(dg.Config):
@@ -24,39 +33,74 @@ class MergeConfig(dg.Config):
     min_trusted_reputation: float = MIN_TRUSTED_REPUTATION
 
 
+def root_run_id(context: dg.AssetExecutionContext) -> str:
+    return context.run.root_run_id or context.run_id
+
+
+def pinned_inputs(context: dg.AssetExecutionContext, store: StateStore, dialect: str) -> dict[str, str]:
+    """Base model (hash, path) and dataset version of the training run that asked for this
+    candidate (tag ``mloc/run_id``); for a candidate materialized by hand, the current ones."""
+    run = store.get_run(context.run.tags.get("mloc/run_id", ""))
+    if run is not None:
+        hashes = [j.base_model for j in store.jobs_for_run(run.run_id) if j.base_model]
+        if hashes:
+            return {"base_model": hashes[-1], "base_model_path": run.base_model_version,
+                    "dataset_version": run.dataset_version, "training_run_id": run.run_id}
+    base = require_metadata(context.instance, "base_model")
+    dataset = require_metadata(context.instance, "dataset_version", dialect)
+    return {"base_model": base["version"], "base_model_path": base["path"], "dataset_version": dataset["path"],
+            "training_run_id": run.run_id if run else None}
+
+
 @dg.asset(partitions_def=dialect_partitions, deps=[adapter_checkpoint], group_name="candidates",
           kinds={"pytorch", "safetensors"}, pool="gpu",
-          description="Every adapter of the dialect since its last candidate, across runs and nodes, "
+          description="Every unclaimed adapter of the dialect on the run's base model, across runs and nodes, "
                       "merged in ΔW space (norm bound, reputation-weighted, truncated SVD to rank r).")
 def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, artifacts: ArtifactStore,
                      state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
     dialect = context.partition_key
     store = state.store()
-    refs = store.adapters_since_last_candidate(dialect, latest_per_run=True)
-    if not refs:
-        raise dg.Failure(f"no new adapter for {dialect} since its last candidate")
-    reputations = [store.node_reputation(r.node_id) if r.node_id else 1.0 for r in refs]
-    trusted = min(reputations) >= config.min_trusted_reputation
-
-    candidate_id = f"cand-{context.run_id[:8]}"
+    root = root_run_id(context)
+    if (done := store.candidate_of_dagster_run(root)) is not None:
+        raise dg.Failure(f"this run already merged {done.candidate_id}; launch a new candidate_job for new adapters")
+    pinned = pinned_inputs(context, store, dialect)
+    candidate_id = f"cand-{root[:8]}"
     out = artifacts.paths.candidates / dialect / candidate_id
-    with gpu.lease("MERGE", context) as lease:
+    for attempt in range(1, CLAIM_ATTEMPTS + 1):
+        unclaimed = store.unclaimed_adapters(dialect, latest_per_run=True)
+        refs = [r for r in unclaimed if r.base_model == pinned["base_model"]]
+        other_bases = [r for r in unclaimed if r.base_model != pinned["base_model"]]
+        if not refs:
+            raise dg.Failure(f"no new adapter for {dialect} on base model {pinned['base_model'][:12]} since its "
+                             f"last candidate ({len(other_bases)} unclaimed on other base models)")
+        reputations = [store.node_reputation(r.node_id) if r.node_id else 1.0 for r in refs]
+        trusted = min(reputations) >= config.min_trusted_reputation
+        with gpu.lease("MERGE", context) as lease:
+            try:
+                result, sha = merge_candidate([r.path for r in refs], reputations, out, method=config.method)
+            except ValueError as exc:
+                raise dg.Failure(str(exc)) from exc
         try:
-            result, sha = merge_candidate([r.path for r in refs], reputations, out, method=config.method)
-        except ValueError as exc:
-            raise dg.Failure(str(exc)) from exc
-    summary = result.summary()
-    store.record_candidate(candidate_id=candidate_id, dialect=dialect, adapter_path=str(out), sha256=sha,
-                           sources=refs, trusted=trusted, details=summary)
-    sources_md = "\n".join(["| run | job | node | reputation |", "|---|---|---|---|"] +
-                           [f"| {r.run_id} | {r.job_index} | {r.node_id} | {rep:.2f} |" for r, rep in zip(refs, reputations)])
+            store.record_candidate(candidate_id=candidate_id, dialect=dialect, adapter_path=str(out), sha256=sha,
+                                   sources=refs, trusted=trusted, details=result.summary(), dagster_run_id=root,
+                                   **pinned)
+            break
+        except AdapterClaimConflict as exc:  # another merge took some of them first: merge the rest
+            context.log.warning(f"attempt {attempt}: {exc}")
+    else:
+        raise dg.Failure(f"adapters kept being claimed by concurrent merges ({CLAIM_ATTEMPTS} attempts)")
+    table = ["| run | job | node | reputation | sha256 |", "|---|---|---|---|---|"] + [
+        f"| {r.run_id} | {r.job_index} | {r.node_id} | {rep:.2f} | {(r.sha256 or '')[:12]} |"
+        for r, rep in zip(refs, reputations)]
+    left = ", ".join(f"{r.key} (base {(r.base_model or 'unknown')[:12]})" for r in other_bases) or "none"
     return dg.MaterializeResult(
         data_version=dg.DataVersion(sha),
         metadata={
             "candidate_id": candidate_id, "adapters": len(refs), "rejected": len(result.rejected),
             "clipped": len(result.clipped), "max_truncation_error": float(result.max_truncation_error),
-            "trusted": trusted, "method": config.method, "sha256": sha,
-            "sources": dg.MetadataValue.md(sources_md), "path": dg.MetadataValue.path(str(out)),
+            "trusted": trusted, "method": config.method, "sha256": sha, "base_model": pinned["base_model"],
+            "training_run_id": pinned["training_run_id"] or "", "left_for_other_bases": left,
+            "sources": dg.MetadataValue.md("\n".join(table)), "path": dg.MetadataValue.path(str(out)),
             **lease.metadata(),
         },
     )
@@ -70,41 +114,62 @@ class GateConfig(dg.Config):
     # over $MLOC_HOME/gates.json, which wins over the defaults (CER 0.15, WER 0.20, ...).
     thresholds: dict[str, dict[str, float]] = {}
     bootstrap_samples: int = 2000
+    # Re-gate a named candidate instead of the one this run merged (e.g. after changing thresholds).
+    candidate_id: str = ""
+
+
+def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candidate_id: str = "") -> Candidate:
+    """The candidate this run merged (or the one named in config)."""
+    candidate = (store.get_candidate(candidate_id) if candidate_id
+                 else store.candidate_of_dagster_run(root_run_id(context)))
+    if candidate is None:
+        raise dg.Failure(f"no candidate {candidate_id}" if candidate_id else
+                         "this run merged no candidate: run gate_report with merged_candidate (candidate_job), "
+                         "or name one in config candidate_id")
+    if candidate.dialect != context.partition_key:
+        raise dg.Failure(f"candidate {candidate.candidate_id} is for {candidate.dialect}, not {context.partition_key}")
+    return candidate
+
+
+def thresholds_for(dialect: str, config: GateConfig, artifacts: ArtifactStore) -> GateThresholds:
+    gates_file = artifacts.paths.home / GATES_FILE
+    from_file = json.loads(gates_file.read_text()).get(dialect, {}) if gates_file.is_file() else {}
+    try:
+        return GateThresholds.from_mapping(
+            {"bootstrap_samples": config.bootstrap_samples, **from_file, **config.thresholds.get(dialect, {})})
+    except ValueError as exc:
+        raise dg.Failure(f"invalid gate thresholds for {dialect} ({gates_file} or run config): {exc}") from exc
 
 
 @dg.asset(partitions_def=dialect_partitions, deps=[merged_candidate], group_name="candidates",
           kinds={"pytorch"}, pool="gpu",
           check_specs=[dg.AssetCheckSpec(name, asset="gate_report", blocking=True) for name in GATES],
-          description="The candidate against production and the base dialect; always materializes "
-                      "(a failed gate is a report too). Its blocking checks guard production_adapter.")
+          description="The candidate this run merged, on its own base model, against production on that base "
+                      "(else the base model) and the base dialect; always materializes (a failed gate is a "
+                      "report too). Its blocking checks guard production_adapter.")
 def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts: ArtifactStore,
                 state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
     dialect = context.partition_key
     store = state.store()
-    candidate = store.latest_candidate(dialect)
-    if candidate is None:
-        raise dg.Failure(f"no candidate for {dialect}; materialize merged_candidate first")
+    candidate = gate_candidate(context, store, config.candidate_id)
     base = require_metadata(context.instance, "base_model")
-    dataset = require_metadata(context.instance, "dataset_version", dialect)
+    dataset_path = candidate.dataset_version or require_metadata(context.instance, "dataset_version", dialect)["path"]
     base_dataset = require_metadata(context.instance, "dataset_version", base["base_dialect"])
     production = store.production(dialect, "stable")
-    cache = artifacts.paths.home / "features"
-    gates_file = artifacts.paths.home / GATES_FILE
-    from_file = json.loads(gates_file.read_text()).get(dialect, {}) if gates_file.is_file() else {}
-    try:
-        thresholds = GateThresholds.from_mapping(
-            {"bootstrap_samples": config.bootstrap_samples, **from_file, **config.thresholds.get(dialect, {})})
-    except ValueError as exc:
-        raise dg.Failure(f"invalid gate thresholds for {dialect} ({gates_file} or run config): {exc}") from exc
+    stale = production is not None and production.base_model != candidate.base_model
+    thresholds = thresholds_for(dialect, config, artifacts)
 
     with gpu.lease("EVAL", context) as lease:
-        recognize = Recognizer(base["path"], cache, lease.torch_device)
-        cand = recognize(candidate.adapter_path, dataset["path"])
-        prod = recognize(production.adapter_path, dataset["path"]) if production else None
+        recognize = Recognizer(candidate.base_model_path or base["path"], artifacts.paths.home / "features",
+                               lease.torch_device)
+        cand = recognize(candidate.adapter_path, dataset_path)
+        dialect_base = recognize(None, dataset_path)
+        prod = recognize(production.adapter_path, dataset_path) if production and not stale else None
         base_cand = recognize(candidate.adapter_path, base_dataset["path"])
         base_ref = recognize(None, base_dataset["path"])
-        dialect_base = recognize(None, dataset["path"])
-    report = evaluate_gates(cand, prod, base_candidate=base_cand, base_reference=base_ref, thresholds=thresholds)
+    report = evaluate_gates(cand, prod if prod is not None else dialect_base, base_candidate=base_cand,
+                            base_reference=base_ref, thresholds=thresholds,
+                            reference_label="production" if prod is not None else "base model")
 
     path = artifacts.paths.reports / dialect / f"{candidate.candidate_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +179,12 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     return dg.MaterializeResult(
         metadata={
             "candidate_id": candidate.candidate_id, "decision": report.decision,
+            "base_model": candidate.base_model or "", "compared_with": report.reference_label,
+            "production_candidate": production.candidate_id if production else "",
+            "production_stale": stale, "test_speakers": len(report.speakers),
             "cer_base_model": base_scores.cer, "wer_base_model": base_scores.wer,
             "cer_candidate": report.candidate.cer, "wer_candidate": report.candidate.wer,
-            "cer_production": report.production.cer if report.production else float("nan"),
+            "cer_production": report.production.cer if prod is not None else float("nan"),
             "base_dialect_regression_rel": report.base_regression_rel,
             **{k: v for k, v in report.metrics().items() if k not in ("candidate_cer", "candidate_wer")},
             "report": dg.MetadataValue.md(report.to_markdown()), "path": dg.MetadataValue.path(str(path)),
@@ -133,23 +201,26 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
 
 @dg.asset(partitions_def=dialect_partitions, deps=[gate_report], group_name="candidates",
           kinds={"safetensors"},
-          description="The promoted adapter of the dialect: branch stable, or experimental when any "
-                      "source node's reputation is below the trust bar.")
+          description="The promoted adapter of the dialect: the candidate this run merged and gated, on branch "
+                      "stable, or experimental when any source node's reputation is below the trust bar.")
 def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
                        state: StateStoreResource) -> dg.MaterializeResult:
     dialect = context.partition_key
     store = state.store()
-    candidate = store.latest_candidate(dialect)
-    if candidate is None or candidate.gate_decision != "passed":
-        raise dg.Failure(f"the latest candidate of {dialect} has not passed its gate")
+    candidate = gate_candidate(context, store)
+    if candidate.gate_decision != "passed":
+        raise dg.Failure(f"candidate {candidate.candidate_id} has not passed its gate ({candidate.gate_decision})")
     branch = "stable" if candidate.trusted else "experimental"
     out = artifacts.paths.adapters / "production" / dialect / branch / candidate.candidate_id
     if not out.exists():
         shutil.copytree(candidate.adapter_path, out)
     store.record_promotion(dialect, branch, candidate.candidate_id)
+    current = latest_metadata(context.instance, "base_model")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(candidate.sha256),
         metadata={"branch": branch, "candidate_id": candidate.candidate_id, "sha256": candidate.sha256,
+                  "base_model": candidate.base_model or "",
+                  "stale": bool(current and candidate.base_model != current.get("version")),
                   "path": dg.MetadataValue.path(str(out))},
     )
 

@@ -3,7 +3,7 @@
 A run is a chain of jobs 0..max_jobs-1. After job i succeeds, job i+1 is due while the run is
 active; a candidate is due after every ``candidate_every``-th job and after the last one. The
 sensor turns these decisions into Dagster run requests whose run keys name the unit of work, so a
-decision taken twice still launches once.
+decision taken twice still launches once (``jobs.chain_run_key``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ class Due:
     kind: str  # "train" | "candidate" | "complete"
     run_id: str
     job_index: int
-
-    @property
-    def run_key(self) -> str:
-        return f"{self.run_id}/{self.job_index}" if self.kind == "train" else f"{self.run_id}/candidate/{self.job_index}"
 
 
 def is_candidate_point(run: TrainingRun, job_index: int) -> bool:

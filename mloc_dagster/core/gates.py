@@ -7,8 +7,10 @@ Four gates, all computed from per-utterance results (reference and hypothesis te
   utterances weigh more than short ones, as they do for listeners;
 - ``improvement_gate``: the candidate beats the production adapter with probability at least
   ``min_p_better``, estimated by a bootstrap over *speakers*: utterances of one speaker are
-  correlated (voice, recording), so resampling utterances would overstate the evidence. Passes
-  trivially when the dialect has no production adapter yet;
+  correlated (voice, recording), so resampling utterances would overstate the evidence. The
+  reference is the production adapter on the candidate's own base model or, when there is none,
+  the base model itself. With fewer than ``min_test_speakers`` test speakers the gate fails with
+  "insufficient evidence" instead of passing on a bootstrap of one or two speakers;
 - ``regression_gate``: on the *base* dialect, the candidate's CER is at most
   ``max_base_regression_rel`` worse (relative) than the base model's -- adaptation must not
   break what already worked.
@@ -70,6 +72,7 @@ class GateThresholds:
     max_base_regression_rel: float = 0.05
     bootstrap_samples: int = 2000
     seed: int = 0
+    min_test_speakers: int = 5
 
     def __post_init__(self) -> None:
         for name in ("max_cer", "max_wer", "max_base_regression_rel"):
@@ -77,6 +80,8 @@ class GateThresholds:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_p_better <= 1:
             raise ValueError(f"min_p_better must be within [0, 1], got {self.min_p_better}")
+        if self.min_test_speakers < 1:
+            raise ValueError(f"min_test_speakers must be >= 1, got {self.min_test_speakers}")
         if self.bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
 
@@ -246,6 +251,7 @@ class GateReport:
     speakers: tuple[SpeakerRow, ...]
     bootstrap: BootstrapResult | None
     thresholds: GateThresholds
+    reference_label: str = "production"  # what the improvement gate compared with
 
     @property
     def passed(self) -> bool:
@@ -300,6 +306,7 @@ class GateReport:
             "speakers": [asdict(s) for s in self.speakers],
             "bootstrap": asdict(self.bootstrap) if self.bootstrap else None,
             "thresholds": asdict(self.thresholds),
+            "reference_label": self.reference_label,
         }
 
     def to_json(self) -> str:
@@ -323,6 +330,7 @@ class GateReport:
             speakers=tuple(SpeakerRow(**s) for s in d["speakers"]),
             bootstrap=BootstrapResult(**d["bootstrap"]) if d["bootstrap"] else None,
             thresholds=GateThresholds(**d["thresholds"]),
+            reference_label=d.get("reference_label", "production"),
         )
 
     @classmethod
@@ -345,15 +353,15 @@ class GateReport:
         lines += ["| model | utts | CER | WER |", "|---|---|---|---|",
                   f"| candidate | {self.candidate.n_utts} | {self.candidate.cer:.4f} | {self.candidate.wer:.4f} |"]
         if prod is not None:
-            lines.append(f"| production | {prod.n_utts} | {prod.cer:.4f} | {prod.wer:.4f} |")
+            lines.append(f"| {self.reference_label} | {prod.n_utts} | {prod.cer:.4f} | {prod.wer:.4f} |")
         lines.append("")
         if self.bootstrap is None:
-            lines.append("No production adapter for this dialect yet: nothing to beat.")
+            lines.append(f"{self.gate('improvement_gate').description}.")
         else:
             b = self.bootstrap
             lines.append(f"- bootstrap over {b.n_speakers} speakers, {b.samples} resamples (seed {b.seed}): "
                          f"P(candidate better) = **{b.p_better:.3f}** (needs ≥ {t.min_p_better:.2f})")
-            lines.append(f"- CER difference candidate − production = {b.diff:+.4f}, "
+            lines.append(f"- CER difference candidate − {self.reference_label} = {b.diff:+.4f}, "
                          f"95 % interval [{b.ci_low:+.4f}, {b.ci_high:+.4f}]")
 
         lines += ["", "### Base dialect", ""]
@@ -361,7 +369,8 @@ class GateReport:
                      f"{100 * self.base_regression_rel:+.2f} % relative "
                      f"(limit +{100 * t.max_base_regression_rel:.1f} %).")
 
-        lines += ["", "### Per speaker", "", "| speaker | utts | CER candidate | CER production |", "|---|---|---|---|"]
+        lines += ["", "### Per speaker", "", f"| speaker | utts | CER candidate | CER {self.reference_label} |",
+                  "|---|---|---|---|"]
         for s in self.speakers:
             prod_cer = "n/a" if s.cer_production is None else f"{s.cer_production:.4f}"
             lines.append(f"| {s.speaker} | {s.n_utts} | {s.cer_candidate:.4f} | {prod_cer} |")
@@ -375,11 +384,13 @@ def evaluate_gates(
     base_candidate: Sequence[UttResult],
     base_reference: Sequence[UttResult],
     thresholds: GateThresholds | None = None,
+    reference_label: str = "production",
 ) -> GateReport:
     """Decide on a candidate.
 
     ``candidate`` / ``production``: the dialect's test split recognized by the candidate and by
-    the current production adapter (None: there is none yet). ``base_candidate`` /
+    the reference -- the production adapter, or the base model (``reference_label`` names it;
+    None: nothing to compare with, the gate passes on that ground). ``base_candidate`` /
     ``base_reference``: the base dialect's test split recognized by the candidate and by the
     base model. Paired sets must cover the same utterances.
     """
@@ -398,19 +409,27 @@ def evaluate_gates(
     prod_scores: Scores | None = None
     boot: BootstrapResult | None = None
     prod_edits: np.ndarray | None = None
+    n_speakers = len(set(speakers))
+    if n_speakers < t.min_test_speakers:
+        gates.append(GateResult("improvement_gate", False, None, t.min_p_better,
+                                f"insufficient evidence: {n_speakers} test speakers (the speaker bootstrap needs "
+                                f"at least {t.min_test_speakers})"))
     if production is None:
-        gates.append(GateResult("improvement_gate", True, None, t.min_p_better,
-                                "no production adapter yet: passes trivially"))
+        if n_speakers >= t.min_test_speakers:
+            gates.append(GateResult("improvement_gate", True, None, t.min_p_better,
+                                    f"no {reference_label} to compare with: passes on that ground"))
     else:
         prod_scores, prod_edits, _ = _score_with_counts(_aligned(candidate, production, "production results"))
         boot = bootstrap_over_speakers(speakers, cand_edits, prod_edits, ref_len, t.bootstrap_samples, t.seed)
         ok = boot.p_better >= t.min_p_better - _TOLERANCE
-        gates.append(GateResult(
-            "improvement_gate", ok, boot.p_better, t.min_p_better,
-            f"P(candidate better than production) = {boot.p_better:.3f} {'≥' if ok else '<'} {t.min_p_better:.2f} "
-            f"(CER {cand_scores.cer:.4f} vs {prod_scores.cer:.4f}, difference 95 % interval "
-            f"[{boot.ci_low:+.4f}, {boot.ci_high:+.4f}] over {boot.n_speakers} speakers)",
-        ))
+        if n_speakers >= t.min_test_speakers:
+            gates.append(GateResult(
+                "improvement_gate", ok, boot.p_better, t.min_p_better,
+                f"P(candidate better than {reference_label}) = {boot.p_better:.3f} {'≥' if ok else '<'} "
+                f"{t.min_p_better:.2f} "
+                f"(CER {cand_scores.cer:.4f} vs {prod_scores.cer:.4f}, difference 95 % interval "
+                f"[{boot.ci_low:+.4f}, {boot.ci_high:+.4f}] over {boot.n_speakers} speakers)",
+            ))
 
     base_ref_scores = score(base_reference)
     base_cand_scores = score(_aligned(base_reference, base_candidate, "base-dialect results"))
@@ -444,4 +463,5 @@ def evaluate_gates(
         speakers=tuple(rows),
         bootstrap=boot,
         thresholds=t,
+        reference_label=reference_label,
     )

@@ -87,3 +87,88 @@ def test_config_defaults_match_the_core():
     for f in fields(AdapterHParams):
         if f.name != "target_modules":
             assert getattr(config, f.name, f.default) == f.default, f.name
+
+
+def failure_message(result):
+    return result.get_step_failure_events()[0].step_failure_data.error.message
+
+
+def test_a_job_of_a_paused_or_cancelled_run_refuses_to_train(registered_base):
+    instance, _ = registered_base
+    assert train(instance, "tr-test000004", 0).success
+    store = StateStore(resolve_state_url())
+    store.record_job_queued("tr-test000004", 1)  # requested by the chain, then the run is paused
+    store.set_run_status("tr-test000004", "paused", "paused by user")
+    refused = train(instance, "tr-test000004", 1)
+    assert not refused.success
+    assert "tr-test000004 is paused (paused by user): job 1 does not start" in failure_message(refused)
+    tags = instance.get_run_by_id(refused.run_id).tags
+    # Dagster must not retry it (resume requests it again), and the chain knows why it failed.
+    assert tags["dagster/retry_on_asset_or_op_failure"] == "false" and tags["mloc/refused"] == "paused"
+    assert store.get_job("tr-test000004", 1).status == "failed"
+    store.set_run_status("tr-test000004", "cancelled", "cancelled by user")
+    assert "is cancelled" in failure_message(train(instance, "tr-test000004", 1))
+    assert not (Path(store.get_job("tr-test000004", 0).checkpoint_path).parent / "job-0001").exists()
+
+
+def test_a_job_with_no_training_time_fails_instead_of_succeeding_with_zero_steps(registered_base):
+    instance, _ = registered_base
+    result = train(instance, "tr-test000005", 0, timebox_s=1, max_steps=0)
+    assert not result.success
+    message = failure_message(result)
+    assert "trained 0 steps" in message and "timebox" in message
+    store = StateStore(resolve_state_url())
+    job = store.get_job("tr-test000005", 0)
+    assert job.status == "failed" and job.checkpoint_path is None
+    assert store.get_run("tr-test000005").last_finished_job is None
+
+
+def test_the_timebox_starts_when_the_device_is_granted(registered_base, mloc_home):
+    """Another holder keeps the only device for a while: the job waits inside its step, then still
+    gets its whole timebox, and the run's max_runtime backstop is moved by the wait."""
+    import threading
+
+    from mloc_dagster.core.arbiter import Arbiter
+
+    instance, _ = registered_base
+    arbiter = Arbiter(mloc_home / "gpu", cpu_slots=1)
+    holder = arbiter.acquire("TRAIN", holder="someone-else")
+    assert holder.acquired
+    threading.Timer(8.0, holder.release).start()
+    result = train(instance, "tr-test000006", 0, timebox_s=20, max_steps=0)
+    assert result.success, failure_message(result)
+    md = {k: v.value for k, v in result.asset_materializations_for_node("adapter_checkpoint")[0].metadata.items()}
+    assert md["gpu/wait_ms"] >= 5000
+    assert md["stop_reason"] == "timebox" and md["wall_seconds"] <= 20
+    assert md["train_seconds"] > 8  # the wait did not eat the timebox
+    max_runtime = int(instance.get_run_by_id(result.run_id).tags["dagster/max_runtime"])
+    assert max_runtime >= md["gpu/wait_ms"] / 1000 + 20 + 120
+    arbiter.close()
+
+
+def test_launchpad_takes_typed_hparams_and_rejects_unknown_ones(registered_base):
+    instance, _ = registered_base
+
+    def launch(hparams):
+        return defs.resolve_job_def("start_training_run").execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"ops": {"create_training_run": {"config": {"dialect": DIALECT, "jobs": 1,
+                                                                   "timebox_s": 60, "hparams": hparams}}}})
+
+    ok = launch({"r": 8, "lr": 0.002, "target_modules": ["head"], "max_steps": 2, "batch_size": 4})
+    assert ok.success
+    store = StateStore(resolve_state_url())
+    run = store.list_runs(limit=1)[0]
+    assert run.hparams["r"] == 8 and isinstance(run.hparams["r"], int)
+    from mloc_dagster.jobs import train_run_request
+
+    config = train_run_request(run, 0).run_config["ops"]["adapter_checkpoint"]["config"]
+    trained = defs.resolve_job_def("train_adapter_job").execute_in_process(
+        partition_key=DIALECT, instance=instance, run_config={"ops": {"adapter_checkpoint": {"config": config}}})
+    assert trained.success  # the training job accepts what the launchpad stored
+
+    rejected = launch({"lora_r": 8})
+    assert not rejected.success
+    message = failure_message(rejected)
+    assert "unknown hparam(s) lora_r; allowed: alpha, batch_size" in message and "target_modules" in message
+    assert "ill-typed hparam(s): r: " in failure_message(launch({"r": 8.5}))

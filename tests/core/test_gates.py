@@ -121,29 +121,29 @@ def test_better_on_average_because_of_one_speaker_is_not_enough() -> None:
 )
 def test_regression_gate_around_five_percent(candidate_errors: int, passes: bool) -> None:
     # Base model: 580 / 5800 = 10 % CER. 609 errors = exactly +5 % relative, 610 = +5.17 %.
-    report = evaluate(utts("t", [2] * 4), base=base_sets(580, candidate_errors))
+    report = evaluate(utts("t", [2] * 5), base=base_sets(580, candidate_errors))
     gate = report.gate("regression_gate")
     assert gate.value == pytest.approx((candidate_errors - 580) / 580)
     assert gate.passed is passes and report.passed is passes
 
 
 def test_regression_against_a_perfect_base_model() -> None:
-    report = evaluate(utts("t", [2] * 4), base=base_sets(0, 1))
+    report = evaluate(utts("t", [2] * 5), base=base_sets(0, 1))
     assert not report.gate("regression_gate").passed  # any error is an infinite relative regression
-    assert evaluate(utts("t", [2] * 4), base=base_sets(0, 0)).gate("regression_gate").passed
+    assert evaluate(utts("t", [2] * 5), base=base_sets(0, 0)).gate("regression_gate").passed
 
 
 def test_cer_and_wer_thresholds() -> None:
     # 10 utterances x 29 chars per speaker: 30 errors on 290 chars = CER 0.1034.
-    candidate = utts("t", [30, 30])
+    candidate = utts("t", [30] * 5)
     report = evaluate(candidate)
-    assert report.gate("cer_gate").passed and report.gate("cer_gate").value == pytest.approx(60 / 580)
+    assert report.gate("cer_gate").passed and report.gate("cer_gate").value == pytest.approx(30 / 290)
     # 3 letters wrong per utterance hit 1 word of 5: WER 0.2 -- exactly at the default limit.
     assert report.gate("wer_gate").value == pytest.approx(0.2) and report.gate("wer_gate").passed
     strict = evaluate(candidate, max_cer=0.10, max_wer=0.19)
     assert not strict.gate("cer_gate").passed and not strict.gate("wer_gate").passed
     assert {r.split(":")[0] for r in strict.reasons} == {"cer_gate", "wer_gate"}
-    worse = evaluate(utts("t", [80, 80]))  # 8 letters per utterance: CER 0.276, WER 0.4
+    worse = evaluate(utts("t", [80] * 5))  # 8 letters per utterance: CER 0.276, WER 0.4
     assert not worse.gate("cer_gate").passed and not worse.gate("wer_gate").passed
 
 
@@ -181,8 +181,8 @@ def test_paired_sets_must_match() -> None:
 
 
 def test_report_markdown_and_json() -> None:
-    production = utts("t", [12, 9, 15])
-    candidate = utts("t", [3, 2, 4])
+    production = utts("t", [12, 9, 15, 12, 9])
+    candidate = utts("t", [3, 2, 4, 3, 2])
     report = evaluate(candidate, production, bootstrap_samples=300)
     md = report.to_markdown()
     assert "## Gate decision: **PASSED**" in md
@@ -196,8 +196,19 @@ def test_report_markdown_and_json() -> None:
     assert [g["name"] for g in data["gates"]] == list(GATE_NAMES)
     assert GateReport.from_json(report.to_json()) == report
     metrics = report.metrics()
-    assert metrics["p_better"] == 1.0 and metrics["candidate_cer"] == pytest.approx(9 / 870)
+    assert metrics["p_better"] == 1.0 and metrics["candidate_cer"] == pytest.approx(14 / 1450)
 
     failed = evaluate(candidate, list(candidate)).to_markdown()
     assert "**FAILED**" in failed and "**FAIL**" in failed and "improvement_gate:" in failed
-    assert "No production adapter" in evaluate(candidate).to_markdown()
+    assert "no production to compare with" in evaluate(candidate).to_markdown()
+
+
+def test_too_few_test_speakers_is_insufficient_evidence() -> None:
+    production = utts("t", [30, 30])
+    candidate = utts("t", [0, 0])  # far better, but on two speakers only
+    report = evaluate(candidate, production)
+    gate = report.gate("improvement_gate")
+    assert not gate.passed and "insufficient evidence: 2 test speakers" in gate.description
+    assert not evaluate(candidate).gate("improvement_gate").passed  # not even with nothing to compare
+    assert evaluate(candidate, production, min_test_speakers=2).gate("improvement_gate").passed
+    assert "insufficient evidence" in report.to_markdown()

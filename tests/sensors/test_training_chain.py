@@ -38,7 +38,8 @@ def keys(result):
 
 def new_run(store, jobs=3, every=2):
     return store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
-                            hparams={"lr": 0.001, "unknown": 1}, timebox_s=60, max_jobs=jobs, candidate_every=every)
+                            hparams={"lr": 0.001, "r": 8, "target_modules": ["head"]}, timebox_s=60, max_jobs=jobs,
+                            candidate_every=every)
 
 
 def succeed(store, run, i):
@@ -46,11 +47,17 @@ def succeed(store, run, i):
     store.record_job_finished(run.run_id, i, "succeeded", checkpoint_path=f"/ckpt/{i}", sha256="x")
 
 
-def failed_dagster_run(instance, run, i, retry_number):
+def failed_dagster_run(instance, run, i, retry_number, parent=None):
+    """A failed training job; ``parent``: the attempt it retries (Dagster counts a run group)."""
     dagster_run = instance.add_run(dg.DagsterRun(
         job_name=TRAIN_JOB, run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED,
-        tags={"mloc/run_id": run.run_id, "mloc/job_index": str(i), "dagster/retry_number": str(retry_number)}))
+        parent_run_id=parent.run_id if parent else None,
+        root_run_id=(parent.root_run_id or parent.run_id) if parent else None,
+        tags={"mloc/run_id": run.run_id, "mloc/job_index": str(i), "dagster/retry_number": str(retry_number),
+              **({"dagster/parent_run_id": parent.run_id,
+                  "dagster/root_run_id": parent.root_run_id or parent.run_id} if parent else {})}))
     instance.report_run_failed(dagster_run)
+    return instance.get_run_by_id(dagster_run.run_id)
 
 
 def test_chain_success_path_candidates_and_completion(instance, store):
@@ -61,7 +68,9 @@ def test_chain_success_path_candidates_and_completion(instance, store):
     assert req.partition_key == "en-gb-scotland"
     assert req.tags["dagster/max_runtime"] == str(60 + 120) and req.tags["mloc/job_index"] == "0"
     config = req.run_config["ops"]["adapter_checkpoint"]["config"]
-    assert config == {"run_id": run.run_id, "job_index": 0, "timebox_s": 60, "lr": 0.001}
+    assert config == {"run_id": run.run_id, "job_index": 0, "timebox_s": 60, "lr": 0.001, "r": 8,
+                      "target_modules": ["head"]}
+    assert isinstance(config["r"], int)  # typed as the training job takes it
 
     again, cursor2 = tick(instance, store, cursor)  # job 0 in flight: nothing new, same cursor
     assert keys(again) == [] and json.loads(cursor2) == json.loads(cursor)
@@ -86,10 +95,13 @@ def test_failure_waits_for_retries_then_fails_the_run(instance, store):
     run = new_run(store)
     _, cursor = tick(instance, store)
     store.record_job_started(run.run_id, 0)
-    failed_dagster_run(instance, run, 0, retry_number=0)  # Dagster will retry (max_retries=2)
+    first = failed_dagster_run(instance, run, 0, retry_number=0)  # Dagster will retry (max_retries=2)
+    assert first.tags["dagster/will_retry"] == "true"
     result, cursor = tick(instance, store, cursor)
     assert keys(result) == [] and store.get_run(run.run_id).status == "active"
-    failed_dagster_run(instance, run, 0, retry_number=2)  # the last retry failed too
+    second = failed_dagster_run(instance, run, 0, retry_number=1, parent=first)
+    last = failed_dagster_run(instance, run, 0, retry_number=2, parent=second)  # the last retry failed too
+    assert last.tags["dagster/will_retry"] == "false"
     result, cursor = tick(instance, store, cursor)
     assert keys(result) == []
     failed = store.get_run(run.run_id)
@@ -116,7 +128,8 @@ def test_pause_resume_cancel(instance, store):
     assert keys(result) == [] and store.get_run(run.run_id).status == "paused"
     assert resume_run(store, run.run_id)
     result, cursor = tick(instance, store, cursor)
-    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/1")]  # continues from job 0's checkpoint
+    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/1/g1")]  # continues from job 0's checkpoint
+    assert keys(tick(instance, store, cursor)[0]) == []
 
     in_flight = instance.add_run(dg.DagsterRun(job_name=TRAIN_JOB, run_id=str(uuid.uuid4()),
                                                status=dg.DagsterRunStatus.NOT_STARTED,
@@ -126,8 +139,69 @@ def test_pause_resume_cancel(instance, store):
     assert terminated == [in_flight.run_id]
     assert instance.get_run_by_id(in_flight.run_id).status == dg.DagsterRunStatus.CANCELED
     assert store.get_job(run.run_id, 1).status == "failed"
-    succeed(store, run, 1)  # even if the worker reports success late, a cancelled run stays put
+    succeed(store, run, 1)  # the worker reports success late: recorded, never merged
+    assert store.get_job(run.run_id, 1).status == "discarded"
     assert keys(tick(instance, store, cursor)[0]) == [] and store.get_run(run.run_id).status == "cancelled"
+
+
+def test_resume_while_the_job_is_in_flight_does_not_launch_it_twice(instance, store):
+    run = new_run(store, jobs=3, every=3)
+    _, cursor = tick(instance, store)
+    store.record_job_started(run.run_id, 0)
+    assert pause_run(store, run.run_id) and resume_run(store, run.run_id)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == []  # job 0 still runs: no second copy under the new generation's key
+    succeed(store, run, 0)
+    assert keys(tick(instance, store, cursor)[0]) == [(TRAIN_JOB, f"{run.run_id}/1/g1")]
+
+
+def canceled_dagster_run(instance, run, i):
+    dagster_run = instance.add_run(dg.DagsterRun(job_name=TRAIN_JOB, run_id=str(uuid.uuid4()),
+                                                 status=dg.DagsterRunStatus.STARTED,
+                                                 tags={"mloc/run_id": run.run_id, "mloc/job_index": str(i)}))
+    instance.report_run_canceled(dagster_run, message="terminated in the UI")
+    return dagster_run
+
+
+def test_a_canceled_job_pauses_the_run_and_resume_requests_it_again(instance, store):
+    run = new_run(store)
+    _, cursor = tick(instance, store)
+    store.record_job_started(run.run_id, 0)
+    canceled_dagster_run(instance, run, 0)
+    result, cursor = tick(instance, store, cursor)
+    paused = store.get_run(run.run_id)
+    assert keys(result) == [] and paused.status == "paused" and "was canceled" in paused.status_reason
+    assert store.get_job(run.run_id, 0).status == "failed"
+    assert keys(tick(instance, store, cursor)[0]) == []  # the same cancellation is handled once
+    assert resume_run(store, run.run_id)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(TRAIN_JOB, f"{run.run_id}/0/g1")]
+    assert store.get_job(run.run_id, 0).status == "queued"
+
+
+def test_a_job_refused_while_paused_is_not_a_failure(instance, store):
+    run = new_run(store)
+    _, cursor = tick(instance, store)
+    assert pause_run(store, run.run_id)
+    store.mark_job_failed(run.run_id, 0, "refused to start: training run paused")
+    dagster_run = instance.add_run(dg.DagsterRun(
+        job_name=TRAIN_JOB, run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED,
+        tags={"mloc/run_id": run.run_id, "mloc/job_index": "0", "mloc/refused": "paused",
+              "dagster/retry_on_asset_or_op_failure": "false"}))
+    instance.report_run_failed(dagster_run)
+    _, cursor = tick(instance, store, cursor)
+    assert store.get_run(run.run_id).status == "paused"
+    assert resume_run(store, run.run_id)
+    assert keys(tick(instance, store, cursor)[0]) == [(TRAIN_JOB, f"{run.run_id}/0/g1")]
+
+
+def test_a_run_with_an_unknown_hparam_fails_with_the_allowed_keys(instance, store):
+    run = store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
+                           hparams={"lora_r": 8}, timebox_s=60, max_jobs=2, candidate_every=2)
+    result, _ = tick(instance, store)
+    assert keys(result) == []
+    failed = store.get_run(run.run_id)
+    assert failed.status == "failed" and "unknown hparam(s) lora_r; allowed: alpha" in failed.status_reason
 
 
 def test_several_runs_and_dialects(instance, store):

@@ -1,0 +1,78 @@
+"""A production line with real learning, built once per session: an espeak corpus with enough
+speakers for the gate's speaker bootstrap, a briefly pre-trained base model, and adapters that
+were actually trained (B ≠ 0): a good one, a weak one (two tiny steps: worse than the good one),
+and one trained on another base model. Each test gets its own DAGSTER_HOME on top of it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DIALECT = "en-gb-scotland"
+BASE_DIALECT = "en-us"
+
+
+@dataclass(frozen=True)
+class Line:
+    incoming: Path
+    base: Path  # pre-trained base model directory
+    other_base: Path  # a second base model (a "base-model change")
+    adapters: dict  # name -> AdapterJobResult
+
+
+@pytest.fixture(scope="session")
+def line(tmp_path_factory) -> Line:
+    from mloc_dagster.core.corpus import synth_dialect
+    from mloc_dagster.core.datasets import build_version, find_batches
+    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, pretrain_base, train_adapter
+
+    root = tmp_path_factory.mktemp("line")
+    incoming, features = root / "incoming", root / "features"
+    synth_dialect(BASE_DIALECT, 240, incoming, seed=0, speakers=16, batch_id="b0001")
+    synth_dialect(DIALECT, 200, incoming, seed=1, speakers=20, batch_id="b0001")
+    versions = {d: build_version(d, find_batches(incoming, d), root / "datasets" / d).path
+                for d in (BASE_DIALECT, DIALECT)}
+    base = root / "base"
+    pretrain_base(versions[BASE_DIALECT], base, train_seconds=900, max_steps=150, seed=0, feature_cache_dir=features)
+    other_base = save_base_model(new_tiny_model(), root / "other-base")
+
+    def adapter(name: str, base_dir: Path, steps: int, lr: float):
+        return train_adapter(AdapterJobSpec(
+            base_model_dir=base_dir, dataset_version_path=versions[DIALECT], out_dir=root / "adapters" / name,
+            timebox_s=900, max_steps=steps, hparams=AdapterHParams(lr=lr, rehearsal_fraction=0.25),
+            rehearsal_dataset_path=versions[BASE_DIALECT], feature_cache_dir=features, run_id=name, job_index=0))
+
+    adapters = {"good": adapter("good", base, 60, 3e-3), "weak": adapter("weak", base, 2, 1e-4),
+                "other-base": adapter("other-base", other_base, 2, 3e-3)}
+    return Line(incoming, base, other_base, adapters)
+
+
+@pytest.fixture()
+def line_instance(line, mloc_home):
+    """A fresh instance on ``line``: both dialects ingested through Dagster, the base registered."""
+    import dagster as dg
+
+    from mloc_dagster.definitions import defs
+    from mloc_dagster.partitions import dialect_partitions
+
+    shutil.copytree(line.incoming, mloc_home / "incoming")
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(dialect_partitions.name, [BASE_DIALECT, DIALECT])
+    for dialect in (BASE_DIALECT, DIALECT):
+        assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance).success
+    register_base(instance, line.base)
+    yield instance
+    instance.dispose()
+
+
+def register_base(instance, base_dir: Path):
+    from mloc_dagster.definitions import defs
+
+    result = defs.resolve_job_def("base_model_job").execute_in_process(
+        instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base_dir)}}}})
+    assert result.success
+    return result.asset_materializations_for_node("base_model")[0].metadata["version"].value
