@@ -179,3 +179,26 @@ def test_refuses_to_resume_from_an_unsafe_checkpoint(pretrained_base, corpus, tm
     (tmp_path / "ok" / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(UnsafeCheckpoint, match="optimizer.pt"):
         train_adapter(_spec(base, corpus, tmp_path / "next", max_steps=1, resume_from=tmp_path / "ok"))
+
+
+def test_distillation_resumes_exactly_and_records_the_learning_curve(pretrained_base, corpus, tmp_path):
+    """distill_weight > 0 (KL to the frozen base on rehearsal rows) changes the loss and keeps exact
+    resume; every checkpoint carries the run's learning curve (dev CER per job)."""
+    base, _ = pretrained_base
+    hp = AdapterHParams(**(RESUME_HPARAMS | {"distill_weight": 1.0, "rehearsal_fraction": 0.5}))
+    kw = {"rehearsal_dataset_path": corpus.en_us, "hparams": hp}
+    full = train_adapter(_spec(base, corpus, tmp_path / "full", max_steps=2 * N, **kw))
+    first = train_adapter(_spec(base, corpus, tmp_path / "job0", max_steps=N, job_index=0, **kw))
+    second = train_adapter(_spec(base, corpus, tmp_path / "job1", max_steps=N, job_index=1,
+                                 resume_from=tmp_path / "job0", **kw))
+    assert first.loss_history + second.loss_history == pytest.approx(full.loss_history, abs=1e-6)
+    _assert_same_adapter(tmp_path / "full", tmp_path / "job1")
+    plain = train_adapter(_spec(base, corpus, tmp_path / "plain", max_steps=2 * N, rehearsal_dataset_path=corpus.en_us,
+                                hparams=AdapterHParams(**(RESUME_HPARAMS | {"rehearsal_fraction": 0.5}))))
+    assert plain.loss_history != pytest.approx(full.loss_history, abs=1e-6)  # the KL term trains differently
+
+    assert [c["job_index"] for c in second.learning_curve] == [0, 1]
+    assert [c["dev_cer"] for c in second.learning_curve] == [first.dev_cer, second.dev_cer]
+    assert first.dev_cer_delta is None and second.dev_cer_delta == pytest.approx(second.dev_cer - first.dev_cer)
+    assert second.dev_speakers >= 1 and second.dev_utterances > 0
+    assert _state(tmp_path / "job1")["jobs"][1]["dev_cer"] == second.dev_cer
