@@ -171,9 +171,13 @@ def check_resumable(meta: dict, source: Path, hparams, identity: dict) -> None:
                               "a training run pins its base model and dataset version")
 
 
+# Hyper-parameters added after checkpoints existed: the value that reproduces what those
+# checkpoints were trained with (a run resumes only with the same settings).
+LEGACY_HPARAMS = {"distill_weight": 0.0}
+
+
 def _default(hparams, name: str):
-    """A hyper-parameter added after a checkpoint was written resumes at its default value."""
-    return getattr(type(hparams)(), name)
+    return LEGACY_HPARAMS.get(name, getattr(type(hparams)(), name))
 
 
 # --------------------------------------------------------------------------- checkpoint I/O

@@ -117,9 +117,9 @@ class AdapterHParams:
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
     seed: int = 0
-    rehearsal_fraction: float = 0.25  # share of each epoch drawn from the rehearsal dataset, if one is given
+    rehearsal_fraction: float = 0.5  # share of each epoch drawn from the rehearsal dataset, if one is given
     # Weight of the distillation loss on rehearsal rows (KL from the frozen base's outputs); 0: off.
-    distill_weight: float = 0.0
+    distill_weight: float = 1.0
 
 
 @dataclass
@@ -142,6 +142,10 @@ class AdapterJobSpec:
     dataset_version_path: str | Path
     out_dir: str | Path  # this job's final checkpoint directory
     resume_from: str | Path | None = None  # previous job's final checkpoint of the same training run
+    # Warm start of a run's first job: a merged/promoted peft adapter of the dialect (same base
+    # model, same LoRA shape). Its weights replace the fresh LoRA init; optimizer and data position
+    # start fresh. Ignored when resuming.
+    init_adapter: str | Path | None = None
     timebox_s: float = 3600.0
     checkpoint_every_s: float = 300.0
     hparams: AdapterHParams = field(default_factory=AdapterHParams)
@@ -193,7 +197,7 @@ class AdapterJobResult:
     run_id: str | None
     job_index: int | None
     resumed_from: str | None  # checkpoint this job started from (a partial one after a crash)
-    resumed_kind: str  # fresh | resume_from | partial | reused
+    resumed_kind: str  # fresh | warm_start | resume_from | partial | reused
     checkpoints_written: int
     last_save_seconds: float
     feature_cache_hit: bool
@@ -220,6 +224,30 @@ class AdapterJobResult:
     def metrics(self) -> dict[str, float | int | str | None]:
         """Scalar fields (everything but the loss history and the curve), e.g. for asset metadata."""
         return {k: v for k, v in self.to_json().items() if k not in ("loss_history", "learning_curve")}
+
+
+def load_warm_start(model: torch.nn.Module, adapter_dir: str | Path) -> None:
+    """Put a promoted/candidate adapter's LoRA weights into a fresh peft model. Only the two peft
+    files a node may submit are read, validated like any merge input; every LoRA weight of the
+    model must be covered (same targets, same rank), else ``ResumeError`` says what differs."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mloc_dagster.core.merge import InvalidAdapter, load_adapter
+
+    try:
+        load_adapter(adapter_dir)
+    except InvalidAdapter as exc:
+        raise ResumeError(f"warm start from {adapter_dir}: {exc}") from exc
+    weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # shape mismatch: another rank or base model
+        raise ResumeError(f"warm start from {adapter_dir}: {str(exc).splitlines()[0]}") from exc
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ResumeError(f"warm start from {adapter_dir}: LoRA weights missing {missing[:3]} / unexpected "
+                          f"{list(result.unexpected_keys)[:3]}; use the adapter's own r, alpha and target_modules")
 
 
 def _identity(spec: AdapterJobSpec, base_hash: str, dv: DatasetVersion, rehearsal: DatasetVersion | None) -> dict:
@@ -297,6 +325,9 @@ class _AdapterJob:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(bm.model, lora)
+        if meta is None and spec.init_adapter:
+            load_warm_start(self.model, spec.init_adapter)
+            self.source, self.kind = Path(spec.init_adapter), "warm_start"
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = AdamW(self.trainable, lr=hp.lr, weight_decay=hp.weight_decay)
