@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--base-utts", type=int, default=2400)
     ap.add_argument("--dialect-utts", type=int, default=1200)
     ap.add_argument("--base-s", type=float, default=180.0, help="base pre-training budget (seconds)")
+    ap.add_argument("--base-steps", type=int, default=None,
+                    help="also cap base pre-training at this many steps (a base that does not depend on load)")
     ap.add_argument("--base", type=Path, default=None, help="reuse this base model directory")
     ap.add_argument("--jobs", type=int, default=6)
     ap.add_argument("--timebox-s", type=float, default=30.0, help="timebox of each chained job")
@@ -95,7 +97,8 @@ def main() -> None:
     else:
         base_dir = work / "base"
         console.print(f"pre-training the base model on {BASE_DIALECT} for {args.base_s:.0f} s ...")
-        base_metrics = pretrain_base(versions[BASE_DIALECT], base_dir, args.base_s, seed=0, feature_cache_dir=cache)
+        base_metrics = pretrain_base(versions[BASE_DIALECT], base_dir, args.base_s, seed=0, feature_cache_dir=cache,
+                                     max_steps=args.base_steps)
     base_rates = {d: test_rates(base_dir, None, v, cache) for d, v in versions.items()}
     results: dict = {"base_train_seconds": base_metrics.get("train_seconds"), "base_steps": base_metrics.get("steps"),
                      "base_parameters": base_metrics.get("parameters")}
