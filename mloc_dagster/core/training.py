@@ -370,16 +370,18 @@ class _AdapterJob:
         out = self.model(**batch)
         if not self.hp.distill_weight:
             return out.loss
-        rehearsal = torch.tensor([i >= self.n_rows for i in idx], device=out.logits.device)
-        if not bool(rehearsal.any()):
+        rows = [k for k, i in enumerate(idx) if i >= self.n_rows]  # rehearsal rows of this batch
+        if not rows:
             return out.loss
+        sel = torch.tensor(rows, device=out.logits.device)
+        features, mask = batch["input_features"][sel], batch["attention_mask"][sel]
         with torch.no_grad(), self.model.disable_adapter():
             self.model.eval()  # the teacher is the base model as deployed: no dropout, no masking
-            teacher = self.model(input_features=batch["input_features"], attention_mask=batch["attention_mask"]).logits
+            teacher = self.model(input_features=features, attention_mask=mask).logits
             self.model.train()
-        n_out = output_lengths(self.model, batch["attention_mask"])
-        frames = torch.arange(out.logits.shape[1], device=out.logits.device)[None, :] < n_out[:, None]
-        return out.loss + self.hp.distill_weight * distillation_loss(out.logits, teacher, frames & rehearsal[:, None])
+        n_out = output_lengths(self.model, mask)
+        frames = torch.arange(teacher.shape[1], device=teacher.device)[None, :] < n_out[:, None]
+        return out.loss + self.hp.distill_weight * distillation_loss(out.logits[sel], teacher, frames)
 
     def step(self) -> None:
         t_step = time.monotonic()
