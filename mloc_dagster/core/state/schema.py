@@ -152,6 +152,19 @@ nodes = sa.Table(
     sa.Column("jobs_today", sa.Integer, nullable=False, default=0),
     sa.Column("jobs_day", sa.String(10)),
     sa.Column("updated_at", _UtcDateTime),
+    # The node registry (issue 10); every column nullable so existing stores migrate in place.
+    sa.Column("host", sa.String(255)),
+    sa.Column("device", sa.String(16)),  # "cuda" | "cpu"
+    sa.Column("gpu_name", sa.String(255)),
+    sa.Column("gpu_uuid", sa.String(64)),
+    sa.Column("gpu_memory_mb", sa.Integer),
+    # {base_model_hash: {"samples_per_s": float, "at": iso, "source": "job" | "calibrate", "jobs": int}}
+    sa.Column("throughput", sa.JSON),
+    sa.Column("last_seen_at", _UtcDateTime),  # heartbeats; unseen for longer than the TTL = unavailable
+    sa.Column("daily_quota", sa.Integer),  # NULL: the deployment default (10 jobs a day)
+    sa.Column("drained", sa.Boolean),  # NULL/false: may take new work
+    sa.Column("drained_reason", sa.Text),
+    sa.Column("registered_at", _UtcDateTime),
 )
 
 # Arbitrary constant key for pg_advisory_xact_lock: serializes schema changes across processes.

@@ -1,0 +1,127 @@
+"""How gate outcomes and per-adapter screening move a node's reputation (SPEC §5, issue 10).
+
+Reputation is a number in [0, 1]; a new node starts at 1.0 and a node below ``TRUST_BAR`` (0.7)
+only feeds *experimental* candidates. Every piece of evidence about a node is one exponential
+moving-average step towards a target::
+
+    reputation <- reputation + rate * (target - reputation)
+
+``target`` says what the evidence is worth (1: as good as a trusted node, 0: worthless or
+hostile), ``rate`` how much a single piece of evidence counts. The store applies a step in one
+UPDATE (``NodeStore.apply_reputation_updates``), so concurrent merges and gates all count and the
+value stays in [0, 1] without a clamp ever biting.
+
+Evidence and its weight (the defaults in ``ReputationRule``):
+
+============================================  =======================  ======================
+evidence                                      target                   rate
+============================================  =======================  ======================
+adapter refused at a merge (non-finite,       0                        0.5 (one refusal takes
+mis-shaped, wrong base or round, unsafe                                1.0 to 0.5: untrusted at
+files)                                                                 once)
+adapter accepted at a merge                   direction score d ∈[0,1] 0.3
+  ... its norm had to be clipped              min(d, 0.5)              0.3
+  ... its dev loss is not sane                0                        0.3
+candidate passed its gate                     1                        0.1 × node's share
+candidate failed its gate                     0                        0.05 × node's share
+gate without a decision (insufficient         no change                --
+evidence, skipped)
+============================================  =======================  ======================
+
+The direction score is FLTrust's idea (Cao et al., NDSS 2021) with a margin: the cosine between
+the node's update ΔW and a reference update the server trusts, mapped linearly from
+``cos_floor`` (score 0) to ``cos_good`` (score 1) and clipped; with no reference it is 1. So a
+node whose updates point elsewhere (shuffled transcripts, noise) drops below 0.7 in two merges
+(1.0 → 0.7 → 0.49 at score 0) while an honest node with an occasional weak update recovers.
+Gate outcomes move reputation slowly and in proportion to the node's share of the candidate's
+adapters: one bad candidate built by six nodes must not ruin all six, and a node that is below
+the bar climbs back only through experimental candidates that pass their gate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+TRUST_BAR = 0.7
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationUpdate:
+    """One EMA step: ``reputation + rate * (target - reputation)``."""
+
+    target: float
+    rate: float
+    reason: str
+
+    def __post_init__(self) -> None:
+        for name in ("target", "rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"reputation update {name} must be in [0, 1], got {value!r}")
+
+    def apply(self, current: float) -> float:
+        return min(1.0, max(0.0, current + self.rate * (self.target - current)))
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationRule:
+    refused_rate: float = 0.5
+    screening_rate: float = 0.3
+    cos_floor: float = 0.0  # direction score 0 at or below this cosine
+    cos_good: float = 0.5  # direction score 1 at or above it
+    clipped_cap: float = 0.5
+    gate_pass_rate: float = 0.1
+    gate_fail_rate: float = 0.05
+
+
+DEFAULT_RULE = ReputationRule()
+
+
+def direction_score(cosine: float | None, rule: ReputationRule = DEFAULT_RULE) -> float:
+    """Cosine against the trusted reference update, mapped to [0, 1] (None: no reference, 1)."""
+    if cosine is None:
+        return 1.0
+    if not math.isfinite(cosine):
+        return 0.0
+    return min(1.0, max(0.0, (cosine - rule.cos_floor) / (rule.cos_good - rule.cos_floor)))
+
+
+def reputation_from_screening(*, refused: str | None = None, cosine: float | None = None, clipped: bool = False,
+                              dev_loss_ok: bool = True, rule: ReputationRule = DEFAULT_RULE) -> ReputationUpdate:
+    """The step for one adapter screened at a merge (``refused``: the reason it was refused)."""
+    if refused:
+        return ReputationUpdate(0.0, rule.refused_rate, f"refused: {refused}")
+    if not dev_loss_ok:
+        return ReputationUpdate(0.0, rule.screening_rate, "dev loss not sane")
+    score = direction_score(cosine, rule)
+    reason = "accepted" if cosine is None else f"accepted, cosine {cosine:.2f}"
+    if clipped:
+        score, reason = min(score, rule.clipped_cap), reason + ", norm clipped"
+    return ReputationUpdate(score, rule.screening_rate, reason)
+
+
+def node_shares(node_ids: Iterable[str | None]) -> dict[str, float]:
+    """Each node's share of a candidate's adapters (a candidate's ``sources``' node ids)."""
+    counts = Counter(n for n in node_ids if n)
+    total = sum(counts.values())
+    return {n: c / total for n, c in sorted(counts.items())}
+
+
+def reputation_from_gate(decision: str, shares: Mapping[str, float],
+                         rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
+    """The steps for every node of a gated candidate: ``decision`` is the gate report's
+    (``passed`` / ``failed``; anything else moves nothing), ``shares`` each node's share of the
+    candidate's adapters (``node_shares(candidate.sources' node ids)``)."""
+    if decision not in ("passed", "failed"):
+        return {}
+    target, rate = (1.0, rule.gate_pass_rate) if decision == "passed" else (0.0, rule.gate_fail_rate)
+    out = {}
+    for node_id, share in shares.items():
+        if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+            raise ValueError(f"node {node_id!r}: share {share!r} is not in [0, 1]")
+        if share > 0:
+            out[node_id] = ReputationUpdate(target, rate * share, f"gate {decision} (share {share:.2f})")
+    return out
