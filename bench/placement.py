@@ -81,6 +81,7 @@ def summarise(grid: dict, prefix: str, results: dict) -> None:
     for per_node in PER_NODE:
         for m in ("greedy", "equal"):
             sel = np.concatenate([r[m] for (_, _, p), r in grid.items() if p == per_node])
+            results[f"{prefix}/{m}/mean@{per_node}_per_node"] = float(sel.mean())
             results[f"{prefix}/{m}/max@{per_node}_per_node"] = float(sel.max())
     for spread in SPREADS:
         sel = np.concatenate([r["equal"] for (_, s, _), r in grid.items() if s == spread])
