@@ -56,6 +56,7 @@ def list_nodes(as_json: bool = typer.Option(False, "--json")) -> None:
     """Nodes the registry knows and whether each may take work now (a node never seen has full
     reputation and no figures)."""
     from mloc_dagster.core.placement import unavailable_reason
+    from mloc_dagster.core.reputation import TRUST_BAR
     from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
 
     now, ttl, quota = datetime.now(UTC), node_ttl_s(), default_daily_quota()
@@ -69,9 +70,10 @@ def list_nodes(as_json: bool = typer.Option(False, "--json")) -> None:
     for n in nodes:
         limit = quota if n.daily_quota is None else n.daily_quota
         reason = unavailable_reason(n, now=now, ttl_s=ttl, default_quota=quota)
+        trust = f"{n.reputation:.2f}" + (" (experimental only)" if n.reputation < TRUST_BAR else "")
+        status = "[green]available[/]" if reason is None else reason
         table.add_row(n.node_id, n.device.describe() if n.device else "?", _speeds(n), _ago(n.last_seen_at, now),
-                      f"{n.jobs_taken(now.date().isoformat())}/{limit}", f"{n.reputation:.2f}",
-                      "[green]available[/]" if reason is None else reason)
+                      f"{n.jobs_taken(now.date().isoformat())}/{limit}", trust, status)
     console.print(table)
 
 

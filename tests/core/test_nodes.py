@@ -79,7 +79,8 @@ def test_throughput_per_base_model_calibration_then_jobs(store: StateStore, cloc
     assert rec.samples_per_s("bm-a") == pytest.approx(80.0)
     assert rec.throughput["bm-a"]["jobs"] == 1 and rec.throughput["bm-a"]["source"] == "job"
     assert rec.last_seen_at == clock.now  # a job's report is a heartbeat too
-    store.record_job_throughput("n1", "bm-b", 10.0)  # first figure for another base model: taken as is
+    store.record_job_throughput("n1", "bm-b", 10.0, host="worker-9", device=GPU)  # another base: taken as is
+    assert store.get_node("n1").host == "worker-9" and store.get_node("n1").device == GPU
     rec = store.record_job_throughput("n1", "bm-a", 90.0, source="calibrate")
     assert (rec.samples_per_s("bm-a"), rec.samples_per_s("bm-b")) == (90.0, 10.0)
     for bad in (0.0, -1.0, float("nan"), float("inf")):

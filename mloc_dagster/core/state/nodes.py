@@ -162,21 +162,18 @@ class NodeStore(StoreEngine):
         seen = seen_at or self._clock()
         with self._write() as conn:
             row = self._lock_node(conn, node_id)
-            values: dict[str, Any] = {"updated_at": self._clock()}
+            values: dict[str, Any] = {"updated_at": self._clock(), **_identity(host, device)}
             if row["last_seen_at"] is None or row["last_seen_at"] < seen:
                 values["last_seen_at"] = seen
-            if host is not None:
-                values["host"] = host
-            if device is not None:
-                values.update(device=device.kind, gpu_name=device.name, gpu_uuid=device.uuid,
-                              gpu_memory_mb=device.memory_mb)
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(**values))
         return self.get_node(node_id)
 
     def record_job_throughput(self, node_id: str, base_model: str, samples_per_s: float,
-                              seen_at: datetime | None = None, *, source: str = "job") -> NodeRecord:
+                              seen_at: datetime | None = None, *, source: str = "job", host: str | None = None,
+                              device: DeviceInfo | None = None) -> NodeRecord:
         """Fold a measured throughput (samples/s on ``base_model``, a base model hash) into the
-        node's figure and count it as a heartbeat at ``seen_at``.
+        node's figure and count it as a heartbeat at ``seen_at`` (with ``host`` and ``device``
+        when given: one call after a job registers a node nobody introduced).
 
         ``source="job"`` (after every training job): EMA, ``new = old + 0.5 · (measured − old)``,
         so a slower job (a straggler) lowers the estimate at once; ``source="calibrate"``
@@ -199,7 +196,8 @@ class NodeStore(StoreEngine):
                 value = float(old["samples_per_s"]) + THROUGHPUT_EMA * (value - float(old["samples_per_s"]))
             figures[base_model] = {"samples_per_s": round(value, 4), "at": seen.isoformat(), "source": source,
                                    "jobs": int(old.get("jobs", 0) if old else 0) + (source == "job")}
-            values: dict[str, Any] = {"throughput": figures, "updated_at": self._clock()}
+            values: dict[str, Any] = {"throughput": figures, "updated_at": self._clock(),
+                                      **_identity(host, device)}
             if row["last_seen_at"] is None or row["last_seen_at"] < seen:
                 values["last_seen_at"] = seen
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(**values))
@@ -302,6 +300,14 @@ class NodeStore(StoreEngine):
         FOR UPDATE; SQLite's BEGIN IMMEDIATE already serializes writers)."""
         self._ensure_node(conn, node_id)
         return conn.execute(sa.select(nodes).where(nodes.c.node_id == node_id).with_for_update()).mappings().one()
+
+
+def _identity(host: str | None, device: DeviceInfo | None) -> dict[str, Any]:
+    """Column values for what was given (None leaves the stored value alone)."""
+    values: dict[str, Any] = {} if host is None else {"host": host}
+    if device is not None:
+        values.update(device=device.kind, gpu_name=device.name, gpu_uuid=device.uuid, gpu_memory_mb=device.memory_mb)
+    return values
 
 
 def _node(row: Any) -> NodeRecord:
