@@ -24,8 +24,8 @@ adapter accepted at a merge                   direction score d ∈[0,1] 0.3
   ... its dev loss is not sane                0                        0.3
 candidate passed its gate                     1                        0.1 × node's share
 candidate failed its gate                     0                        0.05 × node's share
-gate without a decision (insufficient         no change                --
-evidence, skipped)
+gate without a decision (failed only for      no change                --
+insufficient evidence, skipped)
 ============================================  =======================  ======================
 
 The direction score is FLTrust's idea (Cao et al., NDSS 2021) with a margin: the cosine between
@@ -110,12 +110,17 @@ def node_shares(node_ids: Iterable[str | None]) -> dict[str, float]:
     return {n: c / total for n, c in sorted(counts.items())}
 
 
-def reputation_from_gate(decision: str, shares: Mapping[str, float],
+def reputation_from_gate(decision: str, shares: Mapping[str, float], *, failure_reasons: Iterable[str] = (),
                          rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
     """The steps for every node of a gated candidate: ``decision`` is the gate report's
     (``passed`` / ``failed``; anything else moves nothing), ``shares`` each node's share of the
-    candidate's adapters (``node_shares(candidate.sources' node ids)``)."""
+    candidate's adapters (``node_shares(candidate.sources' node ids)``). A gate that failed only
+    for lack of evidence (every one of ``failure_reasons`` -- ``GateReport.reasons`` -- says
+    "insufficient evidence") says nothing about the nodes and moves nothing."""
     if decision not in ("passed", "failed"):
+        return {}
+    reasons = list(failure_reasons)
+    if decision == "failed" and reasons and all("insufficient evidence" in r for r in reasons):
         return {}
     target, rate = (1.0, rule.gate_pass_rate) if decision == "passed" else (0.0, rule.gate_fail_rate)
     out = {}

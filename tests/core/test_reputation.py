@@ -41,6 +41,10 @@ def test_gate_moves_nodes_in_proportion_to_their_share() -> None:
     failed = reputation_from_gate("failed", shares)
     assert failed["a"].apply(1.0) == pytest.approx(1 - 0.05 * 0.75)
     assert reputation_from_gate("insufficient evidence", shares) == {}
+    lacking = ["improvement_gate: insufficient evidence: 2 test speakers (the speaker bootstrap needs at least 5)"]
+    assert reputation_from_gate("failed", shares, failure_reasons=lacking) == {}
+    both = [*lacking, "cer_gate: CER 0.40 > 0.15"]
+    assert set(reputation_from_gate("failed", shares, failure_reasons=both)) == {"a", "b"}
     with pytest.raises(ValueError, match="share"):
         reputation_from_gate("passed", {"a": 1.5})
 
