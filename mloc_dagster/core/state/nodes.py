@@ -258,9 +258,6 @@ class NodeStore(StoreEngine):
                          .where(nodes.c.node_id == node_id, nodes.c.jobs_day == today, nodes.c.jobs_today > 0)
                          .values(jobs_today=nodes.c.jobs_today - 1, updated_at=self._clock()))
 
-    def jobs_today(self, node_id: str) -> int:
-        return self.get_node(node_id).jobs_taken(self._today())
-
     # -- reputation ----------------------------------------------------------------------------------
 
     def set_node_reputation(self, node_id: str, reputation: float) -> float:
