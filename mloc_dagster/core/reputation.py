@@ -103,6 +103,34 @@ def reputation_from_screening(*, refused: str | None = None, cosine: float | Non
     return ReputationUpdate(score, rule.screening_rate, reason)
 
 
+def reputation_from_merge(node_of: Mapping[str, str | None], *, accepted: Iterable[str] = (),
+                          rejected: Iterable[tuple[str, str]] = (), clipped: Iterable[str] = (),
+                          cosines: Mapping[str, float] | None = None, dev_loss_ok: Mapping[str, bool] | None = None,
+                          rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
+    """One step per node from a merge's screening (``core.merge.MergeResult``: ``sources`` that
+    went in, ``rejected`` as (source, reason), ``clipped`` sources), keyed by adapter source
+    (its path) through ``node_of`` (source -> node id; adapters without a node are skipped).
+    A node with several adapters in the merge gets the step of its worst one."""
+    cosines, dev_loss_ok = cosines or {}, dev_loss_ok or {}
+    clipped_set = set(clipped)
+    steps: dict[str, ReputationUpdate] = {}
+
+    def keep(source: str, update: ReputationUpdate) -> None:
+        node = node_of.get(source)
+        if not node:
+            return
+        worst = steps.get(node)
+        if worst is None or (update.target, -update.rate) < (worst.target, -worst.rate):
+            steps[node] = update
+
+    for source, reason in rejected:
+        keep(source, reputation_from_screening(refused=reason, rule=rule))
+    for source in accepted:
+        keep(source, reputation_from_screening(cosine=cosines.get(source), clipped=source in clipped_set,
+                                               dev_loss_ok=dev_loss_ok.get(source, True), rule=rule))
+    return steps
+
+
 def node_shares(node_ids: Iterable[str | None]) -> dict[str, float]:
     """Each node's share of a candidate's adapters (a candidate's ``sources``' node ids)."""
     counts = Counter(n for n in node_ids if n)

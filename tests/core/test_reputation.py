@@ -10,6 +10,7 @@ from mloc_dagster.core.reputation import (
     direction_score,
     node_shares,
     reputation_from_gate,
+    reputation_from_merge,
     reputation_from_screening,
 )
 
@@ -55,3 +56,14 @@ def test_updates_are_bounded() -> None:
     with pytest.raises(ValueError, match="target"):
         ReputationUpdate(float("nan"), 0.1, "x")
     assert ReputationUpdate(1.0, 1.0, "x").apply(0.2) == 1.0
+
+
+def test_merge_screening_gives_each_node_the_step_of_its_worst_adapter() -> None:
+    node_of = {"/a/1": "a", "/a/2": "a", "/b/1": "b", "/c/1": "c", "/x/1": None}
+    steps = reputation_from_merge(node_of, accepted=["/a/1", "/b/1", "/c/1", "/x/1"],
+                                  rejected=[("/a/2", "contains NaN or infinite values")], clipped=["/b/1"],
+                                  cosines={"/c/1": -0.2})
+    assert steps["a"].target == 0.0 and steps["a"].rate == 0.5 and "NaN" in steps["a"].reason
+    assert steps["b"].target == 0.5 and "clipped" in steps["b"].reason
+    assert steps["c"].target == 0.0 and set(steps) == {"a", "b", "c"}
+    assert reputation_from_merge(node_of, accepted=["/a/1"])["a"].target == 1.0
