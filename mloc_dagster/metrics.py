@@ -17,6 +17,11 @@ written by every step process in prometheus_client's multiprocess mode and summe
 | ``mloc_candidates`` | dialect, trusted, gate (passed, failed, pending) |
 | ``mloc_promotions`` | dialect, branch |
 | ``mloc_dagster_runs`` | job, status (in-flight runs by job; all runs by status with job "all") |
+| ``mloc_node_reputation`` | node |
+| ``mloc_node_samples_per_second`` | node, base_model (first 12 characters of its hash) |
+| ``mloc_node_last_seen_timestamp_seconds`` | node (unix time of the last heartbeat) |
+| ``mloc_node_jobs_today`` / ``mloc_node_daily_quota`` | node |
+| ``mloc_node_available`` | node, reason (1 when it may take work now; else 0 and why) |
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class LineCollector(Collector):
     def collect(self) -> Iterator[Any]:
         started = time.monotonic()
         yield from self._training()
+        yield from self._nodes()
         if self.instance is not None:
             yield from self._dagster_runs()
         took = GaugeMetricFamily("mloc_metrics_scrape_seconds", "Time to read the line's state for this scrape.")
@@ -148,6 +154,33 @@ class LineCollector(Collector):
             for branch, n in sorted(Counter(p.branch for p in self.store.list_promotions(dialect, limit=None)).items()):
                 promotions.add_metric([dialect, branch], n)
         yield from (candidates, promotions)
+
+    def _nodes(self) -> Iterator[Any]:
+        """The node registry (docs/pool.md)."""
+        from mloc_dagster.core.placement import unavailable_reason
+        from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
+
+        now, ttl, default_quota = datetime.now(UTC), node_ttl_s(), default_daily_quota()
+        reputation = GaugeMetricFamily("mloc_node_reputation", "Trust in a node's adapters, in [0, 1].", labels=["node"])
+        speed = GaugeMetricFamily("mloc_node_samples_per_second", "Measured training throughput per base model.",
+                                  labels=["node", "base_model"])
+        seen = GaugeMetricFamily("mloc_node_last_seen_timestamp_seconds", "Unix time of the node's last heartbeat.",
+                                 labels=["node"])
+        jobs = GaugeMetricFamily("mloc_node_jobs_today", "Training jobs taken today (UTC).", labels=["node"])
+        quota = GaugeMetricFamily("mloc_node_daily_quota", "Training jobs the node may take per UTC day.", labels=["node"])
+        available = GaugeMetricFamily("mloc_node_available", "1 when the node may take new work now.",
+                                      labels=["node", "reason"])
+        for n in self.store.list_nodes():
+            reputation.add_metric([n.node_id], n.reputation)
+            for base_model, figure in sorted(n.throughput.items()):
+                speed.add_metric([n.node_id, base_model[:12]], float(figure["samples_per_s"]))
+            if n.last_seen_at is not None:
+                seen.add_metric([n.node_id], _ts(n.last_seen_at))
+            jobs.add_metric([n.node_id], n.jobs_taken(now.date().isoformat()))
+            quota.add_metric([n.node_id], default_quota if n.daily_quota is None else n.daily_quota)
+            reason = unavailable_reason(n, now=now, ttl_s=ttl, default_quota=default_quota)
+            available.add_metric([n.node_id, (reason or "").split(":")[0]], 0 if reason else 1)
+        yield from (reputation, speed, seen, jobs, quota, available)
 
     def _dagster_runs(self) -> Iterator[Any]:
         import dagster as dg
