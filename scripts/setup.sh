@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+# The browser tests (tests/ui) drive Debian's chromium through playwright: no browser download.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ "${MLOC_WITH_POSTGRES:-0}" = 1 ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   need_apt+=(postgresql)
 fi
