@@ -40,8 +40,10 @@ class AdapterJobConfig(dg.Config):
     batch_size: int = 16
     warmup_steps: int = 20
     seed: int = 0
-    # Share of each epoch drawn from the base dialect's dataset, against forgetting it (0: off).
-    rehearsal_fraction: float = 0.25
+    # Share of each epoch drawn from the base dialect's dataset, against forgetting it (0: off),
+    # and the weight of distillation to the frozen base on those rows (0: off).
+    rehearsal_fraction: float = 0.5
+    distill_weight: float = 1.0
 
 
 # What a training run may set per job: every field above but the ones the chain sets itself.
@@ -86,18 +88,24 @@ def refuse(context: dg.AssetExecutionContext, message: str, **tags: str) -> dg.F
     return dg.Failure(message, allow_retries=False)
 
 
-def start_timebox(context: dg.AssetExecutionContext, timebox_s: int) -> float:
-    """The timebox starts now (the device is ours); move the run's ``dagster/max_runtime``
-    backstop so it counts the same interval: the wait before this moment is added to it."""
+def set_backstop(context: dg.AssetExecutionContext, seconds_from_now: float) -> float:
+    """Point the run's ``dagster/max_runtime`` (counted by run monitoring from the run's start)
+    at ``seconds_from_now`` + the margin; returns how long the run has been running."""
     now = time.time()
     record = context.instance.get_run_record_by_id(context.run_id)
-    run_start = record.start_time if record is not None and record.start_time else now
-    waited = max(0.0, now - run_start)
-    max_runtime = math.ceil(waited) + timebox_s + TIMEBOX_MARGIN_S
+    elapsed = max(0.0, now - (record.start_time if record is not None and record.start_time else now))
+    max_runtime = math.ceil(elapsed + seconds_from_now) + TIMEBOX_MARGIN_S
     context.instance.add_run_tags(context.run_id, {"dagster/max_runtime": str(max_runtime)})
-    context.log.info(f"timebox of {timebox_s} s starts {waited:.0f} s after the run started; "
-                     f"dagster/max_runtime backstop set to {max_runtime} s")
-    return now
+    return elapsed
+
+
+def start_timebox(context: dg.AssetExecutionContext, timebox_s: int) -> float:
+    """The timebox starts now (the device is ours): the backstop counts the same interval, the
+    wait for the device before this moment added to it."""
+    elapsed = set_backstop(context, timebox_s)
+    context.log.info(f"timebox of {timebox_s} s starts {elapsed:.0f} s after the run started; "
+                     f"dagster/max_runtime backstop moved to {math.ceil(elapsed) + timebox_s + TIMEBOX_MARGIN_S} s")
+    return time.time()
 
 
 @dg.asset(
@@ -159,6 +167,8 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             stopped_by["reason"] = "stopped"
         return alive
 
+    # The wait for a device is bounded by the arbiter (TRAIN's max_wait_s), not by the backstop.
+    set_backstop(context, gpu.arbiter.policy_for("TRAIN").max_wait_s + config.timebox_s)
     with gpu.lease("TRAIN", context) as lease:
         if not lease.runnable:
             raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
@@ -167,11 +177,13 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             result = train_adapter(AdapterJobSpec(
                 base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version, out_dir=out,
                 resume_from=previous.checkpoint_path if previous else None,
+                init_adapter=run.init_adapter if config.job_index == 0 else None,  # warm start (--from)
                 timebox_s=config.timebox_s, checkpoint_every_s=config.checkpoint_every_s,
                 hparams=AdapterHParams(r=config.r, alpha=config.alpha, dropout=config.dropout,
                                        target_modules=config.target_modules or None, lr=config.lr,
                                        batch_size=config.batch_size, warmup_steps=config.warmup_steps,
-                                       seed=config.seed, rehearsal_fraction=config.rehearsal_fraction),
+                                       seed=config.seed, rehearsal_fraction=config.rehearsal_fraction,
+                                       distill_weight=config.distill_weight),
                 rehearsal_dataset_path=rehearsal,
                 max_steps=config.max_steps or None, node_id=node_id(), device=lease.torch_device,
                 run_id=run.run_id, job_index=config.job_index,

@@ -52,12 +52,21 @@ def pinned_inputs(context: dg.AssetExecutionContext, store: StateStore, dialect:
             "training_run_id": run.run_id if run else None}
 
 
+def already_merged(store: StateStore, training_run_id: str | None) -> str | None:
+    """Where a chain's adapters went when another run's merge claimed them first, or None."""
+    if not training_run_id:
+        return None
+    claimed = sorted({j.candidate_id for j in store.jobs_for_run(training_run_id) if j.candidate_id})
+    return ", ".join(claimed) or None
+
+
 @dg.asset(partitions_def=dialect_partitions, deps=[adapter_checkpoint], group_name="candidates",
-          kinds={"pytorch", "safetensors"}, pool="gpu",
+          kinds={"pytorch", "safetensors"}, pool="gpu", output_required=False,
           description="Every unclaimed adapter of the dialect on the run's base model, across runs and nodes, "
-                      "merged in ΔW space (norm bound, reputation-weighted, truncated SVD to rank r).")
+                      "merged in ΔW space (norm bound, reputation-weighted, truncated SVD to rank r). "
+                      "Skipped (gate and promotion too) when a chain's adapters were already merged by another run.")
 def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, artifacts: ArtifactStore,
-                     state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
+                     state: StateStoreResource, gpu: GpuArbiter):
     dialect = context.partition_key
     store = state.store()
     root = root_run_id(context)
@@ -70,6 +79,9 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
         unclaimed = store.unclaimed_adapters(dialect, latest_per_run=True)
         refs = [r for r in unclaimed if r.base_model == pinned["base_model"]]
         other_bases = [r for r in unclaimed if r.base_model != pinned["base_model"]]
+        if not refs and (where := already_merged(store, pinned["training_run_id"])):
+            context.log.info(f"nothing new to merge: the adapters of {pinned['training_run_id']} are in {where}")
+            return
         if not refs:
             raise dg.Failure(f"no new adapter for {dialect} on base model {pinned['base_model'][:12]} since its "
                              f"last candidate ({len(other_bases)} unclaimed on other base models)")
@@ -93,7 +105,7 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
         f"| {r.run_id} | {r.job_index} | {r.node_id} | {rep:.2f} | {(r.sha256 or '')[:12]} |"
         for r, rep in zip(refs, reputations)]
     left = ", ".join(f"{r.key} (base {(r.base_model or 'unknown')[:12]})" for r in other_bases) or "none"
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         data_version=dg.DataVersion(sha),
         metadata={
             "candidate_id": candidate_id, "adapters": len(refs), "rejected": len(result.rejected),

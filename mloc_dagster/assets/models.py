@@ -8,8 +8,10 @@ import dagster as dg
 
 from mloc_dagster.assets.datasets import dataset_version
 from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.core.state import StateStore
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
+from mloc_dagster.resources.state import StateStoreResource
 
 BASE_DIALECT = "en-us"
 
@@ -28,7 +30,7 @@ class BaseModelConfig(dg.Config):
                 "(content hash as version) or the built-in tiny CTC model pre-trained on the base dialect.",
 )
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
-               gpu: GpuArbiter) -> dg.MaterializeResult:
+               gpu: GpuArbiter, state: StateStoreResource) -> dg.MaterializeResult:
     from mloc_dagster.core.evaluate import error_rates, transcribe
     from mloc_dagster.core.features import load_features
     from mloc_dagster.core.model import load_base_model, model_dir_hash
@@ -66,15 +68,30 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                                          cache_dir=artifacts.paths.home / "features")
                 rates = error_rates(transcribe(bm.model, bm.tokenizer, features, device=lease.torch_device))
                 scores[f"{split}_cer"], scores[f"{split}_wer"] = rates["cer"], rates["wer"]
+    stale = stale_production(state.store(), version)
+    if stale:
+        context.log.warning(f"production adapters on another base model are now stale: {', '.join(stale)}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
+            "stale_production_adapters": dg.MetadataValue.md(
+                "\n".join(f"- {line}" for line in stale) or "none: every production adapter is on this base"),
             "version": version, "base_dialect": config.base_dialect, "parameters": bm.num_parameters,
             "dataset_version": dataset["version"], **scores,
             **{k: v for k, v in train_metrics.items() if isinstance(v, int | float) and k not in scores},
             "path": dg.MetadataValue.path(str(out)), **lease.metadata(),
         },
     )
+
+
+def stale_production(store: StateStore, version: str) -> list[str]:
+    """Production adapters (per dialect and branch) trained on another base: they are not compared
+    with candidates of this base, and `mloc candidate list` marks them stale."""
+    current = {}
+    for p in store.list_promotions(limit=None):
+        current.setdefault((p.dialect, p.branch), p)
+    return [f"{d} {b}: {p.candidate_id} (base {(p.base_model or 'unknown')[:12]})"
+            for (d, b), p in sorted(current.items()) if p.base_model != version]
 
 
 base_model_job = dg.define_asset_job("base_model_job", selection=[base_model],

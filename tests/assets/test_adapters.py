@@ -98,7 +98,7 @@ def test_a_job_of_a_paused_or_cancelled_run_refuses_to_train(registered_base):
     assert train(instance, "tr-test000004", 0).success
     store = StateStore(resolve_state_url())
     store.record_job_queued("tr-test000004", 1)  # requested by the chain, then the run is paused
-    store.set_run_status("tr-test000004", "paused", "paused by user")
+    store.transition_run("tr-test000004", "active", "paused", "paused by user")
     refused = train(instance, "tr-test000004", 1)
     assert not refused.success
     assert "tr-test000004 is paused (paused by user): job 1 does not start" in failure_message(refused)
@@ -106,7 +106,7 @@ def test_a_job_of_a_paused_or_cancelled_run_refuses_to_train(registered_base):
     # Dagster must not retry it (resume requests it again), and the chain knows why it failed.
     assert tags["dagster/retry_on_asset_or_op_failure"] == "false" and tags["mloc/refused"] == "paused"
     assert store.get_job("tr-test000004", 1).status == "failed"
-    store.set_run_status("tr-test000004", "cancelled", "cancelled by user")
+    store.transition_run("tr-test000004", "paused", "cancelled", "cancelled by user")
     assert "is cancelled" in failure_message(train(instance, "tr-test000004", 1))
     assert not (Path(store.get_job("tr-test000004", 0).checkpoint_path).parent / "job-0001").exists()
 
@@ -172,3 +172,26 @@ def test_launchpad_takes_typed_hparams_and_rejects_unknown_ones(registered_base)
     message = failure_message(rejected)
     assert "unknown hparam(s) lora_r; allowed: alpha, batch_size" in message and "target_modules" in message
     assert "ill-typed hparam(s): r: " in failure_message(launch({"r": 8.5}))
+
+
+def test_heartbeat_database_errors_do_not_stop_training(registered_base, monkeypatch):
+    """The state store's database drops out during the job (simulated: heartbeat writes raise the
+    error a lost connection raises): the job logs, retries, keeps training and succeeds."""
+    import sqlalchemy as sa
+
+    instance, _ = registered_base
+    failures = []
+
+    def unreachable(self, run_id, job_index, progress=None):
+        failures.append(1)
+        raise sa.exc.OperationalError("UPDATE training_jobs", {}, Exception("could not connect to server"))
+
+    monkeypatch.setattr(StateStore, "heartbeat", unreachable)
+    result = train(instance, "tr-test000007", 0, max_steps=0, timebox_s=25)
+    assert result.success, failure_message(result)
+    assert len(failures) >= 4  # at least one heartbeat's worth of retries
+    md = {k: v.value for k, v in result.asset_materializations_for_node("adapter_checkpoint")[0].metadata.items()}
+    assert md["stop_reason"] == "timebox" and md["steps"] > 0
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert any("state store error (attempt 1/4)" in m for m in logs)
+    assert any("heartbeat not recorded" in m for m in logs)

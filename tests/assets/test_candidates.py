@@ -136,12 +136,18 @@ def test_an_untrusted_node_goes_to_experimental(line, line_instance, store):
     assert metadata(result, "production_adapter")["branch"] == "experimental"
 
 
-def test_no_new_adapters_is_a_clear_failure(line, line_instance, store):
+def test_nothing_new_skips_a_chain_candidate_and_fails_a_manual_one(line, line_instance, store):
     run = run_with_adapters(line_instance, store, [line.adapters["good"]])
-    assert run_candidate_job(line_instance, run).success
+    first = run_candidate_job(line_instance, run)
+    assert first.success
+    # The chain asks again for a run whose adapters another merge already took: skipped, not failed.
     again = run_candidate_job(line_instance, run)
-    assert not again.success
-    error = again.get_step_failure_events()[0].step_failure_data.error
+    assert again.success and metadata(again, "merged_candidate") is None and metadata(again, "gate_report") is None
+    manual = defs.resolve_job_def("candidate_job").execute_in_process(
+        partition_key=DIALECT, instance=line_instance, raise_on_error=False,
+        run_config={"ops": {"gate_report": {"config": LENIENT}}})
+    assert not manual.success
+    error = manual.get_step_failure_events()[0].step_failure_data.error
     assert "no new adapter for en-gb-scotland on base model" in error.message
 
 
@@ -150,3 +156,42 @@ def test_thresholds_from_the_gates_file(line, line_instance, store, mloc_home):
     run = run_with_adapters(line_instance, store, [line.adapters["good"]])
     result = run_candidate_job(line_instance, run, {"bootstrap_samples": 500})
     assert result.success and check_results(result)["cer_gate"] is True
+
+
+def test_warm_start_continues_from_the_production_adapter(line, line_instance, store):
+    from mloc_dagster.jobs import train_run_request
+    from mloc_dagster.training_runs import TrainingRunError
+
+    with pytest.raises(TrainingRunError, match="has no stable production adapter yet"):
+        start_run(line_instance, store, DIALECT, init_from="production")
+    first = run_with_adapters(line_instance, store, [line.adapters["good"]])
+    assert run_candidate_job(line_instance, first).success
+    promoted = store.production(DIALECT)
+    with pytest.raises(TrainingRunError, match="differ from the warm-start adapter"):
+        start_run(line_instance, store, DIALECT, hparams={"r": 4}, init_from="production")
+
+    run = start_run(line_instance, store, DIALECT, jobs=1, timebox_s=120, hparams={"max_steps": 2, "lr": 1e-5},
+                    init_from="production:stable")
+    assert run.init_from == f"production:stable ({promoted.candidate_id})" and run.hparams["r"] == 16
+    config = train_run_request(run, 0).run_config
+    result = defs.resolve_job_def("train_adapter_job").execute_in_process(
+        partition_key=DIALECT, instance=line_instance, run_config=config, tags={"mloc/run_id": run.run_id})
+    assert result.success
+    md = metadata(result, "adapter_checkpoint")
+    assert md["resumed_kind"] == "warm_start" and md["resumed_from"] == promoted.adapter_path
+    # Two tiny steps from the promoted adapter: it recognizes like the promoted adapter, not like the base.
+    assert md["dev_cer"] <= line.adapters["good"].dev_cer + 0.05 < line.adapters["weak"].dev_cer
+
+    register_base(line_instance, line.other_base)  # after a base change the old adapter cannot continue
+    with pytest.raises(TrainingRunError, match="an adapter only continues on its own base"):
+        start_run(line_instance, store, DIALECT, init_from=promoted.candidate_id)
+
+
+def test_a_new_base_model_lists_the_production_adapters_it_makes_stale(line, line_instance, store):
+    run = run_with_adapters(line_instance, store, [line.adapters["good"]])
+    assert run_candidate_job(line_instance, run).success
+    register_base(line_instance, line.other_base)
+    from mloc_dagster.assets.lineage import latest_metadata
+
+    stale = latest_metadata(line_instance, "base_model")["stale_production_adapters"]
+    assert f"{DIALECT} stable: {store.production(DIALECT).candidate_id}" in stale

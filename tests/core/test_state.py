@@ -91,7 +91,7 @@ def test_transition_is_compare_and_set(store: StateStore) -> None:
     assert store.transition_run(run_id, "active", "paused", "operator pause") is True
     # The second caller read "active" too, but lost the race: nothing is overwritten.
     assert store.transition_run(run_id, "active", "paused", "late") is False
-    run = store.require_run(run_id)
+    run = store.get_run(run_id)
     assert (run.status, run.status_reason) == ("paused", "operator pause")
     assert store.transition_run(run_id, ["active", "paused"], "cancelled", "user cancel") is True
     with pytest.raises(InvalidTransition):
@@ -100,15 +100,6 @@ def test_transition_is_compare_and_set(store: StateStore) -> None:
         store.transition_run("tr-000000000000", "active", "paused")
     with pytest.raises(ValueError):
         store.transition_run(run_id, "active", "sleeping")
-
-
-def test_set_run_status(store: StateStore) -> None:
-    run_id = _run(store)
-    assert store.set_run_status(run_id, "paused").status == "paused"
-    assert store.set_run_status(run_id, "paused", "still").status_reason == "still"
-    assert store.set_run_status(run_id, "failed", "retries exhausted: OOM").status_reason == "retries exhausted: OOM"
-    with pytest.raises(InvalidTransition):
-        store.set_run_status(run_id, "active")
 
 
 def test_concurrent_cas_has_exactly_one_winner(store: StateStore) -> None:
@@ -157,11 +148,11 @@ def test_job_lifecycle_and_retry(store: StateStore, clock: FakeClock) -> None:
                                      metrics={"dev_cer": 0.12})
     assert (done.status, done.checkpoint_path, done.metrics) == ("succeeded", "/ckpt/1", {"dev_cer": 0.12})
     assert store.heartbeat(run_id, 1) is False  # not running any more
-    assert store.require_run(run_id).last_finished_job == 1
+    assert store.get_run(run_id).last_finished_job == 1
 
     _finished_job(store, run_id, 3)
     _finished_job(store, run_id, 2)  # out of order: the maximum wins
-    assert store.require_run(run_id).last_finished_job == 3
+    assert store.get_run(run_id).last_finished_job == 3
     assert [j.job_index for j in store.jobs_for_run(run_id)] == [1, 2, 3]
 
 
@@ -268,20 +259,20 @@ def test_adapters_are_claimed_per_base_model(store: StateStore) -> None:
 def test_a_job_finishing_after_its_run_was_cancelled_is_discarded(store: StateStore) -> None:
     run_id = _run(store)
     store.record_job_started(run_id, 0)
-    store.set_run_status(run_id, "cancelled", "cancelled by user")
+    store.transition_run(run_id, "active", "cancelled", "cancelled by user")
     job = store.record_job_finished(run_id, 0, "succeeded", checkpoint_path="/ckpt/late", sha256="x")
     assert job.status == "discarded" and "never merged" in (job.error or "")
     assert job.checkpoint_path == "/ckpt/late"  # recorded
     assert store.unclaimed_adapters("en-gb-scotland") == []
-    assert store.require_run(run_id).last_finished_job is None
+    assert store.get_run(run_id).last_finished_job is None
 
 
 def test_resume_starts_a_new_generation(store: StateStore) -> None:
     run_id = _run(store)
-    assert store.require_run(run_id).generation == 0
+    assert store.get_run(run_id).generation == 0
     assert store.transition_run(run_id, "active", "paused")
     assert store.transition_run(run_id, "paused", "active")
-    assert store.require_run(run_id).generation == 1
+    assert store.get_run(run_id).generation == 1
 
 
 def test_promotions_per_branch(store: StateStore, clock: FakeClock) -> None:
@@ -391,11 +382,11 @@ def test_concurrent_writers_in_four_processes(state_url: str) -> None:
     with StateStore(state_url) as store:
         # Every successful CAS flipped the status once; none was lost or doubled.
         total_toggles = sum(t for _, _, t in rows)
-        assert store.require_run(run_id).status == ("active" if total_toggles % 2 == 0 else "paused")
+        assert store.get_run(run_id).status == ("active" if total_toggles % 2 == 0 else "paused")
         assert total_toggles >= 1
         jobs = store.jobs_for_run(run_id)
         assert [j.status for j in jobs[:4]] == ["succeeded"] * 4 and len(jobs) == 4 + 4 * n_ops
-        assert store.require_run(run_id).last_finished_job == 3
+        assert store.get_run(run_id).last_finished_job == 3
 
 
 def test_sqlite_file_is_wal_and_parent_dir_created(tmp_path) -> None:
@@ -468,6 +459,31 @@ def test_an_older_schema_is_migrated_in_place(tmp_path) -> None:
     engine.dispose()
     with StateStore(url) as store:
         assert "training_runs.generation" in store.migrated and "training_jobs.base_model" not in store.migrated
-        assert store.require_run("tr-old").generation == 0
+        assert store.get_run("tr-old").generation == 0
     with StateStore(url) as store:  # idempotent
         assert store.migrated == []
+
+
+def test_transient_errors_are_retried_with_backoff_then_raised() -> None:
+    import sqlalchemy as sa
+
+    from mloc_dagster.core.state import retry_transient
+
+    calls, logged, slept = [], [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sa.exc.OperationalError("UPDATE training_jobs", {}, Exception("server closed the connection"))
+        return "ok"
+
+    assert retry_transient(flaky, log=logged.append, sleep=slept.append) == "ok"
+    assert slept == [0.5, 1.0] and len(logged) == 2 and "server closed the connection" in logged[0]
+
+    def down():
+        raise sa.exc.OperationalError("UPDATE", {}, Exception("down"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        retry_transient(down, attempts=3, sleep=slept.append)
+    with pytest.raises(ZeroDivisionError):  # not a database error: no retry
+        retry_transient(lambda: 1 / 0, sleep=slept.append)

@@ -125,12 +125,6 @@ class RunStore(StoreEngine):
             row = conn.execute(sa.select(training_runs).where(training_runs.c.run_id == run_id)).mappings().first()
         return None if row is None else _run_from_row(row)
 
-    def require_run(self, run_id: str) -> TrainingRun:
-        run = self.get_run(run_id)
-        if run is None:
-            raise UnknownRun(run_id)
-        return run
-
     def list_runs(self, status: str | Iterable[str] | None = None, dialect: str | None = None,
                   limit: int | None = 100) -> list[TrainingRun]:
         """Newest first. ``status`` may be one status or several."""
@@ -178,25 +172,6 @@ class RunStore(StoreEngine):
         if exists is None:
             raise UnknownRun(run_id)
         return False
-
-    def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> TrainingRun:
-        """Move the run to ``status`` from whatever allowed state it is in.
-
-        Use ``transition_run`` when the decision depends on the state you read (it will not
-        overwrite a concurrent change); this is for operator commands ("cancel this run").
-        Setting the state a run is already in only updates the reason.
-        """
-        run = self.require_run(run_id)
-        if run.status == status:
-            with self._write() as conn:
-                conn.execute(training_runs.update().where(training_runs.c.run_id == run_id)
-                             .values(status_reason=reason, updated_at=self._clock()))
-            return self.require_run(run_id)
-        sources = [s for s, targets in RUN_TRANSITIONS.items() if status in targets]
-        if not self.transition_run(run_id, sources, status, reason):
-            current = self.require_run(run_id)
-            raise InvalidTransition(f"run {run_id} is {current.status}; cannot become {status}")
-        return self.require_run(run_id)
 
     # -- training jobs -------------------------------------------------------------------------
 
