@@ -15,6 +15,7 @@ import pydantic
 from mloc_dagster.assets.datasets import dataset_version
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models import base_model
+from mloc_dagster.core.calibration import local_device, local_node_id
 from mloc_dagster.core.state import ACTIVE, DISCARDED, retry_transient
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -79,7 +80,7 @@ def rehearsal_dataset(instance: dg.DagsterInstance, dialect: str) -> str | None:
 
 
 def node_id() -> str:
-    return os.environ.get("MLOC_NODE_ID") or socket.gethostname()
+    return local_node_id()  # MLOC_NODE_ID, else the host name, as a registry key
 
 
 def refuse(context: dg.AssetExecutionContext, message: str, **tags: str) -> dg.Failure:
@@ -144,7 +145,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
     store.record_job_started(run.run_id, config.job_index, dagster_run_id=context.run_id, node_id=node_id(),
                              worker_pid=os.getpid(), worker_host=socket.gethostname())
 
-    last, stopped_by = {}, {}
+    last, stopped_by, node_beat = {}, {}, [time.monotonic()]
 
     def progress(p: Progress) -> None:
         last.update(step=p.step, samples=p.samples, loss=p.loss, samples_per_s=p.samples_per_s, eta_s=p.eta_s)
@@ -160,6 +161,9 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
         try:
             alive = retry_transient(lambda: store.heartbeat(run.run_id, config.job_index, dict(last)),
                                     log=context.log.warning)
+            if time.monotonic() - node_beat[0] > 30:  # the node registry's "last seen"
+                node_beat[0] = time.monotonic()
+                store.heartbeat_node(node_id())
         except Exception as exc:  # the database stayed away: keep training, the next beat retries
             context.log.error(f"heartbeat not recorded ({type(exc).__name__}); training goes on")
             return None
@@ -172,6 +176,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
     with gpu.lease("TRAIN", context) as lease:
         if not lease.runnable:
             raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
+        store.heartbeat_node(node_id(), host=socket.gethostname(), device=local_device(lease.torch_device))
         started_at = start_timebox(context, config.timebox_s)
         try:
             result = train_adapter(AdapterJobSpec(
@@ -221,12 +226,17 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                                     sha256=result.sha256, metrics=metrics, base_model=result.base_model_hash)
     if job.status == DISCARDED:
         context.log.warning(f"training run {run.run_id} was cancelled while this job ran: {job.error}")
+    node = store.record_job_throughput(node_id(), result.base_model_hash, result.samples_per_s,
+                                       host=socket.gethostname(), device=local_device(result.device)) \
+        if result.steps > 0 and result.samples_per_s > 0 else store.get_node(node_id())
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.sha256),
         metadata={**metrics, "node_id": node_id(), "run_id": run.run_id, "job_index": config.job_index,
                   "stop_reason": stop_reason, "resumed_kind": result.resumed_kind,
                   "resumed_from": result.resumed_from or "", "device": result.device,
                   "base_model": result.base_model_hash, "job_status": job.status,
+                  "node_samples_per_s": node.samples_per_s(result.base_model_hash) or 0.0,
+                  "node_reputation": node.reputation,
                   "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)), **lease.metadata()},
     )
 

@@ -17,6 +17,7 @@ from mloc_dagster.assets.adapters import adapter_checkpoint
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
+from mloc_dagster.core.reputation import node_shares, reputation_from_gate, reputation_from_merge
 from mloc_dagster.core.state import AdapterClaimConflict, Candidate, StateStore
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -101,6 +102,10 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
             context.log.warning(f"attempt {attempt}: {exc}")
     else:
         raise dg.Failure(f"adapters kept being claimed by concurrent merges ({CLAIM_ATTEMPTS} attempts)")
+    # Screening moves reputation (core/reputation.py): refused adapters down, accepted ones up.
+    moved = store.apply_reputation_updates(reputation_from_merge(
+        {str(r.path): r.node_id for r in refs}, accepted=result.sources,
+        rejected=[(x.source, x.reason) for x in result.rejected], clipped=[c.source for c in result.clipped]))
     table = ["| run | job | node | reputation | sha256 |", "|---|---|---|---|---|"] + [
         f"| {r.run_id} | {r.job_index} | {r.node_id} | {rep:.2f} | {(r.sha256 or '')[:12]} |"
         for r, rep in zip(refs, reputations)]
@@ -113,6 +118,7 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
             "trusted": trusted, "method": config.method, "sha256": sha, "base_model": pinned["base_model"],
             "training_run_id": pinned["training_run_id"] or "", "left_for_other_bases": left,
             "sources": dg.MetadataValue.md("\n".join(table)), "path": dg.MetadataValue.path(str(out)),
+            "reputation_after": dg.MetadataValue.json(moved),
             **lease.metadata(),
         },
     )
@@ -187,6 +193,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.to_json())
     store.set_gate_result(candidate.candidate_id, report.decision, str(path))
+    moved = {} if config.candidate_id else store.apply_reputation_updates(reputation_from_gate(  # re-gating: once
+        report.decision, node_shares(s.node_id for s in candidate.sources), failure_reasons=report.reasons))
     base_scores = score(dialect_base)
     return dg.MaterializeResult(
         metadata={
@@ -194,6 +202,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
             "base_model": candidate.base_model or "", "compared_with": report.reference_label,
             "production_candidate": production.candidate_id if production else "",
             "production_stale": stale, "test_speakers": len(report.speakers),
+            "reputation_after": dg.MetadataValue.json(moved),
             "cer_base_model": base_scores.cer, "wer_base_model": base_scores.wer,
             "cer_candidate": report.candidate.cer, "wer_candidate": report.candidate.wer,
             "cer_production": report.production.cer if prod is not None else float("nan"),

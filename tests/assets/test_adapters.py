@@ -28,6 +28,7 @@ def test_two_jobs_of_one_run_resume_and_record(registered_base):
                 "overhead_seconds", "peak_rss_mb", "job_index"):
         assert isinstance(md0[key], int | float), key
     assert md0["steps"] == 6 and md0["run_id"] == "tr-test000001" and md0["node_id"]
+    assert md0["node_samples_per_s"] > 0  # the node registry learned this node's throughput
     assert md0["gpu/outcome"] == "ACQUIRED" or md0["gpu/outcome"] == "acquired"
     ckpt0 = Path(md0["path"])
     assert (ckpt0 / "adapter_model.safetensors").is_file() and (ckpt0 / "adapter_config.json").is_file()
