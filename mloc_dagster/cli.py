@@ -30,7 +30,7 @@ def corpus_synth(
     out: Path = typer.Option(None, help="Incoming root (default $MLOC_HOME/incoming)."),
     seed: int = typer.Option(0),
     speakers: int = typer.Option(40, help="Speakers per dialect (voice variant × pitch × speed × word gap; "
-                                          "at most 1,480)."),
+                                          "at most 1,360)."),
     batch_id: str = typer.Option(None, help="Batch id (default synth-s<seed>-n<utterances>)."),
 ) -> None:
     """Synthesize a deterministic demo corpus, written as normal incoming batches."""
