@@ -7,7 +7,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mloc_dagster.cli_replay import replay_command
+
 run_app = typer.Typer(no_args_is_help=True, help="Training runs: start, pause, resume, cancel, status, list.")
+run_app.command("replay")(replay_command)
 console = Console()
 
 

@@ -1,0 +1,105 @@
+"""`mloc run replay DAGSTER_RUN_ID`: Dagster's re-execution of a failed run, from the command line.
+
+The same GraphQL mutation the UI's "Re-execute" button sends (``launchRunReexecution``), executed
+in this process against the instance and the workspace: the new run is a child of the failed one
+(``dagster/parent_run_id``), with its config and tags, submitted through the instance's run
+coordinator (queued; the daemon launches it). Nothing is copied by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+REPO_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
+
+LAUNCH_REEXECUTION = """
+mutation Replay($params: ReexecutionParams!) {
+  launchRunReexecution(reexecutionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status jobName } }
+    ... on PythonError { message }
+    ... on Error { message }
+  }
+}
+"""
+
+STRATEGIES = ("FROM_FAILURE", "ALL_STEPS", "FROM_ASSET_FAILURE")
+
+
+class ReplayError(Exception):
+    pass
+
+
+def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE") -> dict:
+    """Launch the re-execution of failed run ``run_id``; returns the new run (runId, status, jobName)."""
+    import dagster as dg
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    if strategy not in STRATEGIES:
+        raise ReplayError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        raise ReplayError(f"no Dagster run {run_id} on this instance ($DAGSTER_HOME); `dagster run list` shows them")
+    if run.status != dg.DagsterRunStatus.FAILURE:
+        raise ReplayError(f"run {run_id} ({run.job_name}) is {run.status.value}, not FAILURE: only a failed run is "
+                          "replayed (re-execute a finished one from the UI if that is really meant)")
+    if run.remote_job_origin is None:
+        raise ReplayError(f"run {run_id} was executed in-process (execute_in_process, tests): it has no code "
+                          "location to re-execute from; launch its job again instead")
+    if not workspace.is_file():
+        raise ReplayError(f"no workspace file {workspace}")
+    with WorkspaceProcessContext(instance, WorkspaceFileTarget([str(workspace)])) as process_context:
+        context = process_context.create_request_context()
+        errors = {name: entry.load_error.message for name, entry in context.get_code_location_entries().items()
+                  if entry.load_error is not None}
+        if errors:
+            raise ReplayError(f"the code location did not load: {errors}")
+        result = execute_dagster_graphql(context, LAUNCH_REEXECUTION,
+                                         {"params": {"parentRunId": run_id, "strategy": strategy}})
+    if result.errors:
+        raise ReplayError("; ".join(str(e) for e in result.errors))
+    answer = result.data["launchRunReexecution"]
+    if answer["__typename"] != "LaunchRunSuccess":
+        raise ReplayError(f"{answer['__typename']}: {answer.get('message', '')}")
+    return answer["run"]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """The code server this process starts logs to the stdout it inherits: keep stdout for the run id."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def replay_command(
+    dagster_run_id: str = typer.Argument(..., help="The failed Dagster run (`dagster run list`, the UI's Runs page)."),
+    strategy: str = typer.Option("FROM_FAILURE", "--strategy", help="FROM_FAILURE, ALL_STEPS or FROM_ASSET_FAILURE."),
+    workspace: Path = typer.Option(REPO_WORKSPACE, "--workspace", "-w", help="Workspace file of the code location."),
+) -> None:
+    """Re-execute a failed Dagster run with its config and tags; prints the new run id."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance, _stdout_to_stderr():
+        try:
+            new = replay(instance, dagster_run_id, workspace, strategy)
+        except ReplayError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    typer.echo(new["runId"])
+    typer.echo(f"{new['jobName']} re-executed ({strategy}) as {new['runId']}: {new['status']}; the daemon launches it",
+               err=True)
