@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from mloc_dagster.cli_candidate import candidate_app
+from mloc_dagster.cli_export import export_command
 from mloc_dagster.cli_gpu import gpu_app
 from mloc_dagster.cli_metrics import metrics_app
 from mloc_dagster.cli_node import node_app
@@ -87,6 +88,7 @@ app.add_typer(candidate_app, name="candidate")
 app.add_typer(node_app, name="node")
 app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
 app.add_typer(metrics_app, name="metrics")
+app.command("export")(export_command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""`mloc export`: every table, both formats, a versioned directory with its schema, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from mloc_dagster.cli import app
+from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.export import SCHEMA_VERSION, TABLES
+
+DIALECT = "en-gb-scotland"
+
+
+def make_state(home: Path) -> StateStore:
+    store = StateStore(resolve_state_url())
+    run = store.create_run(dialect=DIALECT, dataset_version="dv1", base_model_version="bm1", max_jobs=2)
+    store.record_job_started(run.run_id, 0, dagster_run_id="d0", node_id="node-a")
+    store.record_job_finished(run.run_id, 0, "succeeded", checkpoint_path="/ckpt/0", sha256="a" * 64,
+                              metrics={"dev_cer": 0.31, "train_loss": 1.5})
+    store.record_job_started(run.run_id, 1, dagster_run_id="d1", node_id="node-b")
+    store.record_job_finished(run.run_id, 1, "failed", error="CUDA out of memory")
+    cand = store.record_candidate(dialect=DIALECT, adapter_path="/cand/1", sha256="c" * 64, sources=[], trusted=True)
+    report = home / "reports" / f"{cand.candidate_id}.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(json.dumps({"decision": "passed", "gates": [
+        {"name": "cer_gate", "passed": True, "value": 0.12, "threshold": 0.15, "description": "CER ok"},
+        {"name": "wer_gate", "passed": True, "value": 0.18, "threshold": 0.20, "description": "WER ok"}]}))
+    store.set_gate_result(cand.candidate_id, "passed", str(report))
+    store.record_promotion(DIALECT, "stable", cand.candidate_id)
+    return store
+
+
+def test_parquet_and_json_exports(mloc_home: Path, tmp_path: Path) -> None:
+    make_state(mloc_home).close()
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "--format", "parquet", "--out", str(tmp_path / "exports")])
+    assert result.exit_code == 0, result.output
+    target = Path(result.output.strip())
+    assert target.parent == tmp_path / "exports" and target.name.startswith("mloc-export-")
+
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["format"] == "parquet"
+    assert {name: t["rows"] for name, t in manifest["tables"].items()} == {
+        "runs": 1, "jobs": 2, "candidates": 1, "gate_results": 2, "promotions": 1}
+    jobs = pq.read_table(target / "jobs.parquet")
+    assert jobs.schema.equals(TABLES["jobs"])
+    by_index = {r["job_index"]: r for r in jobs.to_pylist()}
+    assert by_index[0]["dev_cer"] == 0.31 and by_index[0]["node_id"] == "node-a"
+    assert by_index[1]["status"] == "failed" and by_index[1]["error"] == "CUDA out of memory"
+    gates = pq.read_table(target / "gate_results.parquet").to_pylist()
+    assert {(g["gate"], g["passed"], g["threshold"]) for g in gates} == {("cer_gate", True, 0.15),
+                                                                          ("wer_gate", True, 0.20)}
+
+    again = runner.invoke(app, ["export", "--format", "json", "--out", str(tmp_path / "exports")])
+    assert again.exit_code == 0, again.output
+    second = Path(again.output.strip())
+    assert second != target  # every export is a new version, the old one stays
+    promotions = json.loads((second / "promotions.json").read_text())
+    assert promotions[0]["branch"] == "stable" and promotions[0]["promoted_at"].endswith("+00:00")
+    assert json.loads((second / "manifest.json").read_text())["tables"]["runs"]["columns"]["created_at"] == \
+        "timestamp[us, tz=UTC]"
+
+
+def test_bad_input_is_a_clear_error(mloc_home: Path, tmp_path: Path) -> None:
+    make_state(mloc_home).close()
+    runner = CliRunner()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = runner.invoke(app, ["export", "--out", str(blocker / "exports")])
+    assert result.exit_code == 2
+    assert "cannot create" in result.output and "Not a directory" in result.output
+    result = runner.invoke(app, ["export", "--format", "csv", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "format must be one of parquet, json" in result.output
