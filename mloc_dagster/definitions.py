@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from mloc_dagster import jobs, training_runs
-from mloc_dagster.assets import adapters, candidates, datasets, models
+from mloc_dagster.assets import adapters, candidates, datasets, models, reports
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
@@ -16,6 +16,7 @@ defs = dg.Definitions.merge(
     models.defs,
     adapters.defs,
     candidates.defs,
+    reports.defs,
     dg.Definitions(jobs=[jobs.train_adapter_job]),
     training_runs.defs,
     incoming.defs,
