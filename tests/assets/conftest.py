@@ -51,20 +51,48 @@ def line(tmp_path_factory) -> Line:
     return Line(incoming, base, other_base, adapters)
 
 
-@pytest.fixture()
-def line_instance(line, mloc_home):
-    """A fresh instance on ``line``: both dialects ingested through Dagster, the base registered."""
+@pytest.fixture(scope="session")
+def line_template(line, tmp_path_factory) -> Path:
+    """A DAGSTER_HOME with both dialects ingested through Dagster and the base registered, built
+    once; each test starts from a copy (the datasets and the base it points to are read-only)."""
+    import os
+
     import dagster as dg
 
     from mloc_dagster.definitions import defs
     from mloc_dagster.partitions import dialect_partitions
+    from tests.conftest import REPO
 
-    shutil.copytree(line.incoming, mloc_home / "incoming")
+    home = tmp_path_factory.mktemp("line-home")
+    (home / "dagster").mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    shutil.copytree(line.incoming, home / "incoming")
+    saved = {k: os.environ.get(k) for k in ("MLOC_HOME", "DAGSTER_HOME", "MLOC_DATABASE_URL")}
+    os.environ.update(MLOC_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
+    os.environ.pop("MLOC_DATABASE_URL", None)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            instance.add_dynamic_partitions(dialect_partitions.name, [BASE_DIALECT, DIALECT])
+            for dialect in (BASE_DIALECT, DIALECT):
+                assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect,
+                                                                             instance=instance).success
+            register_base(instance, line.base)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return home / "dagster"
+
+
+@pytest.fixture()
+def line_instance(line_template, mloc_home):
+    """A fresh instance (its own DAGSTER_HOME, MLOC_HOME and state store) on the shared line."""
+    import dagster as dg
+
+    shutil.copytree(line_template, mloc_home / "dagster", dirs_exist_ok=True)
     instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions(dialect_partitions.name, [BASE_DIALECT, DIALECT])
-    for dialect in (BASE_DIALECT, DIALECT):
-        assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance).success
-    register_base(instance, line.base)
     yield instance
     instance.dispose()
 
