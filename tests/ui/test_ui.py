@@ -23,7 +23,7 @@ CHROMIUM = Path(os.environ.get("MLOC_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ASSETS = ["dataset_version", "base_model", "adapter_checkpoint", "merged_candidate", "gate_report",
-          "production_adapter"]
+          "production_adapter", "pool_report"]
 TIMEOUT_MS = 60_000
 
 if not CHROMIUM.exists():
@@ -157,3 +157,11 @@ def test_dev_cer_plot_across_materializations(page, ui) -> None:
     sync_api.expect(title).to_be_visible()
     title.scroll_into_view_if_needed()
     assert page.locator("canvas").count() >= 1
+
+
+def test_pool_report_renders_with_its_charts(page, ui) -> None:
+    open_page(page, f"{ui}/assets/pool_report")  # unpartitioned: the markdown renders inline
+    for heading in ("Success rate per job kind", "Failure reasons", "GPU-hours per dialect", "GPU-hours per node",
+                    "Dev CER per dialect over time"):
+        sync_api.expect(page.get_by_text(heading, exact=True).first).to_be_visible()
+    sync_api.expect(page.get_by_text(re.compile("█+")).first).to_be_visible()  # the text charts

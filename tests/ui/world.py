@@ -2,8 +2,8 @@
 `dagster dev` serving it.
 
 World: dataset versions for en-us and en-gb-scotland (the espeak batch), an untrained tiny base
-model, two adapter_checkpoint jobs of one training run (a few steps each), and one candidate
-through merged_candidate → gate_report → production_adapter with a lenient gate.
+model, two adapter_checkpoint jobs of one training run (a few steps each), one candidate
+through merged_candidate → gate_report → production_adapter with a lenient gate, and a pool_report.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def build_world(home: Path, espeak_batch: Path, tmp: Path) -> dict[str, str]:
         assert result.success, [e.message for e in result.all_events if e.is_failure]
         # Paused: the chain sensor of `dagster dev` launches nothing more for it.
         pause_run(store, run.run_id)
+        assert defs.resolve_job_def("pool_report_job").execute_in_process(instance=instance).success
         store.close()
     return {"run_id": run.run_id}
 
