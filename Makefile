@@ -14,8 +14,8 @@ setup:
 demo: setup
 	$(BIN)/mloc demo $(DEMO_ARGS)
 
-ui: setup
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+ui: setup  # dagster dev; Ctrl-C or SIGTERM stops it and every child within ~10 s
+	$(BIN)/python -m mloc_dagster.ui --host 127.0.0.1 --port 3000
 
 test: setup
 	@bash scripts/test.sh $(PYTEST_ARGS)

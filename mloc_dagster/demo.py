@@ -172,7 +172,8 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
     summary.add_row("wall time", f"{time.time() - t_start:.0f} s")
     console.print(summary)
     console.print("Open the UI: [bold]make ui[/] (dagster dev on this DAGSTER_HOME, http://127.0.0.1:3000)")
-    if ui:
-        os.execvp(str(Path(sys.executable).parent / "dagster"),
-                  ["dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", "3000"])
+    if ui:  # dagster dev until Ctrl-C or SIGTERM, which stop it and its children within seconds
+        from mloc_dagster.ui import serve
+
+        return serve()
     return 0

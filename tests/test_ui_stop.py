@@ -1,0 +1,60 @@
+"""`make ui` / `mloc demo --ui` (`python -m mloc_dagster.ui`) stop within 10 s on Ctrl-C or SIGTERM
+and leave no child process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.ui.world import free_port
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "via_make"), [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                              (signal.SIGTERM, True)], ids=["ctrl-c", "sigterm", "sigterm-to-make"])
+def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: bool) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "mloc_dagster.ui", "--port", str(port)]
+    if via_make:  # GNU make does not forward SIGTERM to its recipe: the UI must notice make is gone
+        (tmp_path / "Makefile").write_text(f"ui:\n\t{' '.join(command)}\n")
+        command = ["make", "-s", "-C", str(tmp_path), "ui"]
+    proc = subprocess.Popen(command, env=dict(os.environ) | {"PYTHONPATH": str(Path(__file__).parent.parent)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None, "the UI exited before it answered"
+                assert time.monotonic() < deadline, "the UI never answered"
+                time.sleep(1)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # dagster dev, its webserver, daemon and code server
+        started = time.monotonic()
+        proc.send_signal(sig)
+        returncode = proc.wait(timeout=10)
+        assert returncode == (-signal.SIGTERM if via_make else 0)
+        while time.monotonic() - started < 10 and any(_alive(c) for c in children):
+            time.sleep(0.2)
+        left = [c for c in children if _alive(c)]
+        assert left == [], [c.cmdline() for c in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
