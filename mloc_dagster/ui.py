@@ -65,8 +65,12 @@ def serve(host: str = "127.0.0.1", port: int = 3000, workspace: Path = REPO / "w
           stop_timeout_s: float = STOP_TIMEOUT_S) -> int:
     """Run `dagster dev` until it exits or this process gets SIGINT/SIGTERM; 0 after a requested stop."""
     dagster = Path(sys.executable).parent / "dagster"
-    proc = subprocess.Popen([str(dagster), "dev", "-w", str(workspace), "-h", host, "-p", str(port)],
-                            start_new_session=True)
+    # From DAGSTER_HOME: dagster dev warns about any other dagster.yaml in its working directory (the
+    # checkout has one, the template DAGSTER_HOME links to).
+    home = os.environ.get("DAGSTER_HOME")
+    cwd = home if home and Path(home).is_dir() else None
+    proc = subprocess.Popen([str(dagster), "dev", "-w", str(Path(workspace).absolute()), "-h", host, "-p", str(port)],
+                            start_new_session=True, cwd=cwd)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopped = False
