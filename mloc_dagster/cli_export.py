@@ -1,4 +1,4 @@
-"""`mloc export`: runs, jobs, candidates, gate results and promotions as Parquet or JSON."""
+"""`mloc export`: runs, jobs, candidates, gate results, promotions and nodes as Parquet or JSON."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Export of mloc's results for analysis elsewhere: runs, jobs, candidates, gate results, promotions.
+"""Export of mloc's results for analysis elsewhere: runs, jobs, candidates, gate results, promotions
+and the node registry.
 
 One call writes one versioned directory ``<out>/mloc-export-<UTC time>/`` with a file per table
 (``<table>.parquet`` or ``<table>.json``, a JSON array of objects) and ``manifest.json``: the
@@ -10,6 +11,7 @@ Read-only over the state store's public read methods; no Dagster import.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
@@ -55,6 +57,12 @@ TABLES: dict[str, pa.Schema] = {
     "promotions": pa.schema([
         ("promotion_id", pa.int64()), ("dialect", pa.string()), ("branch", pa.string()),
         ("candidate_id", pa.string()), ("promoted_at", _TS), ("adapter_path", pa.string()), ("sha256", pa.string()),
+    ]),
+    "nodes": pa.schema([
+        ("node_id", pa.string()), ("host", pa.string()), ("device_json", pa.string()), ("reputation", pa.float64()),
+        ("throughput_json", pa.string()), ("last_seen_at", _TS), ("daily_quota", pa.int64()),
+        ("jobs_today", pa.int64()), ("jobs_day", pa.string()), ("drained", pa.bool_()),
+        ("drained_reason", pa.string()), ("registered_at", _TS), ("updated_at", _TS),
     ]),
 }
 
@@ -124,6 +132,16 @@ def collect(store: StateStore, dialects: Iterable[str] = ()) -> dict[str, list[d
                 "candidate_id": p.candidate_id, "promoted_at": _utc(p.promoted_at), "adapter_path": p.adapter_path,
                 "sha256": p.sha256,
             })
+    for n in store.list_nodes():
+        device = getattr(n, "device", None)
+        rows["nodes"].append({
+            "node_id": n.node_id, "host": n.host,
+            "device_json": _json(dataclasses.asdict(device) if dataclasses.is_dataclass(device) else device),
+            "reputation": n.reputation, "throughput_json": _json(n.throughput), "last_seen_at": _utc(n.last_seen_at),
+            "daily_quota": n.daily_quota, "jobs_today": n.jobs_today, "jobs_day": n.jobs_day, "drained": n.drained,
+            "drained_reason": n.drained_reason, "registered_at": _utc(n.registered_at),
+            "updated_at": _utc(n.updated_at),
+        })
     return rows
 
 

@@ -31,6 +31,8 @@ def make_state(home: Path) -> StateStore:
         {"name": "wer_gate", "passed": True, "value": 0.18, "threshold": 0.20, "description": "WER ok"}]}))
     store.set_gate_result(cand.candidate_id, "passed", str(report))
     store.record_promotion(DIALECT, "stable", cand.candidate_id)
+    store.heartbeat_node("node-a", host="gpu-host-1")
+    store.set_node_reputation("node-a", 0.5)
     return store
 
 
@@ -44,13 +46,16 @@ def test_parquet_and_json_exports(mloc_home: Path, tmp_path: Path) -> None:
 
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["format"] == "parquet"
-    assert {name: t["rows"] for name, t in manifest["tables"].items()} == {
-        "runs": 1, "jobs": 2, "candidates": 1, "gate_results": 2, "promotions": 1}
+    rows = {name: t["rows"] for name, t in manifest["tables"].items()}
+    assert rows.pop("nodes") >= 1  # node-a, and whatever registered itself through its jobs
+    assert rows == {"runs": 1, "jobs": 2, "candidates": 1, "gate_results": 2, "promotions": 1}
     jobs = pq.read_table(target / "jobs.parquet")
     assert jobs.schema.equals(TABLES["jobs"])
     by_index = {r["job_index"]: r for r in jobs.to_pylist()}
     assert by_index[0]["dev_cer"] == 0.31 and by_index[0]["node_id"] == "node-a"
     assert by_index[1]["status"] == "failed" and by_index[1]["error"] == "CUDA out of memory"
+    nodes = {n["node_id"]: n for n in pq.read_table(target / "nodes.parquet").to_pylist()}
+    assert nodes["node-a"]["host"] == "gpu-host-1" and nodes["node-a"]["reputation"] == 0.5
     gates = pq.read_table(target / "gate_results.parquet").to_pylist()
     assert {(g["gate"], g["passed"], g["threshold"]) for g in gates} == {("cer_gate", True, 0.15),
                                                                           ("wer_gate", True, 0.20)}
