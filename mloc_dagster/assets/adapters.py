@@ -237,6 +237,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                   "base_model": result.base_model_hash, "job_status": job.status,
                   "node_samples_per_s": node.samples_per_s(result.base_model_hash) or 0.0,
                   "node_reputation": node.reputation,
+                  "learning_curve": dg.MetadataValue.json(result.learning_curve),
                   "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)), **lease.metadata()},
     )
 

@@ -10,6 +10,7 @@ production is on the same base.
 
 import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
 
@@ -124,6 +125,17 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
     )
 
 
+def learning_curves(candidate: Candidate) -> str:
+    """Each source run's dev CER per job (from its checkpoint's result.json), as markdown."""
+    lines = ["| run | job | samples seen | dev CER |", "|---|---|---|---|"]
+    for src in candidate.sources:
+        result = Path(src.path) / "result.json"
+        curve = json.loads(result.read_text()).get("learning_curve") or [] if result.is_file() else []
+        lines += [f"| {src.run_id} | {p.get('job_index')} | {p.get('total_samples', '')} | "
+                  f"{float(p.get('dev_cer', float('nan'))):.4f} |" for p in curve]
+    return "\n".join(lines) if len(lines) > 2 else "no learning curve recorded"
+
+
 GATES_FILE = "gates.json"  # $MLOC_HOME/gates.json: {"<dialect>": {"max_cer": 0.2, ...}}
 
 
@@ -208,7 +220,9 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
             "cer_production": report.production.cer if prod is not None else float("nan"),
             "base_dialect_regression_rel": report.base_regression_rel,
             **{k: v for k, v in report.metrics().items() if k not in ("candidate_cer", "candidate_wer")},
-            "report": dg.MetadataValue.md(report.to_markdown()), "path": dg.MetadataValue.path(str(path)),
+            "report": dg.MetadataValue.md(report.to_markdown() + "\n### Learning curve of the sources\n\n"
+                                          + learning_curves(candidate) + "\n"),
+            "path": dg.MetadataValue.path(str(path)),
             **lease.metadata(),
         },
         check_results=[

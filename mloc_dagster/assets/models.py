@@ -20,6 +20,7 @@ class BaseModelConfig(dg.Config):
     checkpoint_dir: str = ""  # a local Hugging Face CTC checkpoint to register instead of pre-training
     base_dialect: str = BASE_DIALECT
     train_seconds: float = 180.0
+    max_steps: int = 0  # > 0: stop after this many steps (the cosine schedule follows steps), within train_seconds
     seed: int = 0
 
 
@@ -50,6 +51,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
 
             tmp = models / f".pretrain-{context.run_id[:8]}"
             train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,
+                                          max_steps=config.max_steps or None,
                                           seed=config.seed, device=lease.torch_device,
                                           feature_cache_dir=artifacts.paths.home / "features",
                                           log=context.log.info)

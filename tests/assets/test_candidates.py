@@ -64,6 +64,7 @@ def test_a_trained_candidate_beats_the_base_model_and_is_promoted(line, line_ins
     assert merged["candidate_id"] == gate["candidate_id"] == promoted["candidate_id"]
     assert set(merged["reputation_after"]) == {"node-a"} and set(gate["reputation_after"]) == {"node-a"}
     assert gate["compared_with"] == "base model" and gate["test_speakers"] >= 5
+    assert "### Learning curve of the sources" in gate["report"] and f"| {run.run_id} | 0 |" in gate["report"]
     assert gate["cer_candidate"] < gate["cer_base_model"] and gate["p_better"] >= 0.95
     assert promoted["branch"] == "stable" and not promoted["stale"]
     candidate = store.get_candidate(merged["candidate_id"])
