@@ -5,7 +5,9 @@ Budgets are in steps, not seconds, so the tests assert the same things on a busy
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,31 @@ def pretrained_base(corpus, tmp_path_factory) -> tuple[Path, dict]:
     metrics = pretrain_base(corpus.en_us, out, train_seconds=900, max_steps=PRETRAIN_STEPS, seed=0,
                             feature_cache_dir=corpus.feature_cache)
     return out, metrics
+
+
+class FakeClock:
+    """The state store's clock in tests (stale heartbeats, daily quotas, TTLs)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 1, 23, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(state_url: str, clock: FakeClock) -> Iterator:
+    """A state store on SQLite and on a real PostgreSQL (``state_url``), with a fake clock."""
+    from mloc_dagster.core.state import StateStore
+
+    s = StateStore(state_url, clock=clock)
+    yield s
+    s.close()

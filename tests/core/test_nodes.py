@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -13,29 +11,7 @@ from mloc_dagster.core.placement import NodeSpeed, eligible_nodes, place_and_tak
 from mloc_dagster.core.reputation import ReputationUpdate, node_shares, reputation_from_gate, reputation_from_screening
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.nodes import DeviceInfo, InvalidNodeId, canonical_node_id
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2025, 3, 1, 23, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(state_url: str, clock: FakeClock) -> Iterator[StateStore]:
-    s = StateStore(state_url, clock=clock)
-    yield s
-    s.close()
+from tests.core.conftest import FakeClock
 
 
 def _jobs_today(store: StateStore, node_id: str) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,29 +14,7 @@ from mloc_dagster.core.state import (
     StateStore,
     UnknownRun,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2025, 3, 1, 23, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(state_url: str, clock: FakeClock) -> Iterator[StateStore]:
-    s = StateStore(state_url, clock=clock)
-    yield s
-    s.close()
+from tests.core.conftest import FakeClock
 
 
 def _run(store: StateStore, dialect: str = "en-gb-scotland", **kw: object) -> str:
