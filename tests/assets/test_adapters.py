@@ -112,7 +112,20 @@ def test_a_job_of_a_paused_or_cancelled_run_refuses_to_train(registered_base):
     assert not (Path(store.get_job("tr-test000004", 0).checkpoint_path).parent / "job-0001").exists()
 
 
-def test_a_job_with_no_training_time_fails_instead_of_succeeding_with_zero_steps(registered_base):
+def test_a_job_with_no_training_time_fails_instead_of_succeeding_with_zero_steps(registered_base, monkeypatch):
+    """Start-up after the device grant (loading the base model) takes longer than the whole
+    timebox -- simulated with a slow load, as from a network disk: not one step fits."""
+    import time
+
+    import mloc_dagster.core.training as training
+
+    real_load = training.load_base_model
+
+    def slow_load(*args, **kwargs):
+        time.sleep(1.5)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(training, "load_base_model", slow_load)
     instance, _ = registered_base
     result = train(instance, "tr-test000005", 0, timebox_s=1, max_steps=0)
     assert not result.success
