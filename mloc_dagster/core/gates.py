@@ -4,7 +4,12 @@ Four gates, all computed from per-utterance results (reference and hypothesis te
 
 - ``cer_gate`` / ``wer_gate``: the candidate's corpus CER / WER on the dialect's test split is at
   most the threshold. Corpus level means total edits / total reference length, so long
-  utterances weigh more than short ones, as they do for listeners;
+  utterances weigh more than short ones, as they do for listeners. The threshold is absolute
+  (``max_cer`` / ``max_wer``) or, when ``max_cer_rel_base`` / ``max_wer_rel_base`` is set,
+  relative: that fraction of the *base model's* CER / WER on the same test split (0.8: the
+  candidate must make 20 % fewer errors than the model it adapts). A relative limit replaces the
+  absolute one; it suits a dialect where the base starts far from any fixed target, and it is
+  not moved by the candidate it judges;
 - ``improvement_gate``: the candidate beats the production adapter with probability at least
   ``min_p_better``, estimated by a bootstrap over *speakers*: utterances of one speaker are
   correlated (voice, recording), so resampling utterances would overstate the evidence. The
@@ -73,11 +78,19 @@ class GateThresholds:
     bootstrap_samples: int = 2000
     seed: int = 0
     min_test_speakers: int = 5
+    # Relative CER / WER limits: a fraction of the base model's error rate on the dialect's test
+    # split. When set, they replace max_cer / max_wer.
+    max_cer_rel_base: float | None = None
+    max_wer_rel_base: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_cer", "max_wer", "max_base_regression_rel"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_cer_rel_base", "max_wer_rel_base"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (a fraction of the base model's error rate), got {value}")
         if not 0 <= self.min_p_better <= 1:
             raise ValueError(f"min_p_better must be within [0, 1], got {self.min_p_better}")
         if self.min_test_speakers < 1:
@@ -252,6 +265,7 @@ class GateReport:
     bootstrap: BootstrapResult | None
     thresholds: GateThresholds
     reference_label: str = "production"  # what the improvement gate compared with
+    dialect_base: Scores | None = None  # the base model on the dialect's test split, when known
 
     @property
     def passed(self) -> bool:
@@ -307,6 +321,7 @@ class GateReport:
             "bootstrap": asdict(self.bootstrap) if self.bootstrap else None,
             "thresholds": asdict(self.thresholds),
             "reference_label": self.reference_label,
+            "dialect_base": self.dialect_base.to_dict() if self.dialect_base else None,
         }
 
     def to_json(self) -> str:
@@ -331,6 +346,7 @@ class GateReport:
             bootstrap=BootstrapResult(**d["bootstrap"]) if d["bootstrap"] else None,
             thresholds=GateThresholds(**d["thresholds"]),
             reference_label=d.get("reference_label", "production"),
+            dialect_base=scores(d.get("dialect_base")),
         )
 
     @classmethod
@@ -354,6 +370,9 @@ class GateReport:
                   f"| candidate | {self.candidate.n_utts} | {self.candidate.cer:.4f} | {self.candidate.wer:.4f} |"]
         if prod is not None:
             lines.append(f"| {self.reference_label} | {prod.n_utts} | {prod.cer:.4f} | {prod.wer:.4f} |")
+        base = self.dialect_base
+        if base is not None and (prod is None or self.reference_label != "base model"):
+            lines.append(f"| base model | {base.n_utts} | {base.cer:.4f} | {base.wer:.4f} |")
         lines.append("")
         if self.bootstrap is None:
             lines.append(f"{self.gate('improvement_gate').description}.")
@@ -377,6 +396,26 @@ class GateReport:
         return "\n".join(lines) + "\n"
 
 
+def _error_rate_gate(name: str, cand: Scores, absolute: float, relative: float | None,
+                     base: Scores | None) -> GateResult:
+    """The CER or WER gate, with an absolute limit or a fraction of the base model's rate."""
+    what = name[:3].upper()
+    value = cand.cer if what == "CER" else cand.wer
+    if relative is None:
+        limit, how = absolute, f"{absolute:.4f}"
+    elif base is None:
+        return GateResult(name, False, value, float("nan"),
+                          f"candidate {what} {value:.4f}: the limit is {relative:.2f} × the base model's {what}, "
+                          "but the base model's results on this test split were not given")
+    else:
+        base_value = base.cer if what == "CER" else base.wer
+        limit = relative * base_value
+        how = f"{limit:.4f} ({relative:.2f} × base model {base_value:.4f})"
+    ok = value <= limit + _TOLERANCE
+    return GateResult(name, ok, value, limit,
+                      f"candidate {what} {value:.4f} {'≤' if ok else '>'} {how} on {cand.n_utts} test utterances")
+
+
 def evaluate_gates(
     candidate: Sequence[UttResult],
     production: Sequence[UttResult] | None = None,
@@ -385,6 +424,7 @@ def evaluate_gates(
     base_reference: Sequence[UttResult],
     thresholds: GateThresholds | None = None,
     reference_label: str = "production",
+    dialect_base: Sequence[UttResult] | None = None,
 ) -> GateReport:
     """Decide on a candidate.
 
@@ -392,19 +432,21 @@ def evaluate_gates(
     the reference -- the production adapter, or the base model (``reference_label`` names it;
     None: nothing to compare with, the gate passes on that ground). ``base_candidate`` /
     ``base_reference``: the base dialect's test split recognized by the candidate and by the
-    base model. Paired sets must cover the same utterances.
+    base model. ``dialect_base``: the dialect's test split recognized by the base model, which
+    relative CER / WER limits are fractions of; when it is not given and the reference is the
+    base model (``reference_label == "base model"``), ``production`` is that. Paired sets must
+    cover the same utterances.
     """
     t = thresholds or GateThresholds()
     _index(candidate, "candidate results")  # duplicates would count an utterance twice
     cand_scores, cand_edits, ref_len = _score_with_counts(candidate)
     speakers = [r.speaker for r in candidate]
+    if dialect_base is None and reference_label == "base model":
+        dialect_base = production
+    base_scores = None if dialect_base is None else score(_aligned(candidate, dialect_base, "base-model results"))
 
-    gates = []
-    for name, value, limit in (("cer_gate", cand_scores.cer, t.max_cer), ("wer_gate", cand_scores.wer, t.max_wer)):
-        ok = value <= limit + _TOLERANCE
-        gates.append(GateResult(name, ok, value, limit,
-                                f"candidate {name[:3].upper()} {value:.4f} {'≤' if ok else '>'} {limit:.4f} "
-                                f"on {cand_scores.n_utts} test utterances"))
+    gates = [_error_rate_gate("cer_gate", cand_scores, t.max_cer, t.max_cer_rel_base, base_scores),
+             _error_rate_gate("wer_gate", cand_scores, t.max_wer, t.max_wer_rel_base, base_scores)]
 
     prod_scores: Scores | None = None
     boot: BootstrapResult | None = None
@@ -464,4 +506,5 @@ def evaluate_gates(
         bootstrap=boot,
         thresholds=t,
         reference_label=reference_label,
+        dialect_base=base_scores,
     )

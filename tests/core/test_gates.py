@@ -212,3 +212,70 @@ def test_too_few_test_speakers_is_insufficient_evidence() -> None:
     assert not evaluate(candidate).gate("improvement_gate").passed  # not even with nothing to compare
     assert evaluate(candidate, production, min_test_speakers=2).gate("improvement_gate").passed
     assert "insufficient evidence" in report.to_markdown()
+
+
+def relative(candidate, *, dialect_base=None, production=None, label="base model", **thresholds) -> GateReport:
+    base_cand, base_ref = base_sets()
+    return evaluate_gates(candidate, production, base_candidate=base_cand, base_reference=base_ref,
+                          thresholds=GateThresholds(**thresholds), reference_label=label, dialect_base=dialect_base)
+
+
+@pytest.mark.parametrize(("candidate_errors", "passes"), [(10, True), (24, True), (25, False), (30, False)])
+def test_relative_cer_limit_is_a_fraction_of_the_base_model(candidate_errors: int, passes: bool) -> None:
+    # Base model on the dialect: 30 errors / 290 chars per speaker = CER 0.1034; 0.8 × = 24 errors.
+    base_model = utts("t", [30] * 5)
+    report = relative(utts("t", [candidate_errors] * 5), production=base_model, max_cer_rel_base=0.8)
+    gate = report.gate("cer_gate")
+    assert gate.threshold == pytest.approx(0.8 * 30 / 290)
+    assert gate.passed is passes
+    assert "0.80 × base model 0.1034" in gate.description
+    assert report.dialect_base is not None and report.dialect_base.cer == pytest.approx(30 / 290)
+
+
+def test_relative_limit_replaces_the_absolute_one() -> None:
+    # CER 0.2069 is far above the absolute default (0.15) but well under 0.8 × a base at 0.3448.
+    base_model, candidate = utts("t", [100] * 5), utts("t", [60] * 5)
+    assert not evaluate(candidate).gate("cer_gate").passed
+    report = relative(candidate, production=base_model, max_cer_rel_base=0.8, max_wer_rel_base=1.0)
+    assert report.gate("cer_gate").passed and report.gate("wer_gate").passed
+    assert report.gate("wer_gate").threshold == pytest.approx(report.dialect_base.wer)  # type: ignore[union-attr]
+
+
+def test_relative_wer_and_regression_fail_together() -> None:
+    # Fewer character errors (0.8 × CER) but every utterance still has its first word wrong: WER
+    # stays at the base model's, so a 0.8 × WER limit fails; so does a +10 % base regression.
+    base_model, candidate = utts("t", [30] * 5), utts("t", [24] * 5)
+    base_cand, base_ref = base_sets(580, 638)
+    report = evaluate_gates(candidate, base_model, base_candidate=base_cand, base_reference=base_ref,
+                            thresholds=GateThresholds(max_cer_rel_base=0.8, max_wer_rel_base=0.8),
+                            reference_label="base model")
+    assert report.gate("cer_gate").passed and report.gate("improvement_gate").passed
+    assert not report.gate("wer_gate").passed and not report.gate("regression_gate").passed
+    assert not report.passed and {r.split(":")[0] for r in report.reasons} == {"wer_gate", "regression_gate"}
+
+
+def test_relative_limit_against_production_needs_the_base_model_results() -> None:
+    base_model, production, candidate = utts("t", [30] * 5), utts("t", [26] * 5), utts("t", [20] * 5)
+    # The reference is the production adapter: without the base model's results there is no limit.
+    blind = relative(candidate, production=production, label="production", max_cer_rel_base=0.8)
+    gate = blind.gate("cer_gate")
+    assert not gate.passed and "were not given" in gate.description and blind.dialect_base is None
+    report = relative(candidate, production=production, label="production", dialect_base=base_model,
+                      max_cer_rel_base=0.8)
+    assert report.gate("cer_gate").passed and report.gate("cer_gate").threshold == pytest.approx(0.8 * 30 / 290)
+    assert report.production is not None and report.production.cer == pytest.approx(26 / 290)
+    md = report.to_markdown()
+    assert "| base model | 50 | 0.1034 |" in md and "0.80 × base model" in md
+    assert GateReport.from_json(report.to_json()) == report
+    with pytest.raises(ValueError, match="base-model results"):
+        relative(candidate, production=production, label="production", dialect_base=base_model[1:],
+                 max_cer_rel_base=0.8)
+
+
+def test_relative_thresholds_from_config() -> None:
+    t = GateThresholds.from_mapping({"max_cer_rel_base": 0.8, "max_wer_rel_base": 0.9})
+    assert (t.max_cer_rel_base, t.max_wer_rel_base, t.max_base_regression_rel) == (0.8, 0.9, 0.05)
+    assert GateThresholds().max_cer_rel_base is None  # absolute by default
+    for bad in (0, -0.5):
+        with pytest.raises(ValueError, match="max_cer_rel_base"):
+            GateThresholds(max_cer_rel_base=bad)
