@@ -55,6 +55,21 @@ class SampleStream:
         return out
 
     @property
+    def epoch_len(self) -> int:
+        return self.n + self.extra_per_epoch
+
+    @property
+    def absolute(self) -> int:
+        """The position as one number: samples drawn since the start of epoch 0."""
+        return self.epoch * self.epoch_len + self.index
+
+    def seek(self, position: int) -> None:
+        """Jump to an absolute position (``absolute``); the order is the same as if drawn."""
+        epoch, self.index = divmod(int(position), self.epoch_len)
+        if epoch != self.epoch:
+            self.epoch, self._order = epoch, self._epoch_order(epoch)
+
+    @property
     def epoch_progress(self) -> float:
         """Position in epochs (epoch + fraction of the current one)."""
         return self.epoch + self.index / len(self._order)
@@ -62,6 +77,28 @@ class SampleStream:
     def position(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "perm_seed": self.seed, "rows": self.n,
                 "extra_rows": self.extra_n, "extra_per_epoch": self.extra_per_epoch}
+
+
+def segment_cursor(segments: list[tuple[int, int]], done: int) -> tuple[int, int]:
+    """Where sample ``done`` of a slice lies: (absolute stream position, samples left in its
+    segment); (-1, 0) once every segment is drawn. A slice of a distributed round trains the
+    samples ``start .. stop-1`` of each of its segments, in order."""
+    for start, stop in segments:
+        if done < stop - start:
+            return start + done, stop - start - done
+        done -= stop - start
+    return -1, 0
+
+
+def check_segments(segments: list[tuple[int, int]]) -> int:
+    """The number of samples in ``segments``; ValueError naming a segment that is not a non-empty
+    range of non-negative positions."""
+    total = 0
+    for k, seg in enumerate(segments):
+        if len(seg) != 2 or not all(isinstance(x, int) for x in seg) or not 0 <= seg[0] < seg[1]:
+            raise ValueError(f"segment {k} {seg!r}: expected [start, stop) with 0 <= start < stop")
+        total += seg[1] - seg[0]
+    return total
 
 
 def make_batch(fs: FeatureSet, labels: list[list[int]], idx: list[int], device: str) -> tuple[dict, int]:

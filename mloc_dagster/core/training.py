@@ -69,7 +69,13 @@ from mloc_dagster.core.model import (
     output_lengths,
 )
 from mloc_dagster.core.pretrain import pretrain_base
-from mloc_dagster.core.sample_stream import SampleStream, make_batch, rehearsal_rows_per_epoch
+from mloc_dagster.core.sample_stream import (
+    SampleStream,
+    check_segments,
+    make_batch,
+    rehearsal_rows_per_epoch,
+    segment_cursor,
+)
 from mloc_dagster.core.train_loop import (
     SMALL_MODEL_PARAMS,
     LossLog,
@@ -157,6 +163,11 @@ class AdapterJobSpec:
     cpu_threads: int | None = None  # None: auto_cpu_threads (1 for small models on CPU)
     deterministic: bool | None = None  # torch deterministic algorithms; None: on for CUDA, off for CPU
     checkpoint_every_steps: int | None = None  # optional, in addition to checkpoint_every_s
+    # A slice of a distributed round: train exactly these [start, stop) positions of the run's
+    # sample stream, in order, then stop ("slice_done"). None: the stream from where it stands.
+    segments: list[tuple[int, int]] | None = None
+    throttle: float = 1.0  # >1 makes every step that much slower: a simulated slow node (tests, benches)
+    on_train_start: Callable[[], None] | None = None  # called once, just before the first step
     feature_cache_dir: str | Path | None = None
     # The base dialect's dataset version: mixed into training (hparams.rehearsal_fraction) so the
     # adapter does not forget the base dialect (the gate limits base-dialect regression).
@@ -189,7 +200,7 @@ class AdapterJobResult:
     wall_seconds: float
     timebox_s: float
     utilization: float  # train_seconds / timebox_s
-    stop_reason: str  # timebox | max_steps | heartbeat
+    stop_reason: str  # timebox | max_steps | slice_done | heartbeat
     peak_rss_mb: float
     peak_cuda_mb: float | None
     node_id: str
@@ -349,6 +360,7 @@ class _AdapterJob:
             ts.run = {"run_id": spec.run_id, "job_index": spec.job_index, "job_start_step": ts.step,
                       "job_start_samples": ts.samples, "resume_from": str(self.source) if self.source else None}
         self.job_start_step, self.job_start_samples = ts.run["job_start_step"], ts.run["job_start_samples"]
+        self.slice_samples = check_segments(spec.segments) if spec.segments is not None else None
         self.losses = LossLog(self.device, ts.loss_history)
         # until the first save is measured: state ≈ 4 copies of the trainable weights, at 50 MB/s
         self.save_s = 0.2 + 16 * sum(p.numel() for p in self.trainable) / 50e6
@@ -383,19 +395,30 @@ class _AdapterJob:
         frames = torch.arange(teacher.shape[1], device=teacher.device)[None, :] < n_out[:, None]
         return out.loss + self.hp.distill_weight * distillation_loss(out.logits[sel], teacher, frames)
 
+    def next_rows(self) -> list[int]:
+        if self.spec.segments is None:
+            return self.stream.next_batch(self.hp.batch_size)
+        position, left = segment_cursor(self.spec.segments, self.ts.samples - self.job_start_samples)
+        self.stream.seek(position)
+        return self.stream.next_batch(min(self.hp.batch_size, left))
+
     def step(self) -> None:
         t_step = time.monotonic()
-        idx = self.stream.next_batch(self.hp.batch_size)
+        idx = self.next_rows()
         batch, frames = make_batch(self.train, self.labels, idx, self.device)
         loss = train_step(lambda: self.loss(batch, idx), self.opt, self.trainable, self.hp.max_grad_norm, self.sched)
         self.ts.step += 1
         self.ts.samples += len(idx)
         self.job_samples += len(idx)
         self.losses.add(loss)
+        if self.spec.throttle > 1:
+            time.sleep((self.spec.throttle - 1) * (time.monotonic() - t_step))
         self.timebox.record(t_step, frames)
 
     def should_stop(self, now: float) -> str | None:
         spec = self.spec
+        if self.slice_samples is not None and self.ts.samples - self.job_start_samples >= self.slice_samples:
+            return "slice_done"
         if spec.max_steps is not None and self.ts.step - self.job_start_step >= spec.max_steps:
             return "max_steps"
         if not self.timebox.fits_another_step(now):
@@ -408,6 +431,8 @@ class _AdapterJob:
 
     def loop(self) -> None:
         spec = self.spec
+        if spec.on_train_start is not None:
+            spec.on_train_start()
         self.last_ckpt_t = self.last_progress_t = self.last_heartbeat_t = time.monotonic()
         while (reason := self.should_stop(time.monotonic())) is None:
             self.step()
