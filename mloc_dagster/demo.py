@@ -30,9 +30,13 @@ DEMO_DIALECTS = {BASE_DIALECT: 2400, TARGET_DIALECT: 1200, "en-gb-x-gbclan": 120
 # The base: 2,000 pre-training steps (about 6 minutes on 2 idle cores; en-us test CER ~0.08),
 # built once and reused from $MLOC_HOME by later demos.
 DEMO_JOBS, DEMO_TIMEBOX_S, BASE_TRAIN_S, BASE_STEPS = 3, 60, 900, 2000
-# What 3 CPU-minutes of LoRA can reach with a 1.2 M-parameter model (docs/benchmarks.md): the
-# demo's gate is looser than production's defaults (CER 0.15, WER 0.20, regression 5 %).
-DEMO_GATES = {TARGET_DIALECT: {"max_cer": 0.30, "max_wer": 0.85, "max_base_regression_rel": 0.60}}
+# The demo's gate is relative, not tuned to what the demo reaches: the candidate must make 20 %
+# fewer character and word errors than the base model on the dialect's test split (absolute
+# limits such as production's CER 0.15 / WER 0.20 are out of reach of a 1.2 M-parameter model
+# adapted for 3 CPU-minutes), and the rest is production's defaults: P(better than the base)
+# >= 0.95 over test speakers, base-dialect regression <= 5 % relative.
+DEMO_GATES = {TARGET_DIALECT: {"max_cer_rel_base": 0.8, "max_wer_rel_base": 0.8, "max_base_regression_rel": 0.05,
+                               "min_p_better": 0.95}}
 DEMO_HPARAMS: dict = {}  # the defaults: 50 % en-us rehearsal with distillation to the base
 
 
@@ -51,6 +55,28 @@ def _wait(what: str, check, timeout_s: float, render=None):
             time.sleep(1)
 
 
+def describe_thresholds(t: dict) -> str:
+    parts = [f"CER ≤ {t['max_cer_rel_base']:.2f} × base model" if "max_cer_rel_base" in t else
+             f"CER ≤ {t.get('max_cer', 0.15):.2f}",
+             f"WER ≤ {t['max_wer_rel_base']:.2f} × base model" if "max_wer_rel_base" in t else
+             f"WER ≤ {t.get('max_wer', 0.20):.2f}",
+             f"P(better) ≥ {t.get('min_p_better', 0.95):.2f}",
+             f"{BASE_DIALECT} regression ≤ {t.get('max_base_regression_rel', 0.05):.0%}"]
+    return ", ".join(parts)
+
+
+def learning_curve(jobs) -> list[tuple[str, str]]:
+    """Summary rows: the run's curve, one row per job (dev CER on unseen speakers, loss, samples)."""
+    rows = []
+    for j in jobs:
+        m = j.metrics or {}
+        rows.append((f"  job {j.job_index + 1}" if rows else f"learning curve: job {j.job_index + 1}",
+                     f"dev CER {m.get('dev_cer', float('nan')):.3f}, train loss "
+                     f"{m.get('train_loss', float('nan')):.3f}, {m.get('total_samples', m.get('samples', 0)):,} samples "
+                     f"seen ({j.status})"))
+    return rows
+
+
 def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_JOBS, timebox_s: int = DEMO_TIMEBOX_S,
              base_seconds: float = BASE_TRAIN_S) -> int:
     import dagster as dg
@@ -58,6 +84,7 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
 
     from mloc_dagster.assets.lineage import latest_metadata
     from mloc_dagster.core.corpus import synth_dialect
+    from mloc_dagster.core.gates import GateReport
     from mloc_dagster.core.state import StateStore, resolve_state_url
     from mloc_dagster.definitions import defs
     from mloc_dagster.training_runs import start_run
@@ -108,10 +135,13 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
             console.print(f"[green]base_model[/] {base['version']}: {base['parameters']:,} parameters, "
                           f"{BASE_DIALECT} test CER {base['test_cer']:.3f}")
 
+            # The demo's dialect always gets the demo's thresholds (a home from an older demo may
+            # hold others); other dialects' entries are left as they are.
             gates_file = paths.home / "gates.json"
-            if not gates_file.exists():
-                gates_file.write_text(json.dumps(DEMO_GATES, indent=1))
-            console.print(f"[green]gate thresholds[/] for the demo: {gates_file} {DEMO_GATES[TARGET_DIALECT]}")
+            gates = json.loads(gates_file.read_text()) if gates_file.exists() else {}
+            gates_file.write_text(json.dumps({**gates, **DEMO_GATES}, indent=1))
+            console.print(f"[green]gate thresholds[/] for {TARGET_DIALECT} ({gates_file}): "
+                          f"{describe_thresholds(DEMO_GATES[TARGET_DIALECT])}")
             run = start_run(instance, store, TARGET_DIALECT, jobs=jobs, candidate_every=jobs, timebox_s=timebox_s,
                             hparams=DEMO_HPARAMS)
             console.print(f"[green]training run[/] {run.run_id}: {jobs} jobs × {timebox_s} s on "
@@ -169,12 +199,22 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
     summary.add_row(f"{TARGET_DIALECT} CER, base model", f"{gate['cer_base_model']:.3f}")
     summary.add_row(f"{TARGET_DIALECT} CER, candidate", f"{gate['cer_candidate']:.3f} (WER {gate['wer_candidate']:.3f})")
     summary.add_row(f"{BASE_DIALECT} regression", f"{gate['base_dialect_regression_rel']:+.1%} relative")
-    summary.add_row("gate", gate["decision"])
+    for row in learning_curve(store.jobs_for_run(run.run_id)):
+        summary.add_row(*row)
+    report = GateReport.from_json(Path(gate["path"]).read_text())
+    summary.add_row("gate thresholds", describe_thresholds(DEMO_GATES[TARGET_DIALECT]))
+    for g in report.gates:
+        summary.add_row(f"  {g.name}", f"{'pass' if g.passed else 'FAIL'}: {g.description}")
+    summary.add_row("gate", report.decision)
     promoted_now = promoted is not None and promoted["candidate_id"] == candidate.candidate_id
     summary.add_row("production_adapter",
                     f"{promoted['branch']} {promoted['candidate_id']}" if promoted_now else "not promoted")
     summary.add_row("wall time", f"{time.time() - t_start:.0f} s")
     console.print(summary)
+    if not report.passed:
+        console.print(f"[bold yellow]The candidate does not pass the demo's gate[/], so it was not promoted: "
+                      f"{'; '.join(report.reasons)}. The demo itself completed; docs/benchmarks.md "
+                      "(bench/learning.py) shows how far more training gets.")
     console.print("Open the UI: [bold]make ui[/] (dagster dev on this DAGSTER_HOME, http://127.0.0.1:3000)")
     if ui:  # dagster dev until Ctrl-C or SIGTERM, which stop it and its children within seconds
         from mloc_dagster.ui import serve
