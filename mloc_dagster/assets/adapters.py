@@ -15,8 +15,9 @@ import pydantic
 from mloc_dagster.assets.datasets import dataset_version
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models import base_model
+from mloc_dagster.assets.training_units import ChainJob, NotToStart, SliceJob
 from mloc_dagster.core.calibration import local_device, local_node_id
-from mloc_dagster.core.state import ACTIVE, DISCARDED, retry_transient
+from mloc_dagster.core.state import ACTIVE, retry_transient
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -28,7 +29,8 @@ TIMEBOX_MARGIN_S = int(os.environ.get("MLOC_TIMEBOX_MARGIN_S", "120"))
 
 class AdapterJobConfig(dg.Config):
     run_id: str
-    job_index: int = 0
+    job_index: int = 0  # the chain's job; of a distributed run: the round
+    slice_index: int = -1  # >= 0: this is slice N of round job_index of a distributed run
     timebox_s: int = 3600
     checkpoint_every_s: float = 300.0
     max_steps: int = 0  # 0: train until the timebox; >0: a fixed-size job (tests, benchmarks)
@@ -49,7 +51,7 @@ class AdapterJobConfig(dg.Config):
 
 # What a training run may set per job: every field above but the ones the chain sets itself.
 # The one rule for hparams, used by `mloc run start`, the launchpad and the chain alike.
-HPARAM_KEYS = tuple(sorted(set(AdapterJobConfig.model_fields) - {"run_id", "job_index", "timebox_s"}))
+HPARAM_KEYS = tuple(sorted(set(AdapterJobConfig.model_fields) - {"run_id", "job_index", "slice_index", "timebox_s"}))
 
 
 class InvalidHParams(ValueError):
@@ -130,20 +132,23 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                                max_jobs=config.job_index + 1, candidate_every=min(12, config.job_index + 1))
     if run.dialect != dialect:
         raise dg.Failure(f"training run {run.run_id} is for {run.dialect}, not partition {dialect}")
-    if run.status != ACTIVE:
-        store.mark_job_failed(run.run_id, config.job_index, f"refused to start: training run {run.status}")
-        raise refuse(context, f"training run {run.run_id} is {run.status} ({run.status_reason or 'no reason given'}): "
-                              f"job {config.job_index} does not start. "
-                              + ("`mloc run resume` requests it again." if run.status == "paused" else ""),
-                     **{"mloc/refused": run.status})
-    previous = store.get_job(run.run_id, config.job_index - 1) if config.job_index > 0 else None
-    if config.job_index > 0 and (previous is None or previous.checkpoint_path is None):
-        raise dg.Failure(f"job {config.job_index} of {run.run_id} needs job {config.job_index - 1}'s checkpoint")
-
-    out = artifacts.paths.adapters / dialect / run.run_id / f"job-{config.job_index:04d}"
-    rehearsal = rehearsal_dataset(context.instance, dialect) if config.rehearsal_fraction > 0 else None
-    store.record_job_started(run.run_id, config.job_index, dagster_run_id=context.run_id, node_id=node_id(),
-                             worker_pid=os.getpid(), worker_host=socket.gethostname())
+    adapters = artifacts.paths.adapters / dialect
+    try:
+        unit = (SliceJob(store, run, config.job_index, config.slice_index, adapters) if config.slice_index >= 0
+                else ChainJob(store, run, config.job_index, node_id(), adapters))
+        if run.status != ACTIVE:
+            unit.refuse(f"refused to start: training run {run.status}")
+            raise refuse(context, f"training run {run.run_id} is {run.status} ({run.status_reason or 'no reason given'}): "
+                                  f"{unit.label} does not start. "
+                                  + ("`mloc run resume` requests it again." if run.status == "paused" else ""),
+                         **{"mloc/refused": run.status})
+        rehearsal = rehearsal_dataset(context.instance, dialect) if config.rehearsal_fraction > 0 else None
+        unit.start(context.run_id, os.getpid(), socket.gethostname())
+    except NotToStart as exc:
+        raise refuse(context, str(exc), **{"mloc/refused": "not-to-start"}) from exc
+    node, out, hp = unit.node_id, unit.out, config
+    if config.slice_index >= 0 and config.job_index > 0:  # a round continues the merged adapter: no warmup
+        hp = config.model_copy(update={"warmup_steps": 0})
 
     last, stopped_by, node_beat = {}, {}, [time.monotonic()]
 
@@ -159,11 +164,10 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             stopped_by["reason"] = "lease_lost"
             return False
         try:
-            alive = retry_transient(lambda: store.heartbeat(run.run_id, config.job_index, dict(last)),
-                                    log=context.log.warning)
+            alive = retry_transient(lambda: unit.beat(dict(last)), log=context.log.warning)
             if time.monotonic() - node_beat[0] > 30:  # the node registry's "last seen"
                 node_beat[0] = time.monotonic()
-                store.heartbeat_node(node_id())
+                store.heartbeat_node(node)
         except Exception as exc:  # the database stayed away: keep training, the next beat retries
             context.log.error(f"heartbeat not recorded ({type(exc).__name__}); training goes on")
             return None
@@ -176,28 +180,28 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
     with gpu.lease("TRAIN", context) as lease:
         if not lease.runnable:
             raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
-        store.heartbeat_node(node_id(), host=socket.gethostname(), device=local_device(lease.torch_device))
+        store.heartbeat_node(node, host=socket.gethostname(), device=local_device(lease.torch_device))
         started_at = start_timebox(context, config.timebox_s)
         try:
             result = train_adapter(AdapterJobSpec(
                 base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version, out_dir=out,
-                resume_from=previous.checkpoint_path if previous else None,
-                init_adapter=run.init_adapter if config.job_index == 0 else None,  # warm start (--from)
+                resume_from=unit.resume_from, init_adapter=unit.init_adapter,
+                segments=unit.segments, throttle=unit.throttle, on_train_start=unit.training_started,
                 timebox_s=config.timebox_s, checkpoint_every_s=config.checkpoint_every_s,
-                hparams=AdapterHParams(r=config.r, alpha=config.alpha, dropout=config.dropout,
-                                       target_modules=config.target_modules or None, lr=config.lr,
-                                       batch_size=config.batch_size, warmup_steps=config.warmup_steps,
-                                       seed=config.seed, rehearsal_fraction=config.rehearsal_fraction,
-                                       distill_weight=config.distill_weight),
+                hparams=AdapterHParams(r=hp.r, alpha=hp.alpha, dropout=hp.dropout,
+                                       target_modules=hp.target_modules or None, lr=hp.lr,
+                                       batch_size=hp.batch_size, warmup_steps=hp.warmup_steps,
+                                       seed=hp.seed, rehearsal_fraction=hp.rehearsal_fraction,
+                                       distill_weight=hp.distill_weight),
                 rehearsal_dataset_path=rehearsal,
-                max_steps=config.max_steps or None, node_id=node_id(), device=lease.torch_device,
+                max_steps=config.max_steps or None, node_id=node, device=lease.torch_device,
                 run_id=run.run_id, job_index=config.job_index,
                 feature_cache_dir=artifacts.paths.home / "features", started_at=started_at,
                 progress=progress, heartbeat=heartbeat, log=context.log.info,
             ))
         except OSError as exc:  # full disk, unwritable artifact dir: say so, and what is still safe
-            store.record_job_finished(run.run_id, config.job_index, "failed", error=str(exc)[:500])
-            kept = previous.checkpoint_path if previous else "none (first job)"
+            unit.failed(str(exc))
+            kept = unit.resume_from or "none (first job)"
             raise dg.Failure(
                 description=f"cannot write the checkpoint of job {config.job_index} under {out.parent}: {exc}. "
                             f"The previous checkpoint is intact: {kept}. Free space or fix the directory, then "
@@ -205,38 +209,37 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                 metadata={"out_dir": dg.MetadataValue.path(str(out)), "previous_checkpoint": kept},
             ) from exc
         except Exception as exc:
-            store.record_job_finished(run.run_id, config.job_index, "failed", error=str(exc)[:500])
+            unit.failed(str(exc))
             raise
     metrics = {k: v for k, v in result.to_json().items()
                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
     if stopped_by.get("reason") == "stopped":
-        store.record_job_finished(run.run_id, config.job_index, "failed", error="stopped: job cancelled")
-        raise dg.Failure(f"training job {run.run_id}/{config.job_index} was stopped (cancelled, or declared dead); "
+        unit.failed("stopped: cancelled, dropped from its round or declared dead")
+        raise dg.Failure(f"training {run.run_id} {unit.label} was stopped (cancelled, dropped, or declared dead); "
                          f"its progress is saved in {result.path}")
     if result.steps == 0 and result.resumed_kind != "reused":
         shutil.rmtree(result.path, ignore_errors=True)  # identical to where it started: let a retry train
         reason = (f"no training time: {result.overhead_seconds:.0f} s of the {config.timebox_s} s timebox went to "
                   "start-up before the first step; raise timebox_s or use a faster node")
-        store.record_job_finished(run.run_id, config.job_index, "failed", error=reason)
-        raise dg.Failure(f"training job {run.run_id}/{config.job_index} trained 0 steps: {reason}")
+        unit.failed(reason)
+        raise dg.Failure(f"training {run.run_id} {unit.label} trained 0 steps: {reason}")
     stop_reason = "lease_lost" if stopped_by.get("reason") == "lease_lost" else result.stop_reason
     if stop_reason == "lease_lost":
         context.log.warning(f"the device lease was lost: training stopped at step {result.total_steps}, saved")
-    job = store.record_job_finished(run.run_id, config.job_index, "succeeded", checkpoint_path=str(result.path),
-                                    sha256=result.sha256, metrics=metrics, base_model=result.base_model_hash)
-    if job.status == DISCARDED:
-        context.log.warning(f"training run {run.run_id} was cancelled while this job ran: {job.error}")
-    node = store.record_job_throughput(node_id(), result.base_model_hash, result.samples_per_s,
-                                       host=socket.gethostname(), device=local_device(result.device)) \
-        if result.steps > 0 and result.samples_per_s > 0 else store.get_node(node_id())
+    status = unit.succeeded(str(result.path), result.sha256, metrics, result.base_model_hash)
+    if status != "succeeded":
+        context.log.warning(f"{unit.label} of {run.run_id} finished as {status}: kept, never merged")
+    record = store.record_job_throughput(node, result.base_model_hash, result.samples_per_s,
+                                         host=socket.gethostname(), device=local_device(result.device)) \
+        if result.steps > 0 and result.samples_per_s > 0 else store.get_node(node)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.sha256),
-        metadata={**metrics, "node_id": node_id(), "run_id": run.run_id, "job_index": config.job_index,
+        metadata={**metrics, "node_id": node, "run_id": run.run_id, **unit.tags(),
                   "stop_reason": stop_reason, "resumed_kind": result.resumed_kind,
                   "resumed_from": result.resumed_from or "", "device": result.device,
-                  "base_model": result.base_model_hash, "job_status": job.status,
-                  "node_samples_per_s": node.samples_per_s(result.base_model_hash) or 0.0,
-                  "node_reputation": node.reputation,
+                  "base_model": result.base_model_hash, "job_status": status,
+                  "node_samples_per_s": record.samples_per_s(result.base_model_hash) or 0.0,
+                  "node_reputation": record.reputation,
                   "learning_curve": dg.MetadataValue.json(result.learning_curve),
                   "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)), **lease.metadata()},
     )

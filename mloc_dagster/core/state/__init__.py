@@ -8,7 +8,8 @@ branch, and how much each node is trusted.
 One SQLAlchemy 2 Core schema (``schema.py``), two deployments (SQLite under ``MLOC_HOME``, or
 PostgreSQL), one engine and transaction discipline (``engine.py``), and one room per entity:
 ``runs.py`` (training runs and jobs), ``candidates.py`` (candidates, adapter claims, promotions),
-``nodes.py`` (node reputation). ``StateStore`` is all of them over one engine.
+``nodes.py`` (node registry and reputation),
+``rounds.py`` (the slices of distributed rounds). ``StateStore`` is all of them over one engine.
 
 All timestamps are UTC. Methods return frozen dataclasses, never ORM rows or open cursors.
 A ``StateStore`` must not be shared across ``fork()``: build one per process.
@@ -24,6 +25,7 @@ from mloc_dagster.core.state.candidates import (
 )
 from mloc_dagster.core.state.engine import resolve_state_url, retry_transient
 from mloc_dagster.core.state.nodes import NodeRecord, NodeStore
+from mloc_dagster.core.state.rounds import PlannedSlice, RoundSlice, RoundStore
 from mloc_dagster.core.state.runs import InvalidTransition, RunStore, TrainingJob, TrainingRun, UnknownRun
 from mloc_dagster.core.state.schema import (
     ACTIVE,
@@ -31,24 +33,30 @@ from mloc_dagster.core.state.schema import (
     CANCELLED,
     COMPLETED,
     DISCARDED,
+    DISTRIBUTED,
+    DROPPED,
     FAILED,
     JOB_STATUSES,
     PAUSED,
     QUEUED,
+    REPLACED,
+    RUN_KINDS,
     RUN_STATUSES,
     RUN_TRANSITIONS,
     RUNNING,
+    SINGLE,
     SUCCEEDED,
     TERMINAL_RUN_STATUSES,
 )
 
 __all__ = [
-    "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "FAILED", "JOB_STATUSES", "PAUSED",
-    "QUEUED", "RUNNING", "RUN_STATUSES", "RUN_TRANSITIONS", "SUCCEEDED", "TERMINAL_RUN_STATUSES",
+    "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED",
+    "JOB_STATUSES", "PAUSED", "QUEUED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES", "RUN_TRANSITIONS",
+    "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "PlannedSlice", "RoundSlice",
     "AdapterClaimConflict", "AdapterRef", "Candidate", "InvalidTransition", "NodeRecord", "Promotion",
     "StateStore", "TrainingJob", "TrainingRun", "UnknownRun", "newest_per_run", "resolve_state_url", "retry_transient",
 ]
 
 
-class StateStore(RunStore, CandidateStore, NodeStore):
+class StateStore(RunStore, RoundStore, CandidateStore, NodeStore):
     """SQLAlchemy-backed state store; safe for concurrent writers in several processes."""

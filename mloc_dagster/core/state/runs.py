@@ -22,9 +22,11 @@ from mloc_dagster.core.state.schema import (
     DISCARDED,
     FAILED,
     QUEUED,
+    RUN_KINDS,
     RUN_STATUSES,
     RUN_TRANSITIONS,
     RUNNING,
+    SINGLE,
     SUCCEEDED,
     TERMINAL_RUN_STATUSES,
     training_jobs,
@@ -62,6 +64,13 @@ class TrainingRun:
     init_from: str | None = None  # warm start: what the user named (production:stable, a candidate id)
     init_adapter: str | None = None  # warm start: the adapter directory job 0 starts from
     generation: int = 0  # bumped by every resume; part of the chain's run keys
+    kind: str = SINGLE  # single: one job at a time; distributed: rounds of slices (max_jobs = rounds)
+    parallelism: int = 1  # distributed: slices per round, at most
+    round_samples: int = 0  # distributed: samples per round
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind != SINGLE
 
     @property
     def is_terminal(self) -> bool:
@@ -99,7 +108,8 @@ class RunStore(StoreEngine):
     def create_run(self, *, dialect: str, dataset_version: str, base_model_version: str,
                    hparams: Mapping[str, Any] | None = None, timebox_s: int = 3600, max_jobs: int = 6,
                    candidate_every: int = 6, run_id: str | None = None, init_from: str | None = None,
-                   init_adapter: str | None = None) -> TrainingRun:
+                   init_adapter: str | None = None, kind: str = SINGLE, parallelism: int = 1,
+                   round_samples: int = 0) -> TrainingRun:
         if not _DIALECT_RE.match(dialect):
             raise ValueError(f"dialect {dialect!r} must be lowercase [a-z0-9-]")
         if not 1 <= candidate_every <= 12:
@@ -108,13 +118,20 @@ class RunStore(StoreEngine):
             raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
         if timebox_s <= 0:
             raise ValueError(f"timebox_s must be > 0, got {timebox_s}")
+        if kind not in RUN_KINDS:
+            raise ValueError(f"run kind {kind!r} is not one of {', '.join(RUN_KINDS)}")
+        if kind != SINGLE and (parallelism < 1 or round_samples < parallelism):
+            raise ValueError(f"a {kind} run needs parallelism >= 1 and round_samples >= parallelism, "
+                             f"got {parallelism} and {round_samples}")
         now = self._clock()
         values = {
             "run_id": run_id or new_id("tr"), "dialect": dialect, "dataset_version": dataset_version,
             "base_model_version": base_model_version, "hparams": dict(hparams or {}), "timebox_s": int(timebox_s),
             "max_jobs": int(max_jobs), "candidate_every": int(candidate_every), "status": ACTIVE,
             "status_reason": None, "last_finished_job": None, "created_at": now, "updated_at": now,
-            "init_from": init_from, "init_adapter": init_adapter, "generation": 0,
+            "init_from": init_from, "init_adapter": init_adapter, "generation": 0, "kind": kind,
+            "parallelism": int(parallelism) if kind != SINGLE else None,
+            "round_samples": int(round_samples) if kind != SINGLE else None,
         }
         with self._write() as conn:
             conn.execute(training_runs.insert().values(**values))
@@ -325,6 +342,8 @@ def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
         status=row["status"], status_reason=row["status_reason"], last_finished_job=row["last_finished_job"],
         created_at=row["created_at"], updated_at=row["updated_at"], init_from=row.get("init_from"),
         init_adapter=row.get("init_adapter"), generation=int(row.get("generation") or 0),
+        kind=row.get("kind") or SINGLE, parallelism=int(row.get("parallelism") or 1),
+        round_samples=int(row.get("round_samples") or 0),
     )
 
 

@@ -35,6 +35,15 @@ RUN_TRANSITIONS: Mapping[str, frozenset[str]] = {
 QUEUED, RUNNING, SUCCEEDED, DISCARDED = "queued", "running", "succeeded", "discarded"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DISCARDED)
 ADAPTER_BRANCHES = ("stable", "experimental")
+# Training run kinds: a chain of single-node jobs, or rounds of slices on several nodes merged
+# after each round. ``hyperparameter`` and ``pipeline`` are issue 12's.
+SINGLE, DISTRIBUTED = "single", "distributed"
+RUN_KINDS = (SINGLE, DISTRIBUTED)
+# A slice of a distributed round: queued → running → succeeded | failed; ``dropped`` when the
+# round merged without it (late, failed, its run ended), ``replaced`` when its node stopped
+# heartbeating and its samples went to another node.
+DROPPED, REPLACED = "dropped", "replaced"
+SLICE_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DROPPED, REPLACED)
 DEFAULT_NODE_REPUTATION = 1.0
 
 
@@ -83,6 +92,9 @@ training_runs = sa.Table(
     # Bumped on every resume: the chain's run keys carry it, so a job re-requested after a pause
     # gets a new key while a sensor tick repeated within one generation still launches once.
     sa.Column("generation", sa.Integer),
+    sa.Column("kind", sa.String(16)),  # RUN_KINDS; NULL: single
+    sa.Column("parallelism", sa.Integer),  # distributed: slices per round (at most)
+    sa.Column("round_samples", sa.Integer),  # distributed: samples per round
 )
 
 training_jobs = sa.Table(
@@ -110,6 +122,35 @@ training_jobs = sa.Table(
     sa.Column("base_model", sa.String(128)),  # hash of the base model the adapter was trained on
     # The stale-job watchdog scans running jobs by heartbeat.
     sa.Index("ix_training_jobs_status_heartbeat", "status", "heartbeat_at"),
+)
+
+# The slices of a distributed run's rounds. A round's merged adapter is the run's training job
+# ``job_index = round_index`` (so candidates, warm starts and the chain treat it like any job's adapter).
+round_slices = sa.Table(
+    "round_slices",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("training_runs.run_id"), primary_key=True),
+    sa.Column("round_index", sa.Integer, primary_key=True),
+    sa.Column("slice_index", sa.Integer, primary_key=True),
+    sa.Column("node_id", sa.String(128), nullable=False),
+    sa.Column("segments", sa.JSON, nullable=False),  # [[start, stop), ...] of the run's sample stream
+    sa.Column("samples", sa.Integer, nullable=False),
+    sa.Column("expected_s", sa.Float, nullable=False),  # samples / the node's measured throughput
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("replaces", sa.Integer),  # the slice whose samples this one took over
+    sa.Column("dagster_run_id", sa.String(64)),
+    sa.Column("checkpoint_path", sa.Text),
+    sa.Column("adapter_sha256", sa.String(64)),
+    sa.Column("metrics", sa.JSON),
+    sa.Column("progress", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("outcome", sa.Text),  # the round merge's verdict: accepted (weight...) or why not
+    sa.Column("queued_at", _UtcDateTime),
+    sa.Column("started_at", _UtcDateTime),
+    sa.Column("train_started_at", _UtcDateTime),  # first step: the slice's expected time counts from here
+    sa.Column("heartbeat_at", _UtcDateTime),
+    sa.Column("finished_at", _UtcDateTime),
 )
 
 candidates = sa.Table(

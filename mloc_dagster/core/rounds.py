@@ -1,0 +1,105 @@
+"""Rounds of a distributed training run: which samples a round trains, where, and when it is done.
+
+Pure decisions over the state store's records (no Dagster); the training-chain sensor acts on them.
+
+- **Samples.** A distributed run trains one endless, seeded sample stream (``SampleStream``), the
+  same order a single-node run would see. Round ``k`` trains ``round_samples`` positions of it:
+  first the ranges of the previous round's *dropped* slices (late or failed: their samples go
+  back into the next round), then fresh positions from where the previous rounds stopped.
+- **Slices.** ``plan_slices`` maps a ``core.placement`` placement (contiguous shard ranges over
+  the round's samples, sized by node throughput) onto those stream ranges: one slice per node.
+  Every slice starts from the previous round's merged adapter (round 0: the run's warm start or
+  a fresh LoRA).
+- **Stragglers.** The round waits for its slices at most until its *deadline*: the latest
+  ``train_started_at + expected_s`` over the slices that started, plus ``STRAGGLER_GRACE_S``
+  (15 s). A slice still in flight then is dropped from the round (its samples go into the next
+  round, its node's throughput estimate is lowered from what it managed). A slice whose node
+  stops heartbeating for ``silent_after_s`` is *replaced*: its samples are placed on another
+  node as a new slice of the same round.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from mloc_dagster.core.placement import Placement
+from mloc_dagster.core.state.rounds import PlannedSlice, RoundSlice
+from mloc_dagster.core.state.schema import DROPPED, FAILED, QUEUED, RUNNING, SUCCEEDED
+
+STRAGGLER_GRACE_S = 15.0
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def base_model_hash(base_model_dir: str | Path) -> str:
+    """The base model's content hash: its directory's name where the base_model asset wrote it,
+    else computed (a model directory made by hand)."""
+    name = Path(base_model_dir).name
+    if _HASH.match(name):
+        return name
+    from mloc_dagster.core.model import model_dir_hash
+
+    return model_dir_hash(base_model_dir)
+
+
+def round_segments(previous: Sequence[RoundSlice], round_samples: int) -> list[list[int]]:
+    """The stream ranges round ``k`` trains, given round ``k-1``'s slices (empty for round 0)."""
+    carried = [list(seg) for s in previous if s.status in (DROPPED, FAILED) for seg in s.segments]
+    fresh_from = max((seg[1] for s in previous for seg in s.segments), default=0)
+    fresh = max(0, round_samples - sum(b - a for a, b in carried))
+    return carried + ([[fresh_from, fresh_from + fresh]] if fresh else [])
+
+
+def split_segments(segments: Sequence[Sequence[int]], start: int, stop: int) -> list[list[int]]:
+    """Positions ``start .. stop-1`` of the concatenation of ``segments``, as stream ranges."""
+    out, offset = [], 0
+    for a, b in segments:
+        lo, hi = max(start, offset), min(stop, offset + (b - a))
+        if lo < hi:
+            out.append([a + lo - offset, a + hi - offset])
+        offset += b - a
+    return out
+
+
+def plan_slices(segments: Sequence[Sequence[int]], placement: Placement, first_index: int = 0,
+                replaces: int | None = None) -> list[PlannedSlice]:
+    """One slice per placed shard, numbered from ``first_index``."""
+    return [PlannedSlice(first_index + k, shard.node_id, split_segments(segments, shard.start, shard.stop),
+                         shard.expected_s, replaces)
+            for k, shard in enumerate(placement.shards)]
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """Where a round stands: ``ready`` to merge (nothing in flight, or the deadline passed, in
+    which case ``late`` lists the slices to drop), and the deadline if one is known."""
+
+    ready: bool
+    deadline: datetime | None
+    late: tuple[RoundSlice, ...] = ()
+    succeeded: int = 0
+
+
+def round_state(slices: Sequence[RoundSlice], now: datetime, grace_s: float = STRAGGLER_GRACE_S) -> RoundState:
+    started = [s for s in slices if s.train_started_at is not None]
+    deadline = max((s.train_started_at + timedelta(seconds=s.expected_s) for s in started), default=None)
+    deadline = deadline + timedelta(seconds=grace_s) if deadline is not None else None
+    in_flight = [s for s in slices if s.status in (QUEUED, RUNNING)]
+    succeeded = sum(s.status == SUCCEEDED for s in slices)
+    if not in_flight:
+        return RoundState(True, deadline, (), succeeded)
+    if deadline is not None and now > deadline and succeeded:
+        return RoundState(True, deadline, tuple(in_flight), succeeded)
+    return RoundState(False, deadline, (), succeeded)
+
+
+def observed_throughput(s: RoundSlice, now: datetime) -> float | None:
+    """What a late slice managed (samples/s since its first step), from its last heartbeat's progress."""
+    if s.train_started_at is None or not s.progress:
+        return None
+    seconds = (now - s.train_started_at).total_seconds()
+    samples = float(s.progress.get("samples") or 0)
+    return samples / seconds if seconds > 0 and samples > 0 else None
