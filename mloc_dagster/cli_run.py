@@ -29,7 +29,12 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
           hparams: str = typer.Option("{}", "--hparams",
                                       help='JSON, e.g. {"lr": 0.002, "r": 8, "target_modules": ["head"]}'),
           init_from: str = typer.Option(None, "--from", help="Warm start from an adapter of the dialect: "
-                                        "production, production:experimental or a candidate id.")) -> None:
+                                        "production, production:experimental or a candidate id."),
+          kind: str = typer.Option("single", "--kind", help="single (one job at a time) or distributed "
+                                   "(--jobs rounds, each placed as slices on the pool's nodes and merged)."),
+          parallelism: int = typer.Option(4, "--parallelism", help="distributed: slices per round, at most."),
+          round_samples: int = typer.Option(0, "--round-samples",
+                                            help="distributed: samples per round (default 256 per slice).")) -> None:
     """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
     from mloc_dagster.training_runs import TrainingRunError, start_run
 
@@ -39,7 +44,8 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
         raise typer.BadParameter(f"--hparams is not valid JSON: {exc}") from exc
     instance, store = _context()
     try:
-        run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from)
+        run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from, kind,
+                        parallelism, round_samples or 256 * parallelism)
     except (TrainingRunError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
@@ -92,6 +98,11 @@ def _run_dict(store, run) -> dict:
     d["jobs"] = [{k: v for k, v in asdict(j).items() if k in ("job_index", "status", "dagster_run_id", "node_id",
                                                               "checkpoint_path", "metrics", "error")}
                  for j in store.jobs_for_run(run.run_id)]
+    if run.distributed:
+        d["rounds"] = {str(k): [{"slice": s.slice_index, "node": s.node_id, "samples": s.samples,
+                                 "expected_s": round(s.expected_s, 1), "status": s.status, "outcome": s.outcome}
+                                for s in store.round_slices(run.run_id, k)]
+                       for k in range(run.max_jobs) if store.round_slices(run.run_id, k)}
     return json.loads(json.dumps(d, default=str))
 
 

@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from mloc_dagster import jobs, training_runs
-from mloc_dagster.assets import adapters, candidates, datasets, models, reports
+from mloc_dagster.assets import adapters, candidates, datasets, models, reports, rounds
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
@@ -15,6 +15,7 @@ defs = dg.Definitions.merge(
     datasets.defs,
     models.defs,
     adapters.defs,
+    rounds.defs,
     candidates.defs,
     reports.defs,
     dg.Definitions(jobs=[jobs.train_adapter_job]),

@@ -6,8 +6,9 @@ import dagster as dg
 
 from mloc_dagster.assets.adapters import TIMEBOX_MARGIN_S, adapter_checkpoint, validate_hparams
 from mloc_dagster.assets.candidates import candidate_job
-from mloc_dagster.core.state import TrainingRun
-from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config
+from mloc_dagster.assets.rounds import ROUND_MERGE_JOB, round_merge_job
+from mloc_dagster.core.state import RoundSlice, TrainingRun
+from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config, node_k8s_config
 from mloc_dagster.partitions import dialect_partitions
 
 TRAIN_JOB = "train_adapter_job"
@@ -20,6 +21,9 @@ train_adapter_job = dg.define_asset_job(
     description="One timeboxed LoRA job of a training run (config: run_id, job_index, timebox_s, hparams).",
 )
 
+
+# Every job the training chain launches.
+CHAIN_JOBS = [train_adapter_job, candidate_job, round_merge_job]
 
 
 def chain_run_key(run: TrainingRun, *parts: object) -> str:
@@ -40,3 +44,26 @@ def train_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(job_index),
               "dagster/max_runtime": str(run.timebox_s + TIMEBOX_MARGIN_S)},
     )
+
+
+def slice_run_request(run: TrainingRun, s: RoundSlice) -> dg.RunRequest:
+    """Slice ``s`` of a distributed round: its own run of the training job, on its node.
+
+    ``mloc/node`` is what Dagster's per-node concurrency counts (``tag_concurrency_limits`` with
+    ``applyLimitPerUniqueValue`` in dagster.yaml / the Helm values); on Kubernetes the node also
+    becomes the pod's node selector. Run key ``<run_id>/<round>/<slice>``."""
+    request = train_run_request(run, s.round_index)
+    config = request.run_config["ops"]["adapter_checkpoint"]["config"]
+    return dg.RunRequest(
+        job_name=TRAIN_JOB, partition_key=run.dialect, run_key=chain_run_key(run, s.round_index, s.slice_index),
+        run_config={"ops": {"adapter_checkpoint": {"config": {**config, "slice_index": s.slice_index}}}},
+        tags={"mloc/run_id": run.run_id, "mloc/round": str(s.round_index), "mloc/slice": str(s.slice_index),
+              "mloc/node": s.node_id, "dagster/max_runtime": request.tags["dagster/max_runtime"],
+              K8S_CONFIG_TAG: node_k8s_config(s.node_id)})
+
+
+def round_merge_request(run: TrainingRun, round_index: int) -> dg.RunRequest:
+    return dg.RunRequest(
+        job_name=ROUND_MERGE_JOB, partition_key=run.dialect, run_key=chain_run_key(run, round_index, "merge"),
+        run_config={"ops": {"round_adapter": {"config": {"run_id": run.run_id, "round_index": round_index}}}},
+        tags={"mloc/run_id": run.run_id, "mloc/round": str(round_index)})

@@ -62,6 +62,19 @@ def gpu_k8s_config(node_selector: dict | None = None, tolerations: list | None =
     return config
 
 
+NODE_LABEL = "kubernetes.io/hostname"  # set by the kubelet on every node: its node name
+
+
+def node_k8s_config(node_id: str) -> dict:
+    """A slice placed on pool node ``node_id``: the GPU config, pinned to that node. Pool node ids
+    on Kubernetes are node names (``MLOC_NODE_ID`` comes from ``spec.nodeName``), and the kubelet
+    labels every node with its name, so the selector lands the pod on the node it was placed on."""
+    config = gpu_k8s_config()
+    pod_spec = config.setdefault("pod_spec_config", {})
+    pod_spec["node_selector"] = {**pod_spec.get("node_selector", {}), NODE_LABEL: node_id}
+    return config
+
+
 def _json_env(name: str, kind: type, default: Any) -> Any:
     raw = os.environ.get(name, "").strip()
     if not raw:

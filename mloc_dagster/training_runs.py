@@ -17,6 +17,7 @@ from mloc_dagster.core.state import (
     PAUSED,
     QUEUED,
     RUNNING,
+    SINGLE,
     StateStore,
     TrainingRun,
 )
@@ -70,10 +71,14 @@ def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
 
 def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, jobs: int = 6,
               candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None,
-              init_from: str | None = None) -> TrainingRun:
+              init_from: str | None = None, kind: str = SINGLE, parallelism: int = 1,
+              round_samples: int = 0) -> TrainingRun:
     """Pin the dialect's latest dataset version and the latest base model, and create the run
     (from the base alone, or warm-started from an adapter of the dialect: ``init_from``).
-    The training_chain_sensor launches its first job on its next tick."""
+    The training_chain_sensor launches its first job on its next tick.
+
+    ``kind="distributed"``: ``jobs`` rounds of ``round_samples`` samples, each placed as up to
+    ``parallelism`` slices on the pool's nodes and merged (``sensors/rounds.py``)."""
     if not is_valid_dialect(dialect):
         raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
     try:
@@ -91,9 +96,13 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
         hparams = warm_start_hparams(adapter_dir, hparams)
         label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
-    return store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
-                            hparams=hparams, timebox_s=timebox_s, max_jobs=jobs,
-                            candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter)
+    try:
+        return store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
+                                hparams=hparams, timebox_s=timebox_s, max_jobs=jobs,
+                                candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
+                                kind=kind, parallelism=parallelism, round_samples=round_samples)
+    except ValueError as exc:
+        raise TrainingRunError(str(exc)) from exc
 
 
 def pause_run(store: StateStore, run_id: str) -> bool:
@@ -138,6 +147,10 @@ class StartRunConfig(dg.Config):
     hparams: dict[str, Any] = {}
     # Warm start: "production", "production:experimental" or a candidate id ("" = from the base).
     init_from: str = ""
+    # "distributed": `jobs` rounds of `round_samples` samples, each on up to `parallelism` pool nodes.
+    kind: str = SINGLE
+    parallelism: int = 1
+    round_samples: int = 0
 
 
 @dg.op(description="Create a training run; the training_chain_sensor then chains its jobs.")
@@ -145,7 +158,8 @@ def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
                         state: StateStoreResource) -> str:
     try:
         run = start_run(context.instance, state.store(), config.dialect, config.jobs, config.candidate_every,
-                        config.timebox_s, dict(config.hparams), config.init_from or None)
+                        config.timebox_s, dict(config.hparams), config.init_from or None, config.kind,
+                        config.parallelism, config.round_samples)
     except TrainingRunError as exc:
         raise dg.Failure(str(exc)) from exc
     context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "jobs": run.max_jobs,

@@ -14,6 +14,12 @@ A job that ends badly is handled with Dagster's own signals:
   resumes from its last checkpoint;
 - a job that refused to start because its training run was paused or cancelled (tag
   ``mloc/refused``) needs nothing: resume re-requests it.
+
+A *distributed* run advances by rounds instead (``sensors/rounds.py``): each round is placed on
+the pool as slices, one Dagster run of the training job each, and closed by the round merge
+(``round_merge_job``), whose adapter is the run's job ``round``. A canceled slice or round merge
+pauses the run like a canceled job; a slice that fails for good leaves its round (its samples go
+into the next one); a round merge that fails for good fails the run.
 """
 
 
@@ -24,60 +30,65 @@ import dagster as dg
 
 from mloc_dagster.assets.adapters import InvalidHParams
 from mloc_dagster.core.chain import next_due
-from mloc_dagster.core.state import ACTIVE, COMPLETED, FAILED, PAUSED, SUCCEEDED, StateStore, TrainingRun
-from mloc_dagster.jobs import (
-    CANDIDATE_JOB,
-    TRAIN_JOB,
-    candidate_job,
-    chain_run_key,
-    train_adapter_job,
-    train_run_request,
-)
+from mloc_dagster.core.state import ACTIVE, COMPLETED, DROPPED, FAILED, PAUSED, SUCCEEDED, StateStore, TrainingRun
+from mloc_dagster.jobs import CANDIDATE_JOB, CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, chain_run_key, train_run_request
 from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.rounds import round_requests
+from mloc_dagster.sensors.verdicts import failure_reason, will_retry
 
 FAILURE_BATCH = 100
+# Runs of these jobs that ended badly since the cursor's time are read every tick.
+FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures_after"}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
-def will_retry(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
-    """Dagster's verdict (``dagster/will_retry``, set when the run failed); computed the same way
-    while the tag is not written yet."""
-    tag = run.tags.get("dagster/will_retry")
-    if tag is not None:
-        return tag == "true"
-    if not instance.run_retries_enabled or run.tags.get("dagster/retry_on_asset_or_op_failure") == "false":
-        return False
-    max_retries = int(run.tags.get("dagster/max_retries", instance.run_retries_max_retries))
-    return int(run.tags.get("dagster/retry_number", "0")) < max_retries
-
-
-def failure_reason(instance: dg.DagsterInstance, dagster_run_id: str) -> str:
-    for record in instance.all_logs(dagster_run_id, of_type=dg.DagsterEventType.STEP_FAILURE)[-1:]:
-        error = record.dagster_event.step_failure_data.error
-        if error is not None:
-            return error.message.strip().splitlines()[0][:500]
-    return "the Dagster run failed (see its logs)"
-
-
 def handle_ended_job(context: dg.SensorEvaluationContext, store: StateStore, run: dg.DagsterRun) -> None:
-    run_id, job_index = run.tags["mloc/run_id"], int(run.tags["mloc/job_index"])
+    run_id = run.tags["mloc/run_id"]
+    if "mloc/job_index" not in run.tags and "mloc/round" not in run.tags:
+        return  # launched by hand outside any chain
+    if "mloc/slice" in run.tags:
+        return handle_ended_slice(context, store, run)
+    job_index = int(run.tags.get("mloc/job_index", run.tags.get("mloc/round", "0")))
+    what = f"round {job_index}'s merge" if run.job_name == ROUND_MERGE_JOB else f"job {job_index}"
     job = store.get_job(run_id, job_index)
     if run.tags.get("mloc/refused") or (job is not None and job.status == SUCCEEDED):
         return
     if run.status == dg.DagsterRunStatus.CANCELED:
-        reason = (f"job {job_index}'s Dagster run {run.run_id[:8]} was canceled; `mloc run resume {run_id}` "
-                  "retries it from its last checkpoint")
+        reason = (f"{what}'s Dagster run {run.run_id[:8]} was canceled; `mloc run resume {run_id}` "
+                  "requests it again" + ("" if run.job_name == ROUND_MERGE_JOB else " from its last checkpoint"))
         store.mark_job_failed(run_id, job_index, f"Dagster run {run.run_id} canceled")
         if store.transition_run(run_id, ACTIVE, PAUSED, reason):
             context.log.warning(f"training run {run_id} paused: {reason}")
         return
     if will_retry(context.instance, run):
         return
-    reason = f"job {job_index} failed after {int(run.tags.get('dagster/retry_number', '0')) + 1} attempt(s): " \
+    reason = f"{what} failed after {int(run.tags.get('dagster/retry_number', '0')) + 1} attempt(s): " \
              f"{failure_reason(context.instance, run.run_id)}"
     store.mark_job_failed(run_id, job_index, reason)
     if store.transition_run(run_id, (ACTIVE, PAUSED), FAILED, reason):
         context.log.warning(f"training run {run_id} failed: {reason}")
+
+
+def handle_ended_slice(context: dg.SensorEvaluationContext, store: StateStore, run: dg.DagsterRun) -> None:
+    """A canceled slice pauses its run, like a canceled job; a slice that failed for good leaves
+    the round (its samples go into the next round)."""
+    run_id, k, index = run.tags["mloc/run_id"], int(run.tags["mloc/round"]), int(run.tags["mloc/slice"])
+    if run.tags.get("mloc/refused"):
+        return
+    if run.status == dg.DagsterRunStatus.CANCELED:
+        store.end_slice(run_id, k, index, DROPPED, f"Dagster run {run.run_id} canceled")
+        reason = f"round {k} slice {index}'s Dagster run {run.run_id[:8]} was canceled"
+        if store.transition_run(run_id, ACTIVE, PAUSED, reason):
+            context.log.warning(f"training run {run_id} paused: {reason}")
+    elif not will_retry(context.instance, run):
+        store.end_slice(run_id, k, index, DROPPED, f"failed: {failure_reason(context.instance, run.run_id)}")
+
+
+def ended_badly(context: dg.SensorEvaluationContext, job_name: str, after: str | None) -> list[dg.RunRecord]:
+    return context.instance.get_run_records(
+        filters=dg.RunsFilter(job_name=job_name, statuses=ENDED_BADLY,
+                              updated_after=datetime.fromisoformat(after) if after else None),
+        limit=FAILURE_BATCH, order_by="update_timestamp", ascending=True)
 
 
 def train_requested_in(store: StateStore, run: TrainingRun, entry: list[int]) -> int:
@@ -91,33 +102,33 @@ def train_requested_in(store: StateStore, run: TrainingRun, entry: list[int]) ->
     return train_requested if job is not None and job.status not in (FAILED,) else nxt - 1
 
 
-@dg.sensor(jobs=[train_adapter_job, candidate_job], minimum_interval_seconds=5,
+@dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=5,
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="Requests the next timeboxed job of every active training run, and a candidate "
                        "every K jobs; fails a run whose job exhausted Dagster's run retries and pauses "
                        "one whose job was canceled.")
 def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStoreResource) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
-    failures_after = cursor.get("failures_after")
+    after = {job: cursor.get(key) for job, key in FAILURE_CURSORS.items()}
     requested: dict[str, list[int]] = cursor.get("requested", {})  # run_id -> [generation, train, candidate]
     store = state.store()
     live_ids = {r.run_id for r in store.list_runs(status=(ACTIVE, PAUSED), limit=None)}
 
     # 1. Jobs that ended badly. Those of runs no longer live cost one skipped record, nothing more.
-    records = context.instance.get_run_records(
-        filters=dg.RunsFilter(job_name=TRAIN_JOB, statuses=ENDED_BADLY,
-                              updated_after=datetime.fromisoformat(failures_after) if failures_after else None),
-        limit=FAILURE_BATCH, order_by="update_timestamp", ascending=True)
-    for record in records:
-        failures_after = record.update_timestamp.isoformat()
-        if record.dagster_run.tags.get("mloc/run_id") in live_ids and "mloc/job_index" in record.dagster_run.tags:
-            handle_ended_job(context, store, record.dagster_run)
+    for job_name in FAILURE_CURSORS:
+        for record in ended_badly(context, job_name, after[job_name]):
+            after[job_name] = record.update_timestamp.isoformat()
+            if record.dagster_run.tags.get("mloc/run_id") in live_ids:
+                handle_ended_job(context, store, record.dagster_run)
 
     # 2. What each active run needs next.
     run_requests = []
     for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
         entry = requested.get(run.run_id, [run.generation, -1, -1])
         train_req, cand_req = train_requested_in(store, run, entry), entry[2]
+        if run.distributed:  # rounds of slices instead of one job at a time
+            run_requests += round_requests(context, store, run)
+            train_req = run.max_jobs
         for due in next_due(run, train_req, cand_req):
             if due.kind == "train":
                 try:
@@ -138,7 +149,7 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
                 context.log.info(f"training run {run.run_id} completed")
         requested[run.run_id] = [run.generation, train_req, cand_req]
 
-    cursor = {"failures_after": failures_after,
+    cursor = {**{key: after[job] for job, key in FAILURE_CURSORS.items()},
               "requested": {k: v for k, v in requested.items() if k in live_ids}}
     return dg.SensorResult(run_requests=run_requests, cursor=json.dumps(cursor, sort_keys=True))
 

@@ -1,0 +1,145 @@
+"""round_adapter: the merge that closes one round of a distributed training run.
+
+The slices that came in (the training-chain sensor dropped the late ones) are checked against
+the round (run, round, base model), screened against a reference update the server trains itself
+on a small trusted root set (``core.screening``: finite, well-shaped, norm-bounded, cosine to the
+reference, dev-loss sanity), weighted by samples x direction, and merged in ΔW space on top of the
+round's start adapter. The result is recorded as the run's training job ``round``: the next round
+starts from it, and the chain's candidate every ``candidate_every`` rounds merges it like any
+job's adapter. Every slice gets its verdict (accepted with its weight, or refused and why), every
+node's reputation moves by the documented rule (``core/reputation.py``), and the per-node table is
+the materialization's metadata.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from mloc_dagster.assets.adapters import adapter_checkpoint, rehearsal_dataset
+from mloc_dagster.core.candidates import Recognizer, merge_candidate
+from mloc_dagster.core.gates import score
+from mloc_dagster.core.rounds import base_model_hash
+from mloc_dagster.core.screening import markdown_table, reputation_updates, train_reference_update
+from mloc_dagster.core.state import SUCCEEDED, RoundSlice, StateStore, TrainingRun
+from mloc_dagster.core.training import AdapterHParams
+from mloc_dagster.partitions import dialect_partitions
+from mloc_dagster.resources.artifacts import ArtifactStore
+from mloc_dagster.resources.gpu import GpuArbiter
+from mloc_dagster.resources.state import StateStoreResource
+
+ROUND_MERGE_JOB = "round_merge_job"
+
+
+class RoundMergeConfig(dg.Config):
+    run_id: str
+    round_index: int
+    method: str = "weighted_mean"  # or trimmed_mean, median
+    reference_samples: int = 64  # the trusted root set of the reference update (0: no direction screening)
+
+
+def slice_mismatch(s: RoundSlice, run: TrainingRun, base_hash: str) -> str | None:
+    """Why a slice's checkpoint is not an adapter of this round (bad input), or None."""
+    result_file = Path(s.checkpoint_path or "") / "result.json"
+    if not result_file.is_file():
+        return f"no result.json in {s.checkpoint_path}"
+    result = json.loads(result_file.read_text())
+    if (result.get("run_id"), result.get("job_index")) != (run.run_id, s.round_index):
+        return f"adapter of run {result.get('run_id')} round {result.get('job_index')}, not {run.run_id} round {s.round_index}"
+    if result.get("base_model_hash") != base_hash:
+        return f"trained on base model {str(result.get('base_model_hash'))[:12]}, the run's is {base_hash[:12]}"
+    return None
+
+
+def hparams_of(run: TrainingRun) -> AdapterHParams:
+    fields = AdapterHParams.__dataclass_fields__
+    return AdapterHParams(**{k: v for k, v in run.hparams.items() if k in fields})
+
+
+@dg.asset(partitions_def=dialect_partitions, deps=[adapter_checkpoint], group_name="training",
+          kinds={"pytorch", "safetensors"}, pool="gpu", output_required=False,
+          description="Closes one round of a distributed run: screens its slices against a trusted reference "
+                      "update and merges the accepted ones (weighted by samples) into the round's adapter, "
+                      "which the next round starts from.")
+def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, artifacts: ArtifactStore,
+                  state: StateStoreResource, gpu: GpuArbiter):
+    store = state.store()
+    run, k = store.get_run(config.run_id), config.round_index
+    if run is None or not run.distributed:
+        raise dg.Failure(f"{config.run_id} is not a distributed training run")
+    done = store.get_job(run.run_id, k)
+    if done is not None and done.status == SUCCEEDED:
+        context.log.info(f"round {k} of {run.run_id} is already merged: {done.checkpoint_path}")
+        return
+    base_hash = base_model_hash(run.base_model_version)
+    came_in = accepted_inputs(context, store, run, k, base_hash)
+    start = store.get_job(run.run_id, k - 1).checkpoint_path if k > 0 else run.init_adapter
+    out = artifacts.paths.adapters / run.dialect / run.run_id / f"round-{k:04d}"
+    with gpu.lease("MERGE", context) as lease:
+        reference = None
+        if config.reference_samples > 0:
+            train_reference_update(run.base_model_version, run.dataset_version, out / "reference",
+                                   start_adapter=start, samples=config.reference_samples, hparams=hparams_of(run),
+                                   feature_cache_dir=artifacts.paths.home / "features", device=lease.torch_device,
+                                   rehearsal_dataset_path=rehearsal_dataset(context.instance, run.dialect),
+                                   run_id=run.run_id, job_index=k)
+            reference = out / "reference"
+        try:
+            result, sha = merge_candidate(
+                [s.checkpoint_path for s in came_in], [s.samples for s in came_in], out / "adapter",
+                method=config.method, reference=reference, start_adapter=start,
+                node_of={s.checkpoint_path: s.node_id for s in came_in}, samples=[s.samples for s in came_in])
+        except ValueError as exc:
+            raise dg.Failure(f"round {k} of {run.run_id}: {exc}") from exc
+        dev = score(Recognizer(run.base_model_version, artifacts.paths.home / "features", lease.torch_device)(
+            out / "adapter", run.dataset_version, "dev"))
+    rows = result.summary()["screening"]
+    for s in came_in:
+        row = next((r for r in rows if r["source"] == s.checkpoint_path), None)
+        store.set_slice_outcome(run.run_id, k, s.slice_index, _verdict(row))
+    moved = store.apply_reputation_updates(reputation_updates(rows))
+    metrics = {"dev_cer": dev.cer, "dev_wer": dev.wer, "slices": len(came_in),
+               "accepted": sum(r["decision"] != "refused" for r in rows), "samples": sum(s.samples for s in came_in)}
+    store.record_job_started(run.run_id, k, dagster_run_id=context.run_id)
+    store.record_job_finished(run.run_id, k, SUCCEEDED, checkpoint_path=str(out / "adapter"), sha256=sha,
+                              metrics=metrics, base_model=base_hash)
+    context.log.info(f"round {k} of {run.run_id}: {metrics['accepted']}/{len(came_in)} slices merged, "
+                     f"dev CER {dev.cer:.3f}")
+    yield dg.MaterializeResult(
+        data_version=dg.DataVersion(sha),
+        metadata={**metrics, "run_id": run.run_id, "round": k, "sha256": sha, "base_model": base_hash,
+                  "start_adapter": str(start or "fresh LoRA"), "path": dg.MetadataValue.path(str(out / "adapter")),
+                  "screening": dg.MetadataValue.md(markdown_table(rows)),
+                  "reputation_after": dg.MetadataValue.json(moved), **lease.metadata()})
+
+
+def accepted_inputs(context: dg.AssetExecutionContext, store: StateStore, run: TrainingRun, k: int,
+                    base_hash: str) -> list[RoundSlice]:
+    """The round's slices that came in and belong to it; the others get their reason recorded."""
+    came_in = []
+    for s in store.round_slices(run.run_id, k):
+        if s.status != SUCCEEDED:
+            continue
+        if (why := slice_mismatch(s, run, base_hash)) is not None:
+            store.set_slice_outcome(run.run_id, k, s.slice_index, f"refused: {why}")
+            context.log.warning(f"round {k} slice {s.slice_index} ({s.node_id}) refused: {why}")
+            continue
+        came_in.append(s)
+    if not came_in:
+        raise dg.Failure(f"round {k} of {run.run_id}: no slice came in that belongs to the round")
+    return came_in
+
+
+def _verdict(row: dict | None) -> str:
+    if row is None:
+        return "refused: not screened"
+    if row["decision"] == "refused":
+        return f"refused: {row['reason']}"
+    return f"{row['decision']} (weight {row['weight']:.3g}, cosine {row.get('cosine')})"
+
+
+round_merge_job = dg.define_asset_job(
+    ROUND_MERGE_JOB, selection=[round_adapter], partitions_def=dialect_partitions,
+    description="Closes one round of a distributed training run (config: run_id, round_index).")
+
+defs = dg.Definitions(assets=[round_adapter], jobs=[round_merge_job])

@@ -1,0 +1,139 @@
+"""The distributed half of the training chain: one round of a distributed run at a time.
+
+Every tick, for an active distributed run, the round after the last merged one:
+
+1. not placed yet: place it on the pool (``core.rounds``; available nodes from the registry,
+   throughput-proportional ranges, a day's quota taken from every node that gets a slice) and
+   request one run of the training job per slice. No node available: the run pauses with the
+   reason (register or calibrate nodes, then resume).
+2. placed: a slice whose node stopped heartbeating is re-placed on another node; when every
+   slice is in, or the round's deadline (longest expected slice + 15 s) passed, the late slices
+   are dropped (their node's throughput estimate drops to what they managed) and the round merge
+   is requested. A round in which no slice succeeded fails the run.
+
+Run keys (``<run_id>/<round>/<slice>``, ``<run_id>/<round>/merge``) make every repeated decision
+harmless; Dagster's queue, per-node concurrency and retries do the rest.
+"""
+
+import os
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from mloc_dagster.core.placement import PlacementError, eligible_nodes, place_and_take_quota
+from mloc_dagster.core.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
+from mloc_dagster.core.state import (
+    ACTIVE,
+    DROPPED,
+    FAILED,
+    PAUSED,
+    QUEUED,
+    REPLACED,
+    RUNNING,
+    RoundSlice,
+    StateStore,
+    TrainingRun,
+)
+from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
+from mloc_dagster.jobs import round_merge_request, slice_run_request
+from mloc_dagster.sensors.verdicts import will_retry
+
+SILENT_AFTER_S = float(os.environ.get("MLOC_SLICE_SILENT_S", "60"))
+
+
+def round_requests(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun) -> list[dg.RunRequest]:
+    k = (-1 if run.last_finished_job is None else run.last_finished_job) + 1
+    if k >= run.max_jobs or run.status != ACTIVE:
+        return []
+    slices = store.round_slices(run.run_id, k) or place_round(context, store, run, k)
+    if not slices:
+        return []
+    requests = [slice_run_request(run, s) for s in slices if s.status == QUEUED]
+    requests += [slice_run_request(run, s) for s in replace_silent(context, store, run, k)]
+    now = datetime.now(UTC)
+    state = round_state([still_trying(context.instance, s) for s in store.round_slices(run.run_id, k)], now)
+    if not state.ready:
+        return requests
+    if state.succeeded == 0:
+        reasons = "; ".join(f"slice {s.slice_index} on {s.node_id}: {s.error or s.outcome or s.status}"
+                            for s in store.round_slices(run.run_id, k))
+        store.transition_run(run.run_id, ACTIVE, FAILED, f"round {k}: no slice succeeded ({reasons})"[:2000])
+        return []
+    for s in state.late:
+        drop_late(context, store, run, s, state.deadline, now)
+    return [*requests, round_merge_request(run, k)]
+
+
+def place_round(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                k: int) -> list[RoundSlice]:
+    segments = round_segments(store.round_slices(run.run_id, k - 1) if k > 0 else [], run.round_samples)
+    try:
+        placement = place_on_pool(store, run, sum(b - a for a, b in segments), parallelism=run.parallelism)
+    except PlacementError as exc:
+        reason = (f"round {k} cannot be placed: {exc}. Register or calibrate nodes (`mloc node list`, "
+                  f"`mloc node calibrate`), then `mloc run resume {run.run_id}`")
+        if store.transition_run(run.run_id, ACTIVE, PAUSED, reason):
+            context.log.warning(f"training run {run.run_id} paused: {reason}")
+        return []
+    for warning in placement.warnings:
+        context.log.warning(f"round {k} of {run.run_id}: {warning}")
+    context.log.info(f"round {k} of {run.run_id} placed: " + ", ".join(
+        f"{s.node_id} {s.samples} samples ~{s.expected_s:.0f} s" for s in placement.shards))
+    return store.place_slices(run.run_id, k, plan_slices(segments, placement))
+
+
+def place_on_pool(store: StateStore, run: TrainingRun, n_samples: int, *, parallelism: int, exclude: set[str] = frozenset()):
+    nodes, skipped = eligible_nodes(store.list_nodes(), base_model_hash(run.base_model_version),
+                                    now=datetime.now(UTC), ttl_s=node_ttl_s(), default_quota=default_daily_quota())
+    nodes = [n for n in nodes if n.node_id not in exclude]
+    if not nodes:
+        why = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "the node registry is empty"
+        raise PlacementError(f"no node available ({why})")
+    return place_and_take_quota(nodes, n_samples, store.take_job_quota, store.release_job_quota,
+                                parallelism=parallelism)
+
+
+def replace_silent(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                   k: int) -> list[RoundSlice]:
+    """Slices whose node went silent, placed again on another node as new slices of the round."""
+    placed = []
+    for s in store.silent_slices(run.run_id, k, SILENT_AFTER_S):
+        try:
+            placement = place_on_pool(store, run, s.samples, parallelism=1, exclude={s.node_id})
+        except PlacementError as exc:
+            context.log.warning(f"round {k} slice {s.slice_index}: node {s.node_id} is silent and {exc}")
+            continue
+        if not store.end_slice(run.run_id, k, s.slice_index, REPLACED,
+                               f"node {s.node_id} silent for > {SILENT_AFTER_S:.0f} s: re-placed on "
+                               f"{placement.shards[0].node_id}"):
+            continue  # it finished meanwhile
+        first = 1 + max(x.slice_index for x in store.round_slices(run.run_id, k))
+        new = store.place_slices(run.run_id, k, plan_slices(s.segments, placement, first, replaces=s.slice_index))
+        placed += [x for x in new if x.slice_index >= first]
+        context.log.warning(f"round {k} slice {s.slice_index}: node {s.node_id} silent, re-placed")
+    return placed
+
+
+def still_trying(instance: dg.DagsterInstance, s: RoundSlice) -> RoundSlice:
+    """A failed slice whose Dagster run will be retried is still in flight."""
+    if s.status != FAILED or not s.dagster_run_id:
+        return s
+    dagster_run = instance.get_run_by_id(s.dagster_run_id)
+    return replace(s, status=RUNNING) if dagster_run is not None and will_retry(instance, dagster_run) else s
+
+
+def drop_late(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun, s: RoundSlice,
+              deadline: datetime | None, now: datetime) -> None:
+    """Merge without it (its samples go into the next round); its node is slower than we thought."""
+    if not store.end_slice(run.run_id, s.round_index, s.slice_index, DROPPED,
+                           f"late: not in by the round's deadline {deadline:%H:%M:%S} (expected {s.expected_s:.0f} s)"):
+        return
+    base = base_model_hash(run.base_model_version)
+    record = store.find_node(s.node_id)
+    known = record.samples_per_s(base) if record is not None else None
+    seen = observed_throughput(s, now) or (known / 4 if known else None)
+    if seen:
+        store.record_job_throughput(s.node_id, base, seen, seen_at=s.heartbeat_at or s.started_at)
+    context.log.warning(f"round {s.round_index} slice {s.slice_index} on {s.node_id} dropped as late; "
+                        f"throughput estimate now from {seen or 'nothing'} samples/s")

@@ -1,0 +1,128 @@
+"""The distributed half of the training chain on a real instance and state store: placement by
+throughput, per-node tags, quotas, stragglers, silent nodes and the round merge request.
+Slices are driven through the store here; tests/test_daemon_distributed.py trains them for real."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pytest
+
+from mloc_dagster.core.state import DROPPED, REPLACED, StateStore
+from mloc_dagster.definitions import defs
+from mloc_dagster.jobs import ROUND_MERGE_JOB, TRAIN_JOB
+from mloc_dagster.k8s import K8S_CONFIG_TAG, NODE_LABEL
+from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.training_chain import training_chain_sensor
+
+BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+@pytest.fixture()
+def instance(mloc_home):
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def tick(instance, store, cursor=None):
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                  resources={"state": StateStoreResource(url=store.url)})
+    result = training_chain_sensor(ctx)
+    return result, result.cursor
+
+
+def pool(store, speeds):
+    for node, speed in speeds.items():
+        store.record_job_throughput(node, BASE, speed, source="calibrate")
+
+
+def new_run(store, **kw):
+    return store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version=f"/models/{BASE}",
+                            timebox_s=60, max_jobs=2, candidate_every=2, kind="distributed",
+                            **{"parallelism": 3, "round_samples": 120, **kw})
+
+
+def test_a_round_is_placed_by_throughput_and_merged_when_its_slices_are_in(instance, store):
+    pool(store, {"node-a": 10.0, "node-b": 20.0, "node-c": 30.0, "node-slow": 1.0})
+    run = new_run(store)
+    result, cursor = tick(instance, store)
+    slices = {r.tags["mloc/node"]: r for r in result.run_requests}
+    assert set(slices) == {"node-a", "node-b", "node-c"}  # parallelism 3: the three fastest
+    assert {r.job_name for r in result.run_requests} == {TRAIN_JOB}
+    assert sorted(r.run_key for r in result.run_requests) == [f"{run.run_id}/0/{i}" for i in range(3)]
+    placed = store.round_slices(run.run_id, 0)
+    assert [s.samples for s in placed] == [20, 40, 60]  # proportional to 10:20:30
+    assert sum(s.samples for s in placed) == 120 and placed[0].segments == [[0, 20]]
+    req = slices["node-c"]
+    assert req.run_config["ops"]["adapter_checkpoint"]["config"]["slice_index"] == 2
+    assert json.loads(req.tags[K8S_CONFIG_TAG])["pod_spec_config"]["node_selector"][NODE_LABEL] == "node-c"
+    assert all(store.get_node(n).jobs_today == 1 for n in ("node-a", "node-b", "node-c"))  # quota at placement
+    assert store.get_node("node-slow").jobs_today == 0
+
+    for s in placed:
+        store.record_slice_started(run.run_id, 0, s.slice_index, dagster_run_id=f"d{s.slice_index}")
+        store.slice_training_started(run.run_id, 0, s.slice_index)
+    again, cursor = tick(instance, store, cursor)
+    assert [r.job_name for r in again.run_requests] == []  # in flight: nothing new
+    for s in placed:
+        store.record_slice_finished(run.run_id, 0, s.slice_index, "succeeded", checkpoint_path=f"/s{s.slice_index}")
+    merge, cursor = tick(instance, store, cursor)
+    assert [(r.job_name, r.run_key) for r in merge.run_requests] == [(ROUND_MERGE_JOB, f"{run.run_id}/0/merge")]
+    assert merge.run_requests[0].run_config["ops"]["round_adapter"]["config"] == {"run_id": run.run_id,
+                                                                                   "round_index": 0}
+
+
+def test_a_straggler_is_dropped_at_the_deadline_and_its_samples_go_to_the_next_round(instance, store):
+    pool(store, {"node-a": 10.0, "node-b": 10.0})
+    run = new_run(store, parallelism=2, round_samples=100)
+    _, cursor = tick(instance, store)
+    a, b = store.round_slices(run.run_id, 0)
+    for s in (a, b):
+        store.record_slice_started(run.run_id, 0, s.slice_index, dagster_run_id="d")
+    # Both started training 30 s ago; expected 5 s each: the deadline (5 + 15 s) has passed.
+    past = StateStore(store.url, clock=lambda: datetime.now(UTC) - timedelta(seconds=30))
+    for s in (a, b):
+        past.slice_training_started(run.run_id, 0, s.slice_index)
+        past.heartbeat_slice(run.run_id, 0, s.slice_index, {"samples": 10})
+    store.record_slice_finished(run.run_id, 0, a.slice_index, "succeeded", checkpoint_path="/a")
+    result, cursor = tick(instance, store, cursor)
+    assert [r.job_name for r in result.run_requests] == [ROUND_MERGE_JOB]
+    late = store.get_slice(run.run_id, 0, b.slice_index)
+    assert late.status == DROPPED and late.outcome.startswith("late")
+    assert store.get_node("node-b").samples_per_s(BASE) < 10.0  # lowered from what it managed
+
+    # The round merged (as the round merge records it): round 1 starts with node-b's 50 samples.
+    store.record_job_started(run.run_id, 0, dagster_run_id="m0")
+    store.record_job_finished(run.run_id, 0, "succeeded", checkpoint_path="/round0", base_model=BASE)
+    tick(instance, store, cursor)
+    second = store.round_slices(run.run_id, 1)
+    covered = sorted(seg for s in second for seg in s.segments)
+    assert covered[0] == [50, 100] and sum(b - a for a, b in covered) == 100
+    assert covered[-1][1] == 150  # then 50 fresh samples after round 0's
+
+
+def test_a_silent_node_is_replaced_and_an_empty_pool_pauses_the_run(instance, store, monkeypatch):
+    monkeypatch.setattr("mloc_dagster.sensors.rounds.SILENT_AFTER_S", 0.0)
+    pool(store, {"node-a": 10.0})
+    run = new_run(store, parallelism=2, round_samples=40)
+    result, cursor = tick(instance, store)
+    assert len(result.run_requests) == 1  # one node: fewer slices, with a warning
+    store.record_slice_started(run.run_id, 0, 0, dagster_run_id="d")
+    pool(store, {"node-b": 10.0})
+    result, cursor = tick(instance, store, cursor)
+    old, new = store.round_slices(run.run_id, 0)
+    assert (old.status, new.node_id, new.replaces, new.segments) == (REPLACED, "node-b", 0, old.segments)
+    assert f"{run.run_id}/0/1" in [r.run_key for r in result.run_requests]
+
+    other = store.create_run(
+        dialect="en-gb-wales", dataset_version="/d", base_model_version="/models/" + "cd" * 32, kind="distributed",
+        parallelism=2, round_samples=40)
+    tick(instance, store, cursor)
+    paused = store.get_run(other.run_id)
+    assert paused.status == "paused" and "no node available" in paused.status_reason
+    assert "no throughput measured" in paused.status_reason
