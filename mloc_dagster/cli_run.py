@@ -128,6 +128,14 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
                           f"{m.get('dev_cer', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}",
                           (j["error"] or "")[:60])
         console.print(table)
+        for k, slices in (d.get("rounds") or {}).items():
+            rounds = Table(title=f"round {k}")
+            for col in ("slice", "node", "samples", "expected_s", "status", "outcome"):
+                rounds.add_column(col)
+            for x in slices:
+                rounds.add_row(str(x["slice"]), x["node"], str(x["samples"]), str(x["expected_s"]), x["status"],
+                               (x["outcome"] or "")[:70])
+            console.print(rounds)
 
 
 @run_app.command("list")

@@ -10,12 +10,14 @@ Pure decisions over the state store's records (no Dagster); the training-chain s
   the round's samples, sized by node throughput) onto those stream ranges: one slice per node.
   Every slice starts from the previous round's merged adapter (round 0: the run's warm start or
   a fresh LoRA).
-- **Stragglers.** The round waits for its slices at most until its *deadline*: the latest
-  ``train_started_at + expected_s`` over the slices that started, plus ``STRAGGLER_GRACE_S``
-  (15 s). A slice still in flight then is dropped from the round (its samples go into the next
-  round, its node's throughput estimate is lowered from what it managed). A slice whose node
-  stops heartbeating for ``silent_after_s`` is *replaced*: its samples are placed on another
-  node as a new slice of the same round.
+- **Stragglers.** A slice that started training has until ``train_started_at + expected_s +
+  STRAGGLER_GRACE_S`` (15 s), its expected time coming from the node's measured throughput. Once
+  the other slices are in, a slice past that deadline is dropped from the round (its samples go
+  into the next round, its node's throughput estimate drops to what it managed). A slice still
+  waiting for its node (Dagster's queue, the per-node limit, a shared device) is waited for: on
+  real nodes the slices start together, so the round waits "the longest expected slice + 15 s".
+  A slice whose node stops heartbeating for ``silent_after_s`` is *replaced*: its samples are
+  placed on another node as a new slice of the same round.
 """
 
 from __future__ import annotations
@@ -83,16 +85,26 @@ class RoundState:
     succeeded: int = 0
 
 
+def slice_deadline(s: RoundSlice, grace_s: float = STRAGGLER_GRACE_S) -> datetime | None:
+    """When a slice that started training is late: its expected time + the grace after its first step."""
+    if s.train_started_at is None:
+        return None
+    return s.train_started_at + timedelta(seconds=s.expected_s + grace_s)
+
+
 def round_state(slices: Sequence[RoundSlice], now: datetime, grace_s: float = STRAGGLER_GRACE_S) -> RoundState:
-    started = [s for s in slices if s.train_started_at is not None]
-    deadline = max((s.train_started_at + timedelta(seconds=s.expected_s) for s in started), default=None)
-    deadline = deadline + timedelta(seconds=grace_s) if deadline is not None else None
+    """A slice still waiting for its node (Dagster's queue, the per-node limit, the device) is
+    waited for; one that started training is late once past ``slice_deadline``. The round is
+    ready when every slice is in or late, and at least one is in."""
+    deadlines = [d for s in slices if (d := slice_deadline(s, grace_s)) is not None]
     in_flight = [s for s in slices if s.status in (QUEUED, RUNNING)]
+    late = [s for s in in_flight if (d := slice_deadline(s, grace_s)) is not None and now > d]
     succeeded = sum(s.status == SUCCEEDED for s in slices)
+    deadline = max(deadlines, default=None)
     if not in_flight:
         return RoundState(True, deadline, (), succeeded)
-    if deadline is not None and now > deadline and succeeded:
-        return RoundState(True, deadline, tuple(in_flight), succeeded)
+    if len(late) == len(in_flight) and succeeded:
+        return RoundState(True, deadline, tuple(late), succeeded)
     return RoundState(False, deadline, (), succeeded)
 
 
