@@ -138,6 +138,24 @@ def test_training_run_becomes_a_gpu_job(k8s_launcher_and_instance, tmp_path):
     assert instance.get_run_by_id(run.run_id).tags["dagster/image"] == IMAGE
 
 
+def test_a_slice_lands_on_the_node_it_was_placed_on(k8s_launcher_and_instance, tmp_path):
+    """A slice of a distributed round: the GPU job, pinned to its pool node by the node name label."""
+    from mloc_dagster.core.state import PlannedSlice
+    from mloc_dagster.jobs import slice_run_request
+
+    launcher, instance, batch_api = k8s_launcher_and_instance
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    run = store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m", kind="distributed",
+                           parallelism=2, round_samples=64)
+    placed, = store.place_slices(run.run_id, 0, [PlannedSlice(0, "gke-gpu-pool-1-abcd", [[0, 64]], 10.0)])
+    tags = {**defs.resolve_job_def(TRAIN_JOB).run_tags, **slice_run_request(run, placed).tags}
+    _, _, job = launch(launcher, instance, batch_api, tags)
+    pod = job.spec.template.spec
+    assert pod.node_selector == {**GPU_SELECTOR, "kubernetes.io/hostname": "gke-gpu-pool-1-abcd"}
+    assert pod.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+    assert job.metadata.labels.get("dagster/run-id") and tags["mloc/node"] == "gke-gpu-pool-1-abcd"
+
+
 def test_cpu_run_keeps_the_launcher_defaults(k8s_launcher_and_instance):
     launcher, instance, batch_api = k8s_launcher_and_instance
     _, _, job = launch(launcher, instance, batch_api, {"dagster/partition": "en-gb-scotland"})
