@@ -1,14 +1,16 @@
-"""Candidates: merge the adapters of a dialect, recognize test sets, decide at the gate.
+"""Candidates: screen and merge the adapters of a dialect, recognize test sets, decide at the gate.
 
-Glue between merge, model, features and gates; still no Dagster.
+Glue between screening, merge, model, features and gates; still no Dagster. ``merge_candidate``
+is the one call for every merge -- a chain's candidate and a distributed round alike.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -16,15 +18,16 @@ import torch
 from mloc_dagster.core.checkpoints import CheckpointError, validate_checkpoint_dir
 from mloc_dagster.core.features import load_features
 from mloc_dagster.core.gates import UttResult
-from mloc_dagster.core.merge import (
-    InvalidAdapter,
-    MergeResult,
-    Rejection,
-    load_adapter,
-    merge_adapters,
-    save_adapter,
-)
+from mloc_dagster.core.lora_adapter import Adapter, InvalidAdapter, Rejection, load_adapter, save_adapter
+from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.model import load_base_model
+from mloc_dagster.core.screening import (
+    DEFAULT_SCREENING,
+    MergeInputs,
+    ScreeningRule,
+    read_job_result,
+    screen_and_merge,
+)
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -49,11 +52,46 @@ def stage_adapters(checkpoint_dirs: Sequence[str], staging: Path) -> tuple[dict[
     return staged, refused
 
 
+def load_trusted(adapter_dir: str | os.PathLike[str] | None, what: str) -> tuple[Adapter | None, dict]:
+    """The start or reference adapter of a screened merge (a training checkpoint or a plain peft
+    directory) and its job result. These come from the server, so a bad one is the caller's
+    error: ``ValueError`` naming it."""
+    if adapter_dir is None:
+        return None, {}
+    try:
+        validate_checkpoint_dir(adapter_dir)
+        with tempfile.TemporaryDirectory(prefix="mloc-trusted-") as tmp:
+            for name in PEFT_FILES:
+                shutil.copyfile(Path(adapter_dir) / name, Path(tmp) / name)
+            adapter = load_adapter(tmp, label=str(adapter_dir))
+    except (CheckpointError, InvalidAdapter) as exc:
+        raise ValueError(f"{what} adapter {adapter_dir} cannot be used: {exc}") from exc
+    return adapter, read_job_result(adapter_dir)
+
+
 def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_dir: Path,
-                    method: str = "weighted_mean") -> tuple[MergeResult, str]:
-    """Merge the adapters of ``adapter_dirs`` (training checkpoints; bad ones refused) into
-    ``out_dir``; returns (result, sha256). Raises ``ValueError`` when none survives validation."""
-    weight_of = {str(d): w for d, w in zip(adapter_dirs, weights)}
+                    method: str = "weighted_mean", *, reference: str | os.PathLike[str] | None = None,
+                    start_adapter: str | os.PathLike[str] | None = None,
+                    node_of: Mapping[str, str | None] | None = None,
+                    samples: Sequence[int] | None = None,
+                    rule: ScreeningRule = DEFAULT_SCREENING, **merge_kw) -> tuple[MergeResult, str]:
+    """Screen and merge the adapters of ``adapter_dirs`` (training checkpoints) into ``out_dir``;
+    returns (result, sha256 of the written adapter).
+
+    ``weights``: each adapter's base weight (samples, reputation); ``reference``: the trusted
+    reference update's checkpoint (``core.screening.train_reference_update``), None: no direction
+    score; ``start_adapter``: what the adapters were trained from (the previous round's merged
+    adapter), None: nothing (ΔW_start = 0); ``node_of``: source path → node id (default: each
+    checkpoint's result.json); ``samples``: the samples placed on each adapter (the norm bound is
+    per √sample; default: each job's reported total_samples). Screening rules: ``core/screening.py``. ``result.summary()``
+    carries the per-source table under ``"screening"``; refused adapters stay on disk. Raises
+    ``ValueError`` when no adapter is accepted, or when ``reference`` / ``start_adapter`` cannot
+    be read."""
+    if len(weights) != len(adapter_dirs):
+        raise ValueError(f"{len(weights)} weights for {len(adapter_dirs)} adapters")
+    start, start_result = load_trusted(start_adapter, "start")
+    ref, ref_result = load_trusted(reference, "reference")
+    weight_of = {str(d): float(w) for d, w in zip(adapter_dirs, weights, strict=True)}
     with tempfile.TemporaryDirectory(prefix="mloc-merge-") as tmp:
         staged, rejected = stage_adapters(adapter_dirs, Path(tmp))
         adapters = []
@@ -62,11 +100,11 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
                 adapters.append(load_adapter(staged_dir, label=source))
             except InvalidAdapter as exc:
                 rejected.append(Rejection(source, exc.reason))
-        if not adapters:
-            reasons = "; ".join(f"{r.source}: {r.reason}" for r in rejected) or "no adapters given"
-            raise ValueError(f"nothing to merge: {reasons}")
-        result = merge_adapters(adapters, [weight_of[staged[str(a.path)]] for a in adapters], method=method)
-    result.rejected.extend(rejected)
+        inputs = MergeInputs(start=start, reference=ref, start_result=start_result, reference_result=ref_result,
+                             results={a.source: read_job_result(a.source) for a in adapters},
+                             samples=dict(zip(map(str, adapter_dirs), samples, strict=True)) if samples else {})
+        result = screen_and_merge(adapters, [weight_of[a.source] for a in adapters], inputs, method=method,
+                                  refused=rejected, node_of=node_of, rule=rule, **merge_kw)
     return result, save_adapter(result, out_dir, overwrite=True)
 
 

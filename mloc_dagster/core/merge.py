@@ -10,7 +10,8 @@ previous round's merged adapter) are merged on their updates ``U_i = ΔW_i − �
 that start from nothing have ``ΔW_start = 0``. Per module, the merge
 
 1. bounds each adapter's update to a Frobenius norm (default: ``norm_factor`` × the median norm
-   over the adapters), so a single exploding or malicious adapter cannot dominate;
+   over the adapters, optionally per unit of expected size such as √samples), so a single
+   exploding or malicious adapter cannot dominate;
 2. combines them: weighted mean (weights: samples, reputation, screening), or coordinate-wise
    trimmed mean / median, which tolerate a minority of poisoned adapters;
 3. adds the start back and factors the result to rank r with a truncated SVD. By Eckart–Young
@@ -175,6 +176,8 @@ def merge_adapters(
     rank: int | None = None,
     reference: ModuleShapes | None = None,
     start: Adapter | None = None,
+    update_scales: Sequence[float] | None = None,
+    norm_units: Sequence[float] | None = None,
 ) -> MergeResult:
     """Merge LoRA adapters in ΔW space and factor the result back to rank ``rank``.
 
@@ -190,6 +193,11 @@ def merge_adapters(
       layout most adapters share.
     - ``start``: the adapter every input was trained from; the norm bound and the combination act
       on the updates ``ΔW_i − ΔW_start`` and the start is added back (None: ΔW_start = 0).
+    - ``update_scales``: a factor in (0, 1] per adapter applied to its whole update first (the
+      screening's global norm bound, ``core/screening.py``); None: 1.
+    - ``norm_units``: how large each adapter's update is expected to be (e.g. √samples: updates
+      of bigger slices are bigger); the default bound becomes ``norm_factor`` × the median of
+      ``norm / unit`` × the adapter's own unit. None: 1 for all.
 
     Adapters that do not fit (other modules/shapes, non-finite values) are rejected and listed in
     the result; if none is left, ``InvalidAdapter`` is raised.
@@ -202,6 +210,14 @@ def merge_adapters(
         raise ValueError(f"trim_fraction must be within [0, 0.5), got {trim_fraction}")
     if max_norm is not None and not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    if update_scales is None:
+        update_scales = [1.0] * len(adapters)
+    if len(update_scales) != len(adapters) or any(not 0.0 < c <= 1.0 for c in update_scales):
+        raise ValueError(f"update_scales must be one factor in (0, 1] per adapter, got {list(update_scales)}")
+    if norm_units is None:
+        norm_units = [1.0] * len(adapters)
+    if len(norm_units) != len(adapters) or any(not (math.isfinite(u) and u > 0) for u in norm_units):
+        raise ValueError(f"norm_units must be one positive number per adapter, got {list(norm_units)}")
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -216,7 +232,9 @@ def merge_adapters(
         reference = dict(layouts.most_common(1)[0][0])  # ties: the first layout seen
     rejected: list[Rejection] = []
     kept: list[tuple[Adapter, float]] = []
-    for adapter, w in zip(adapters, weights, strict=True):
+    factor: dict[int, float] = {}
+    units: list[float] = []
+    for adapter, w, c, unit in zip(adapters, weights, update_scales, norm_units, strict=True):
         if w == 0:
             rejected.append(Rejection(adapter.source, "weight 0"))
             continue
@@ -229,6 +247,8 @@ def merge_adapters(
             rejected.append(Rejection(adapter.source, exc.reason))
             continue
         kept.append((adapter, float(w)))
+        factor[len(kept) - 1] = float(c)
+        units.append(float(unit))
     if not kept:
         reasons = "; ".join(f"{r.source}: {r.reason}" for r in rejected)
         raise InvalidAdapter(None, f"no adapter left to merge ({reasons})")
@@ -255,15 +275,20 @@ def merge_adapters(
         stack = torch.stack([a.delta(module) for a, _ in kept])  # (n, out, in), float64
         if base is not None:
             stack -= base  # updates from the common start
+        for i, c in factor.items():
+            if c != 1.0:
+                stack[i] *= c
         norms = torch.linalg.matrix_norm(stack)  # Frobenius, per adapter
+        unit = torch.tensor(units, dtype=norms.dtype)
         # For even n torch.median is the lower middle value: a slightly tighter default bound.
-        bound = float(max_norm) if max_norm is not None else norm_factor * float(norms.median())
-        bounds[module] = bound
+        bound = float(max_norm) if max_norm is not None else norm_factor * float((norms / unit).median())
+        bounds[module] = bound  # per unit (1 unless norm_units are given)
         if bound > 0:
             for i, ((adapter, _), norm) in enumerate(zip(kept, norms.tolist(), strict=True)):
-                if norm > bound:
-                    stack[i] *= bound / norm
-                    clipped.append(ClipEvent(adapter.source, module, norm, bound))
+                own = bound if max_norm is not None else bound * units[i]
+                if norm > own:
+                    stack[i] *= own / norm
+                    clipped.append(ClipEvent(adapter.source, module, norm, own))
         merged = _combine(stack, w_tensor, method, trim_fraction)
         if base is not None:
             merged += base

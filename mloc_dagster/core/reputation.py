@@ -30,9 +30,14 @@ insufficient evidence, skipped)
 
 The direction score is FLTrust's idea (Cao et al., NDSS 2021) with a margin: the cosine between
 the node's update ΔW and a reference update the server trusts, mapped linearly from
-``cos_floor`` (score 0) to ``cos_good`` (score 1) and clipped; with no reference it is 1. So a
-node whose updates point elsewhere (shuffled transcripts, noise) drops below 0.7 in two merges
-(1.0 → 0.7 → 0.49 at score 0) while an honest node with an occasional weak update recovers.
+``cos_floor`` = 0.05 (score 0) to ``cos_good`` = 0.25 (score 1) and clipped; with no reference
+it is 1. The thresholds are measured (``bench/pool.py``, docs/pool.md): updates of LoRA slices
+are high-dimensional and mostly sample-specific, so honest slices of 32–128 samples reach a
+cosine of only 0.25–0.34 with a 64-sample reference (0.9 where their samples overlap the root
+set), a slice trained on shuffled transcripts 0.12, random noise 0.00. A node's reputation tends
+to its average score, so an honest node must score ≥ 0.7 on average (cosine ≥ 0.19) to stay
+trusted. A node whose updates point elsewhere (noise, score 0) drops below 0.7 in two merges
+(1.0 → 0.7 → 0.49) while an honest node with an occasional weak update recovers.
 Gate outcomes move reputation slowly and in proportion to the node's share of the candidate's
 adapters: one bad candidate built by six nodes must not ruin all six, and a node that is below
 the bar climbs back only through experimental candidates that pass their gate.
@@ -70,8 +75,8 @@ class ReputationUpdate:
 class ReputationRule:
     refused_rate: float = 0.5
     screening_rate: float = 0.3
-    cos_floor: float = 0.0  # direction score 0 at or below this cosine
-    cos_good: float = 0.5  # direction score 1 at or above it
+    cos_floor: float = 0.05  # direction score 0 at or below this cosine
+    cos_good: float = 0.25  # direction score 1 at or above it (calibrated: bench/pool.py)
     clipped_cap: float = 0.5
     gate_pass_rate: float = 0.1
     gate_fail_rate: float = 0.05

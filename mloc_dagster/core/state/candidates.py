@@ -128,13 +128,19 @@ class CandidateStore(StoreEngine):
                          trusted: bool, details: Mapping[str, Any] | None = None, candidate_id: str | None = None,
                          base_model: str | None = None, base_model_path: str | None = None,
                          dataset_version: str | None = None, dagster_run_id: str | None = None,
-                         training_run_id: str | None = None) -> Candidate:
+                         training_run_id: str | None = None, claim: Sequence[AdapterRef] | None = None) -> Candidate:
         """Store a merged candidate and claim its sources, in one transaction.
 
-        Claimed are the listed sources and, for each run among them, that run's earlier
-        succeeded jobs (ancestors of the listed checkpoint, see ``newest_per_run``). Raises
-        ``AdapterClaimConflict`` (and writes nothing) if a listed source is claimed already.
+        Claimed are the listed sources (or only ``claim``, a subset of them: an experimental
+        candidate lists the trusted adapters it merged, which the stable candidate claimed) and,
+        for each run among them, that run's earlier succeeded jobs (ancestors of the listed
+        checkpoint, see ``newest_per_run``). Raises ``AdapterClaimConflict`` (and writes nothing)
+        if an adapter to claim is claimed already.
         """
+        keys = {s.key for s in sources}
+        claim = list(sources) if claim is None else list(claim)
+        if stray := sorted(c.key for c in claim if c.key not in keys):
+            raise ValueError(f"adapters to claim must be among the sources: {stray}")
         values = {
             "candidate_id": candidate_id or new_id("cand"), "dialect": dialect, "created_at": self._clock(),
             "adapter_path": adapter_path, "sha256": sha256, "sources": [s.to_dict() for s in sources],
@@ -146,7 +152,7 @@ class CandidateStore(StoreEngine):
         cid = values["candidate_id"]
         with self._write() as conn:
             taken = []
-            for s in sources:
+            for s in claim:
                 claimed = conn.execute(training_jobs.update().where(
                     training_jobs.c.run_id == s.run_id, training_jobs.c.job_index == s.job_index,
                     training_jobs.c.status == SUCCEEDED, training_jobs.c.candidate_id.is_(None),
@@ -155,7 +161,7 @@ class CandidateStore(StoreEngine):
                     taken.append(s.key)
             if taken:
                 raise AdapterClaimConflict(taken)  # rolls the transaction back: nothing was claimed
-            for s in newest_per_run(sources):
+            for s in newest_per_run(claim):
                 conn.execute(training_jobs.update().where(
                     training_jobs.c.run_id == s.run_id, training_jobs.c.job_index < s.job_index,
                     training_jobs.c.status == SUCCEEDED, training_jobs.c.candidate_id.is_(None),
