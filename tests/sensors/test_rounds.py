@@ -48,11 +48,14 @@ def new_run(store, **kw):
 
 
 def test_a_round_is_placed_by_throughput_and_merged_when_its_slices_are_in(instance, store):
-    pool(store, {"node-a": 10.0, "node-b": 20.0, "node-c": 30.0, "node-slow": 1.0})
+    pool(store, {"node-a": 10.0, "node-b": 20.0, "node-c": 30.0, "node-slow": 1.0, "node-drained": 99.0,
+                 "node-spent": 99.0})
+    store.set_node_drained("node-drained", True, "maintenance")
+    store.set_node_quota("node-spent", 0)
     run = new_run(store)
     result, cursor = tick(instance, store)
     slices = {r.tags["mloc/node"]: r for r in result.run_requests}
-    assert set(slices) == {"node-a", "node-b", "node-c"}  # parallelism 3: the three fastest
+    assert set(slices) == {"node-a", "node-b", "node-c"}  # the three fastest that may work: not drained, quota left
     assert {r.job_name for r in result.run_requests} == {TRAIN_JOB}
     assert sorted(r.run_key for r in result.run_requests) == [f"{run.run_id}/0/{i}" for i in range(3)]
     placed = store.round_slices(run.run_id, 0)
