@@ -1,0 +1,63 @@
+"""round_adapter on a real instance with adapters that were actually trained: slices that belong to
+the round are screened and merged into the run's job ``round``; a slice of another run, round or
+base model is refused with the reason and kept on disk; a round with nothing that belongs fails."""
+
+from pathlib import Path
+
+from mloc_dagster.core.state import PlannedSlice, StateStore, resolve_state_url
+from mloc_dagster.definitions import defs
+from tests.assets.conftest import DIALECT
+
+
+def distributed_run(store, instance, run_id):
+    from mloc_dagster.assets.lineage import require_metadata
+
+    return store.create_run(run_id=run_id, dialect=DIALECT, kind="distributed", parallelism=2, round_samples=120,
+                            dataset_version=require_metadata(instance, "dataset_version", DIALECT)["path"],
+                            base_model_version=require_metadata(instance, "base_model")["path"], max_jobs=2)
+
+
+def came_in(store, run, slices):
+    store.place_slices(run.run_id, 0, [PlannedSlice(i, f"node-{i}", [[0, 60]], 1.0) for i in range(len(slices))])
+    for i, result in enumerate(slices):
+        store.record_slice_started(run.run_id, 0, i, dagster_run_id=f"d{i}")
+        store.record_slice_finished(run.run_id, 0, i, "succeeded", checkpoint_path=result.path, sha256=result.sha256)
+
+
+def merge_round(instance, run):
+    return defs.resolve_job_def("round_merge_job").execute_in_process(
+        partition_key=DIALECT, instance=instance, raise_on_error=False,
+        run_config={"ops": {"round_adapter": {"config": {"run_id": run.run_id, "round_index": 0,
+                                                         "reference_samples": 32}}}})
+
+
+def test_slices_of_the_round_are_merged_and_strangers_refused(line, line_instance):
+    store = StateStore(resolve_state_url())
+    # The "good" adapter was trained as job 0 of a run named "good": as if it were slice 0 of round 0.
+    run = distributed_run(store, line_instance, "good")
+    came_in(store, run, [line.adapters["good"], line.adapters["weak"], line.adapters["other-base"]])
+    result = merge_round(line_instance, run)
+    assert result.success, result.all_events[-1]
+    outcome = {s.node_id: s.outcome for s in store.round_slices(run.run_id, 0)}
+    assert outcome["node-0"].startswith("accepted"), outcome
+    assert outcome["node-1"] == "refused: adapter of run weak round 0, not good round 0"
+    assert outcome["node-2"].startswith("refused: adapter of run other-base")
+    assert Path(line.adapters["weak"].path).is_dir()  # refused, kept
+    merged = store.get_job(run.run_id, 0)
+    assert merged.status == "succeeded" and merged.checkpoint_path.endswith("round-0000/adapter")
+    assert merged.metrics["accepted"] == 1 and 0 < merged.metrics["dev_cer"] < 1
+    md = result.asset_materializations_for_node("round_adapter")[0].metadata
+    assert "node-0" in md["screening"].value and md["round"].value == 0
+    # Merging again (a re-execution) changes nothing.
+    assert merge_round(line_instance, run).success and store.get_job(run.run_id, 0).adapter_sha256 == merged.adapter_sha256
+
+
+def test_a_round_of_strangers_fails_with_the_reason(line, line_instance):
+    store = StateStore(resolve_state_url())
+    run = distributed_run(store, line_instance, "tr-strangers")
+    came_in(store, run, [line.adapters["good"]])
+    result = merge_round(line_instance, run)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "no slice came in that belongs to the round" in failure.step_failure_data.error.message
+    assert store.get_job(run.run_id, 0) is None
