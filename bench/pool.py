@@ -52,7 +52,7 @@ from mloc_dagster.core.reputation import TRUST_BAR  # noqa: E402
 from mloc_dagster.core.screening import read_job_result, reputation_updates, train_reference_update  # noqa: E402
 from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter  # noqa: E402
 
-console = Console()
+console = Console(width=150)
 DIALECT = "en-gb-scotland"
 
 

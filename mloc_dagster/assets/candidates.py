@@ -5,11 +5,30 @@ merge records the candidate under the run's root Dagster run id (a re-execution 
 keeps it), and the gate and the promotion look it up by that id. A candidate is built from the
 adapters of one base model, evaluated on that base, and compared with production only where
 production is on the same base.
+
+Trust (SPEC §5, issue 10): every merge screens its adapters (``core/screening.py``: refused if
+unreadable, empty or with a dev loss that is not sane; weighted by direction against a trusted
+reference update when ``MergeConfig.reference_adapter`` names one; norm-bounded) and moves each
+node's reputation once (``core.reputation``). Adapters of nodes below ``min_trusted_reputation``
+(0.7) never enter a stable candidate:
+
+- every node trusted: one candidate, ``trusted``, promoted to branch ``stable``;
+- no node trusted: one candidate of all adapters, not trusted, promoted to ``experimental``;
+- both: the run's candidate (its identity, what its gate checks guard) is the **stable** one,
+  built from the trusted adapters only and claiming them; beside it an **experimental
+  companion** ``<candidate id>-exp`` merges all the adapters and claims only the untrusted ones
+  (its ``details.companion_of`` and the stable one's ``details.experimental_candidate`` link
+  them). The gate evaluates both (the companion's outcome moves only the untrusted nodes: it is
+  how they climb back) and the promotion puts the companion, if it passed, on ``experimental``.
+  A stable candidate that fails its blocking checks stops the promotion of both.
+
+So one low-reputation node no longer demotes everyone else's work to experimental.
 """
 
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -18,8 +37,10 @@ from mloc_dagster.assets.adapters import adapter_checkpoint
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
-from mloc_dagster.core.reputation import node_shares, reputation_from_gate, reputation_from_merge
-from mloc_dagster.core.state import AdapterClaimConflict, Candidate, StateStore
+from mloc_dagster.core.merge import MergeResult
+from mloc_dagster.core.reputation import node_shares, reputation_from_gate
+from mloc_dagster.core.screening import markdown_table, reputation_updates
+from mloc_dagster.core.state import AdapterClaimConflict, AdapterRef, Candidate, StateStore
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -33,6 +54,10 @@ CLAIM_ATTEMPTS = 3
 class MergeConfig(dg.Config):
     method: str = "weighted_mean"  # or trimmed_mean, median
     min_trusted_reputation: float = MIN_TRUSTED_REPUTATION
+    # A trusted reference update (a checkpoint trained by the server on a trusted root set,
+    # core.screening.train_reference_update): adapters are then also scored for direction and
+    # dev-loss sanity against it. Empty: screening without a direction score.
+    reference_adapter: str = ""
 
 
 def root_run_id(context: dg.AssetExecutionContext) -> str:
@@ -62,10 +87,28 @@ def already_merged(store: StateStore, training_run_id: str | None) -> str | None
     return ", ".join(claimed) or None
 
 
+def merge_refs(refs: list[AdapterRef], reputation: dict[str, float], out: Path, config: MergeConfig):
+    """Screen and merge these adapters (base weight: node reputation) into ``out``."""
+    try:
+        return merge_candidate([r.path for r in refs], [reputation[r.key] for r in refs], out, method=config.method,
+                               reference=config.reference_adapter or None,
+                               node_of={r.path: r.node_id for r in refs})
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+
+
+def source_table(refs: list[AdapterRef], reputation: dict[str, float], stable: set[str]) -> str:
+    lines = ["| run | job | node | reputation | candidate | sha256 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.run_id} | {r.job_index} | {r.node_id} | {reputation[r.key]:.2f} | "
+              f"{'stable' if r.key in stable else 'experimental'} | {(r.sha256 or '')[:12]} |" for r in refs]
+    return "\n".join(lines)
+
+
 @dg.asset(partitions_def=dialect_partitions, deps=[adapter_checkpoint], group_name="candidates",
           kinds={"pytorch", "safetensors"}, pool="gpu", output_required=False,
           description="Every unclaimed adapter of the dialect on the run's base model, across runs and nodes, "
-                      "merged in ΔW space (norm bound, reputation-weighted, truncated SVD to rank r). "
+                      "screened and merged in ΔW space (norm bound, reputation-weighted, truncated SVD to rank r). "
+                      "Adapters of nodes below the trust bar only enter an experimental companion candidate. "
                       "Skipped (gate and promotion too) when a chain's adapters were already merged by another run.")
 def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, artifacts: ArtifactStore,
                      state: StateStoreResource, gpu: GpuArbiter):
@@ -75,7 +118,7 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
     if (done := store.candidate_of_dagster_run(root)) is not None:
         raise dg.Failure(f"this run already merged {done.candidate_id}; launch a new candidate_job for new adapters")
     pinned = pinned_inputs(context, store, dialect)
-    candidate_id = f"cand-{root[:8]}"
+    candidate_id, companion_id = f"cand-{root[:8]}", f"cand-{root[:8]}-exp"
     out = artifacts.paths.candidates / dialect / candidate_id
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
         unclaimed = store.unclaimed_adapters(dialect, latest_per_run=True)
@@ -87,42 +130,82 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
         if not refs:
             raise dg.Failure(f"no new adapter for {dialect} on base model {pinned['base_model'][:12]} since its "
                              f"last candidate ({len(other_bases)} unclaimed on other base models)")
-        reputations = [store.node_reputation(r.node_id) if r.node_id else 1.0 for r in refs]
-        trusted = min(reputations) >= config.min_trusted_reputation
+        reputation = {r.key: store.node_reputation(r.node_id) if r.node_id else 1.0 for r in refs}
+        trusted_refs = [r for r in refs if reputation[r.key] >= config.min_trusted_reputation]
+        untrusted_refs = [r for r in refs if reputation[r.key] < config.min_trusted_reputation]
+        stable_refs = trusted_refs or refs  # nobody trusted: one experimental candidate, as before
         with gpu.lease("MERGE", context) as lease:
-            try:
-                result, sha = merge_candidate([r.path for r in refs], reputations, out, method=config.method)
-            except ValueError as exc:
-                raise dg.Failure(str(exc)) from exc
+            result, sha = merge_refs(stable_refs, reputation, out, config)
+            companion = None
+            if trusted_refs and untrusted_refs:
+                try:
+                    companion = Companion(companion_id, out.with_name(companion_id),
+                                          *merge_refs(refs, reputation, out.with_name(companion_id), config))
+                except dg.Failure as exc:
+                    context.log.warning(f"no experimental companion: {exc.description}")
+        details = result.summary() | {"experimental_candidate": companion.candidate_id if companion else None}
         try:
             store.record_candidate(candidate_id=candidate_id, dialect=dialect, adapter_path=str(out), sha256=sha,
-                                   sources=refs, trusted=trusted, details=result.summary(), dagster_run_id=root,
-                                   **pinned)
+                                   sources=stable_refs, trusted=bool(trusted_refs), details=details,
+                                   dagster_run_id=root, **pinned)
             break
         except AdapterClaimConflict as exc:  # another merge took some of them first: merge the rest
             context.log.warning(f"attempt {attempt}: {exc}")
     else:
         raise dg.Failure(f"adapters kept being claimed by concurrent merges ({CLAIM_ATTEMPTS} attempts)")
-    # Screening moves reputation (core/reputation.py): refused adapters down, accepted ones up.
-    moved = store.apply_reputation_updates(reputation_from_merge(
-        {str(r.path): r.node_id for r in refs}, accepted=result.sources,
-        rejected=[(x.source, x.reason) for x in result.rejected], clipped=[c.source for c in result.clipped]))
-    table = ["| run | job | node | reputation | sha256 |", "|---|---|---|---|---|"] + [
-        f"| {r.run_id} | {r.job_index} | {r.node_id} | {rep:.2f} | {(r.sha256 or '')[:12]} |"
-        for r, rep in zip(refs, reputations)]
+    if companion is not None:
+        companion = record_companion(context, store, companion, candidate_id, refs, untrusted_refs, dialect, pinned)
+    # Screening moves reputation (core/reputation.py): each node once, from the merge it was in.
+    untrusted_paths = {r.path for r in untrusted_refs}
+    rows = result.screening + [row for row in (companion.result.screening if companion else [])
+                               if row["source"] in untrusted_paths]
+    moved = store.apply_reputation_updates(reputation_updates(rows, {r.path: r.node_id for r in refs}))
     left = ", ".join(f"{r.key} (base {(r.base_model or 'unknown')[:12]})" for r in other_bases) or "none"
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(sha),
         metadata={
-            "candidate_id": candidate_id, "adapters": len(refs), "rejected": len(result.rejected),
-            "clipped": len(result.clipped), "max_truncation_error": float(result.max_truncation_error),
-            "trusted": trusted, "method": config.method, "sha256": sha, "base_model": pinned["base_model"],
+            "candidate_id": candidate_id, "adapters": len(stable_refs), "rejected": len(result.rejected),
+            "clipped": sum(1 for row in result.screening if row["clipped"]),
+            "max_truncation_error": float(result.max_truncation_error),
+            "trusted": bool(trusted_refs), "method": config.method, "sha256": sha, "base_model": pinned["base_model"],
             "training_run_id": pinned["training_run_id"] or "", "left_for_other_bases": left,
-            "sources": dg.MetadataValue.md("\n".join(table)), "path": dg.MetadataValue.path(str(out)),
+            "experimental_candidate": companion.candidate_id if companion else "",
+            "untrusted_adapters": len(untrusted_refs),
+            "sources": dg.MetadataValue.md(source_table(refs, reputation, {r.key for r in stable_refs})),
+            "screening": dg.MetadataValue.md(markdown_table(result.screening)),
+            **({"experimental_screening": dg.MetadataValue.md(markdown_table(companion.result.screening))}
+               if companion else {}),
+            "path": dg.MetadataValue.path(str(out)),
             "reputation_after": dg.MetadataValue.json(moved),
             **lease.metadata(),
         },
     )
+
+
+@dataclass(frozen=True)
+class Companion:
+    """The experimental candidate merged beside a stable one: every adapter, untrusted ones included."""
+
+    candidate_id: str
+    path: Path
+    result: MergeResult
+    sha256: str
+
+
+def record_companion(context: dg.AssetExecutionContext, store: StateStore, companion: Companion, stable_id: str,
+                     refs: list[AdapterRef], untrusted: list[AdapterRef], dialect: str,
+                     pinned: dict) -> Companion | None:
+    """Record the experimental companion: all adapters merged, claiming only the untrusted ones
+    (the stable candidate claimed the rest). It is not the run's candidate (no Dagster run id):
+    the run's gate and promotion reach it through the stable candidate's ``details``."""
+    try:
+        store.record_candidate(candidate_id=companion.candidate_id, dialect=dialect, adapter_path=str(companion.path),
+                               sha256=companion.sha256, sources=refs, claim=untrusted, trusted=False,
+                               details=companion.result.summary() | {"companion_of": stable_id}, **pinned)
+    except AdapterClaimConflict as exc:
+        context.log.warning(f"experimental companion not recorded: {exc}")
+        return None
+    return companion
 
 
 def learning_curves(candidate: Candidate) -> str:
@@ -171,6 +254,20 @@ def thresholds_for(dialect: str, config: GateConfig, artifacts: ArtifactStore) -
         raise dg.Failure(f"invalid gate thresholds for {dialect} ({gates_file} or run config): {exc}") from exc
 
 
+def companion_of(store: StateStore, candidate: Candidate) -> Candidate | None:
+    """The experimental companion merged beside this (stable) candidate, if any."""
+    companion_id = (candidate.details or {}).get("experimental_candidate")
+    return store.get_candidate(companion_id) if companion_id else None
+
+
+def write_gate_report(artifacts: ArtifactStore, dialect: str, candidate_id: str, report, store: StateStore) -> Path:
+    path = artifacts.paths.reports / dialect / f"{candidate_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.to_json())
+    store.set_gate_result(candidate_id, report.decision, str(path))
+    return path
+
+
 @dg.asset(partitions_def=dialect_partitions, deps=[merged_candidate], group_name="candidates",
           kinds={"pytorch"}, pool="gpu",
           check_specs=[dg.AssetCheckSpec(name, asset="gate_report", blocking=True) for name in GATES],
@@ -197,16 +294,29 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
         prod = recognize(production.adapter_path, dataset_path) if production and not stale else None
         base_cand = recognize(candidate.adapter_path, base_dataset["path"])
         base_ref = recognize(None, base_dataset["path"])
+        companion = None if config.candidate_id else companion_of(store, candidate)
+        if companion is not None:
+            comp_results = (recognize(companion.adapter_path, dataset_path),
+                            recognize(companion.adapter_path, base_dataset["path"]))
+    reference_label = "production" if prod is not None else "base model"
     report = evaluate_gates(cand, prod if prod is not None else dialect_base, base_candidate=base_cand,
-                            base_reference=base_ref, thresholds=thresholds,
-                            reference_label="production" if prod is not None else "base model")
-
-    path = artifacts.paths.reports / dialect / f"{candidate.candidate_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.to_json())
-    store.set_gate_result(candidate.candidate_id, report.decision, str(path))
+                            base_reference=base_ref, thresholds=thresholds, reference_label=reference_label)
+    path = write_gate_report(artifacts, dialect, candidate.candidate_id, report, store)
     moved = {} if config.candidate_id else store.apply_reputation_updates(reputation_from_gate(  # re-gating: once
         report.decision, node_shares(s.node_id for s in candidate.sources), failure_reasons=report.reasons))
+    experimental: dict = {}
+    if companion is not None:  # its gate is the way back for the untrusted nodes: it moves only them
+        comp_report = evaluate_gates(comp_results[0], prod if prod is not None else dialect_base,
+                                     base_candidate=comp_results[1], base_reference=base_ref, thresholds=thresholds,
+                                     reference_label=reference_label)
+        write_gate_report(artifacts, dialect, companion.candidate_id, comp_report, store)
+        stable_nodes = {s.node_id for s in candidate.sources}
+        shares = {n: v for n, v in node_shares(s.node_id for s in companion.sources).items() if n not in stable_nodes}
+        experimental = {
+            "experimental_candidate": companion.candidate_id, "experimental_decision": comp_report.decision,
+            "cer_experimental": comp_report.candidate.cer,
+            "experimental_reputation_after": dg.MetadataValue.json(store.apply_reputation_updates(
+                reputation_from_gate(comp_report.decision, shares, failure_reasons=comp_report.reasons)))}
     base_scores = score(dialect_base)
     return dg.MaterializeResult(
         metadata={
@@ -223,6 +333,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
             "report": dg.MetadataValue.md(report.to_markdown() + "\n### Learning curve of the sources\n\n"
                                           + learning_curves(candidate) + "\n"),
             "path": dg.MetadataValue.path(str(path)),
+            **experimental,
             **lease.metadata(),
         },
         check_results=[
@@ -237,7 +348,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
 @dg.asset(partitions_def=dialect_partitions, deps=[gate_report], group_name="candidates",
           kinds={"safetensors"},
           description="The promoted adapter of the dialect: the candidate this run merged and gated, on branch "
-                      "stable, or experimental when any source node's reputation is below the trust bar.")
+                      "stable (experimental when every source node is below the trust bar); its experimental "
+                      "companion, when it passed its own gate, on branch experimental.")
 def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
                        state: StateStoreResource) -> dg.MaterializeResult:
     dialect = context.partition_key
@@ -246,18 +358,31 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
     if candidate.gate_decision != "passed":
         raise dg.Failure(f"candidate {candidate.candidate_id} has not passed its gate ({candidate.gate_decision})")
     branch = "stable" if candidate.trusted else "experimental"
-    out = artifacts.paths.adapters / "production" / dialect / branch / candidate.candidate_id
-    if not out.exists():
-        shutil.copytree(candidate.adapter_path, out)
-    store.record_promotion(dialect, branch, candidate.candidate_id)
+    out = promote(artifacts, store, dialect, branch, candidate)
+    companion = companion_of(store, candidate)
+    experimental = {}
+    if companion is not None:
+        experimental = {"experimental_candidate": companion.candidate_id,
+                        "experimental_decision": companion.gate_decision or "not gated"}
+        if companion.gate_decision == "passed":
+            experimental["experimental_path"] = dg.MetadataValue.path(
+                str(promote(artifacts, store, dialect, "experimental", companion)))
     current = latest_metadata(context.instance, "base_model")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(candidate.sha256),
         metadata={"branch": branch, "candidate_id": candidate.candidate_id, "sha256": candidate.sha256,
                   "base_model": candidate.base_model or "",
                   "stale": bool(current and candidate.base_model != current.get("version")),
-                  "path": dg.MetadataValue.path(str(out))},
+                  "path": dg.MetadataValue.path(str(out)), **experimental},
     )
+
+
+def promote(artifacts: ArtifactStore, store: StateStore, dialect: str, branch: str, candidate: Candidate) -> Path:
+    out = artifacts.paths.adapters / "production" / dialect / branch / candidate.candidate_id
+    if not out.exists():
+        shutil.copytree(candidate.adapter_path, out)
+    store.record_promotion(dialect, branch, candidate.candidate_id)
+    return out
 
 
 candidate_job = dg.define_asset_job(

@@ -29,10 +29,12 @@ adapter for a distributed-round slice, 0 for a chain that started from nothing):
    honest work), and bound it in the merge;
 5. **norm bound**: an update grows with the samples it was trained on (about as √n), so the
    bound is per √sample: each accepted update is scaled down to at most ``norm_factor`` (2) ×
-   the median (the lower middle one for an even count: of two adapters, the smaller) over the
-   accepted adapters of ``‖U‖ / √n`` × its own ``√n`` (``n``: the samples the caller placed on
-   it, else its job's reported ``total_samples``; unknown for any → plain median of ``‖U‖``).
-   Then ``core.merge.merge_adapters``' per-module bound (3 × the median, per √sample too) applies.
+   the median of ``‖U‖ / √n`` over the accepted adapters and the trusted reference (an anchor
+   a minority of attackers cannot move) × its own ``√n`` (``n``: the samples the caller placed
+   on it, else its job's reported ``total_samples``; unknown for any → plain median of ``‖U‖``).
+   This global bound replaces ``core.merge.merge_adapters``' per-module one in a screened merge
+   (pass ``max_norm``/``norm_factor`` to have both). Without a reference, two adapters are never
+   clipped (neither is the odd one out).
    A clipped adapter keeps its weight and is marked ``clipped`` (its reputation target is capped).
 
 Reputation moves after every screened merge with the one documented rule
@@ -133,14 +135,17 @@ def reported_samples(result: Mapping[str, Any]) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def norm_bound(rows: list[Screened], rule: ScreeningRule = DEFAULT_SCREENING) -> list[Screened]:
-    """Rule 5 on the accepted rows: scale each update to at most norm_factor × median per-√sample
-    norm × √n."""
+def norm_bound(rows: list[Screened], rule: ScreeningRule = DEFAULT_SCREENING,
+               anchor: Screened | None = None) -> list[Screened]:
+    """Rule 5 on the accepted rows: scale each update to at most norm_factor × the median
+    per-√sample norm × √n; the trusted reference (``anchor``) counts as one more value."""
     live = [r for r in rows if r.decision == ACCEPTED and r.norm]
     if not live:
         return rows
-    root = dict(zip((r.source for r in live), norm_units(live), strict=True))
-    typical = statistics.median_low(r.norm / root[r.source] for r in live)
+    pool = live + ([anchor] if anchor is not None and anchor.norm else [])
+    units = norm_units(pool)
+    root = {r.source: u for r, u in zip(live, units, strict=False)}
+    typical = statistics.median(r.norm / u for r, u in zip(pool, units, strict=True))
     out = []
     for r in rows:
         if r in live and r.norm > rule.norm_factor * typical * root[r.source]:
@@ -177,7 +182,7 @@ def cosine(u: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tensor]) -> floa
 def screen(adapters: Sequence[Adapter], base_weights: Sequence[float], *, start: Adapter | None = None,
            reference: Adapter | None = None, baseline_dev_cer: float | None = None,
            results: Mapping[str, Mapping[str, Any]] | None = None,
-           samples: Mapping[str, int] | None = None,
+           samples: Mapping[str, int] | None = None, reference_samples: int | None = None,
            rule: ScreeningRule = DEFAULT_SCREENING) -> list[Screened]:
     """Rules 2–5 for loaded adapters (``results``: each source's job result, for dev CER, node and
     samples; ``samples``: what the caller placed on each source, overriding the reported ones)."""
@@ -223,7 +228,9 @@ def screen(adapters: Sequence[Adapter], base_weights: Sequence[float], *, start:
             else:
                 row = replace(row, decision=EXCLUDED, reason=f"direction: cosine {cos:.2f} with the reference")
         rows[i] = row
-    return norm_bound(rows, rule)
+    anchor = (Screened(reference.source, norm=update_norm(ref_update), samples=reference_samples)
+              if reference is not None and ref_update is not None else None)
+    return norm_bound(rows, rule, anchor)
 
 
 @dataclass(frozen=True)
@@ -255,7 +262,7 @@ def screen_and_merge(adapters: Sequence[Adapter], base_weights: Sequence[float],
     when no adapter is accepted, naming every source's reason."""
     rows = screen(adapters, base_weights, start=inputs.start, reference=inputs.reference,
                   baseline_dev_cer=inputs.baseline_dev_cer, results=inputs.results, samples=inputs.samples,
-                  rule=rule)
+                  reference_samples=reported_samples(inputs.reference_result), rule=rule)
     rows += [Screened(r.source, read_job_result(r.source).get("node_id"), decision=REFUSED, reason=r.reason)
              for r in refused]
     if node_of:
@@ -265,6 +272,8 @@ def screen_and_merge(adapters: Sequence[Adapter], base_weights: Sequence[float],
     if not accepted:
         reasons = "; ".join(f"{r.source}: {r.decision} ({r.reason})" for r in rows) or "no adapters given"
         raise InvalidAdapter(None, f"no adapter accepted by screening ({reasons})")
+    if "max_norm" not in merge_kw and "norm_factor" not in merge_kw:
+        merge_kw["max_norm"] = math.inf  # rule 5 is the bound; merge_adapters' per-module one is off
     result = merge_adapters([by_source[r.source] for r in accepted], [r.weight for r in accepted], method=method,
                             start=inputs.start, update_scales=[r.clip for r in accepted],
                             norm_units=norm_units(accepted), **merge_kw)

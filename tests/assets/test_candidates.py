@@ -138,6 +138,43 @@ def test_an_untrusted_node_goes_to_experimental(line, line_instance, store):
     assert metadata(result, "production_adapter")["branch"] == "experimental"
 
 
+def test_an_untrusted_node_no_longer_demotes_the_trusted_ones(line, line_instance, store):
+    """Trusted and untrusted adapters in one merge: the run's candidate is stable, built from the
+    trusted ones; an experimental companion merges all and claims the untrusted one; both are
+    gated, each decision is in the metadata, and reputation moves once per node."""
+    store.set_node_reputation("node-b", 0.5)
+    trusted_run = run_with_adapters(line_instance, store, [line.adapters["good"]], node="node-a")
+    untrusted_run = run_with_adapters(line_instance, store, [line.adapters["weak"]], node="node-b")
+    result = run_candidate_job(line_instance, trusted_run)
+    assert result.success, result.get_step_failure_events()
+    merged, gate, promoted = (metadata(result, n) for n in ("merged_candidate", "gate_report", "production_adapter"))
+    stable_id, companion_id = merged["candidate_id"], merged["experimental_candidate"]
+    assert merged["trusted"] is True and merged["adapters"] == 1 and merged["untrusted_adapters"] == 1
+    assert companion_id == f"{stable_id}-exp"
+    stable, companion = store.get_candidate(stable_id), store.get_candidate(companion_id)
+    assert [s.key for s in stable.sources] == [f"{trusted_run.run_id}/0"] and stable.trusted
+    assert sorted(s.key for s in companion.sources) == sorted([f"{trusted_run.run_id}/0", f"{untrusted_run.run_id}/0"])
+    assert not companion.trusted and companion.details["companion_of"] == stable_id
+    assert stable.details["experimental_candidate"] == companion_id and companion.dagster_run_id is None
+    # Each adapter is claimed once: the trusted one by the stable candidate, the other by the companion.
+    assert store.get_job(trusted_run.run_id, 0).candidate_id == stable_id
+    assert store.get_job(untrusted_run.run_id, 0).candidate_id == companion_id
+    # Every screening decision is in the metadata, per source.
+    assert "| node-a |" in merged["screening"] and "node-b" not in merged["screening"]
+    assert "| node-b |" in merged["experimental_screening"] and "accepted" in merged["experimental_screening"]
+    assert "| stable |" in merged["sources"] and "| experimental |" in merged["sources"]
+    assert set(merged["reputation_after"]) == {"node-a", "node-b"}
+    [row] = stable.details["screening"]
+    assert row["node_id"] == "node-a" and row["decision"] == "accepted" and row["cosine"] is None
+    # Both gated; the stable one is promoted on stable, the companion on experimental if it passed.
+    assert gate["candidate_id"] == stable_id and gate["experimental_candidate"] == companion_id
+    assert store.get_candidate(companion_id).gate_decision == gate["experimental_decision"]
+    assert promoted["branch"] == "stable" and store.production(DIALECT, "stable").candidate_id == stable_id
+    experimental = store.production(DIALECT, "experimental")
+    assert (experimental.candidate_id if experimental else None) == (
+        companion_id if gate["experimental_decision"] == "passed" else None)
+
+
 def test_nothing_new_skips_a_chain_candidate_and_fails_a_manual_one(line, line_instance, store):
     run = run_with_adapters(line_instance, store, [line.adapters["good"]])
     first = run_candidate_job(line_instance, run)
