@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python bench/pool.py --nodes 4 --speeds 1,1,2,4 \\
         --behaviours honest,honest,honest,shuffle --rounds 3 --seed 0 --json bench/results/pool.json \\
-        [--base DIR --dataset DIR] [--round-samples 256] [--reference-samples 64] [--scale-k 5]
+        [--base DIR --dataset DIR] [--round-samples 256] [--reference-samples 64] [--scale-k 5] [--unscreened]
 
 Real data, real training, CPU, no Dagster. Nodes ``node-0 .. node-{N-1}`` have relative speeds
 ``--speeds`` and behaviours ``--behaviours`` (honest, shuffle, noise, scale, freeride; see
@@ -20,7 +20,9 @@ for the same pool with every node honest:
 6. round makespan (each slice's measured train time × fastest/own speed) vs the optimum for
    the measured throughput (``core.placement.optimal_makespan``).
 
-Prints a table per round and the summary through ``bench/report.py`` (table + JSON; the
+``--unscreened`` adds a third pool: the pool as given, merged without a reference (no direction
+score, no dev-loss baseline: only rules 1, 2 and 5 of ``core/screening.py``), to show what the
+trusted reference buys. Prints a table per round and the summary through ``bench/report.py`` (table + JSON; the
 per-round detail goes next to it as ``<out>-rounds.json``). Goal (issue 10): with 1 of 4 nodes
 shuffling, merged dev CER within 5 % of the all-honest pool's and that node below 0.7 within 2
 rounds. Without ``--base``/``--dataset`` it builds an espeak corpus and pre-trains a base first.
@@ -63,6 +65,7 @@ class Pool:
     reputation: dict[str, float]
     start: Path | None = None  # the previous round's merged adapter
     rounds: list[dict] = field(default_factory=list)
+    screened: bool = True  # False: no reference (no direction score, no dev-loss baseline)
 
 
 @dataclass
@@ -150,7 +153,7 @@ def run_round(sim: Sim, pool: Pool, r: int) -> dict:
     out = sim.work / pool.name / f"round-{r}"
     placement = place([NodeSpeed(n, s) for n, s in zip(sim.nodes, sim.speeds, strict=True)], sim.n, "dp")
     shards = {s.node_id: s for s in placement.shards}
-    ref = sim.reference(pool.start, out / "reference")
+    ref = sim.reference(pool.start, out / "reference") if pool.screened else None
     dirs, trained = hand_in(sim, pool, r, shards, out)
     order = [n for n in sim.nodes if n in dirs]
     weights = [shards[n].samples * pool.reputation[n] for n in order]
@@ -171,6 +174,7 @@ def run_round(sim: Sim, pool: Pool, r: int) -> dict:
     by_node = {row["node_id"]: row for row in rows}
     record = {"round": r + 1, "pool": pool.name, "dev_cer": sim.dev_cer(pool.start),
               "reference_dev_cer": read_job_result(ref).get("dev_cer"), "makespan_s": span, "optimum_s": best,
+              "screened": pool.screened,
               "nodes": {n: {"behaviour": b, "samples": shards[n].samples if n in shards else 0,
                             "cosine": by_node.get(n, {}).get("cosine"), "norm": by_node.get(n, {}).get("norm"),
                             "weight": by_node.get(n, {}).get("weight", 0.0) / total,
@@ -183,9 +187,10 @@ def run_round(sim: Sim, pool: Pool, r: int) -> dict:
     return record
 
 
-def print_round(mixed: dict, honest: dict) -> None:
+def print_round(mixed: dict, honest: dict, unscreened: dict | None) -> None:
+    plain = f", without direction/dev-loss screening {unscreened['dev_cer']:.4f}" if unscreened else ""
     table = Table(title=f"round {mixed['round']}: merged dev CER {mixed['dev_cer']:.4f} (all-honest pool "
-                        f"{honest['dev_cer']:.4f}); makespan {mixed['makespan_s']:.1f} s vs optimum "
+                        f"{honest['dev_cer']:.4f}{plain}); makespan {mixed['makespan_s']:.1f} s vs optimum "
                         f"{mixed['optimum_s']:.1f} s (×{mixed['makespan_s'] / mixed['optimum_s']:.2f})")
     for col in ("node", "behaviour", "samples", "cosine", "weight", "decision", "reputation", "honest pool rep."):
         table.add_column(col, justify="right")
@@ -219,12 +224,14 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(base), Path(dataset)
 
 
-def summary(args: argparse.Namespace, mixed: Pool, honest: Pool, wall: float) -> dict:
-    results: dict = {}
-    for m, h in zip(mixed.rounds, honest.rounds, strict=True):
+def summary(args: argparse.Namespace, mixed: Pool, honest: Pool, unscreened: Pool | None, wall: float) -> dict:
+    results: dict = {"base dev CER": args.base_dev_cer}
+    for i, (m, h) in enumerate(zip(mixed.rounds, honest.rounds, strict=True)):
         r = m["round"]
         results[f"round {r} dev CER (pool)"] = m["dev_cer"]
         results[f"round {r} dev CER (all-honest pool)"] = h["dev_cer"]
+        if unscreened is not None:
+            results[f"round {r} dev CER (pool, no direction/dev-loss screening)"] = unscreened.rounds[i]["dev_cer"]
         results[f"round {r} makespan / optimum"] = m["makespan_s"] / m["optimum_s"] if m["optimum_s"] else 0.0
         for node, v in m["nodes"].items():
             results[f"round {r} {node} ({v['behaviour']}) reputation / weight"] = \
@@ -232,6 +239,9 @@ def summary(args: argparse.Namespace, mixed: Pool, honest: Pool, wall: float) ->
     last_m, last_h = mixed.rounds[-1]["dev_cer"], honest.rounds[-1]["dev_cer"]
     results["final dev CER relative to the all-honest pool"] = last_m / last_h - 1
     results["goal: final dev CER within 5 % of the all-honest pool"] = last_m <= 1.05 * last_h
+    if unscreened is not None:
+        results["final dev CER without direction/dev-loss screening, relative to all-honest"] = \
+            unscreened.rounds[-1]["dev_cer"] / last_h - 1
     bad = [n for n, b in zip(mixed.rounds[0]["nodes"], mixed.behaviours, strict=True) if b != "honest"]
     for node in bad:
         below = [m["round"] for m in mixed.rounds if m["nodes"][node]["reputation"] < TRUST_BAR]
@@ -259,6 +269,8 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=1000)
     ap.add_argument("--work", type=Path, default=REPO / ".mloc" / "bench-pool")
     ap.add_argument("--features", type=Path, default=None, help="feature cache (default <work>/features)")
+    ap.add_argument("--unscreened", action="store_true",
+                    help="also run the pool as given without a reference (no direction score, no dev-loss check)")
     args = ap.parse_args()
     args.features = args.features or args.work / "features"
     cycle = lambda items, n: [items[i % len(items)] for i in range(n)]  # noqa: E731
@@ -277,16 +289,19 @@ def main() -> None:
               run_dir, AdapterHParams(**{"seed": args.seed, **json.loads(args.hparams)}), nodes, speeds,
               args.round_samples, args.reference_samples, args.scale_k, args.seed,
               Recognizer(base, args.features))
-    console.print(f"base {base}, dataset {dataset}, base dev CER {sim.dev_cer(None):.4f}; work {run_dir}")
+    args.base_dev_cer = sim.dev_cer(None)
+    console.print(f"base {base}, dataset {dataset}, base dev CER {args.base_dev_cer:.4f}; work {run_dir}")
     mixed = Pool("pool", behaviours, dict.fromkeys(nodes, 1.0))
     honest = Pool("all-honest", ["honest"] * args.nodes, dict.fromkeys(nodes, 1.0))
+    unscreened = Pool("unscreened", behaviours, dict.fromkeys(nodes, 1.0), screened=False) if args.unscreened else None
     for r in range(args.rounds):
         m, h = run_round(sim, mixed, r), run_round(sim, honest, r)
-        print_round(m, h)
-    results = summary(args, mixed, honest, time.time() - t0)
+        print_round(m, h, run_round(sim, unscreened, r) if unscreened else None)
+    results = summary(args, mixed, honest, unscreened, time.time() - t0)
     report("Pool simulator (bench/pool.py)", results, args.json, console)
     args.json.with_name(args.json.stem + "-rounds.json").write_text(
-        json.dumps({"pool": mixed.rounds, "all_honest": honest.rounds}, indent=2))
+        json.dumps({"pool": mixed.rounds, "all_honest": honest.rounds,
+                    "unscreened": unscreened.rounds if unscreened else None}, indent=2))
 
 
 if __name__ == "__main__":

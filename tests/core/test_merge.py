@@ -353,3 +353,31 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path: Path, template: Path)
     summary = result.summary()
     json.dumps(summary)
     assert summary["n_adapters"] == 1 and summary["method"] == "weighted_mean"
+
+
+# -- updates from a start (distributed rounds) --------------------------------------------------
+
+
+def test_merge_on_updates_from_a_start(tmp_path: Path, template: Path) -> None:
+    start = load_adapter(write_adapter(tmp_path / "start", random_factors(5), template))
+    a = load_adapter(write_adapter(tmp_path / "a", random_factors(1), template))
+    b = load_adapter(write_adapter(tmp_path / "b", random_factors(2, scale=3.0), template))
+    # One slice merges to itself, start or not.
+    alone = merge_adapters([a], start=start)
+    assert alone.start == str(start.path) and alone.max_truncation_error < 1e-6
+    for module in SHAPES:
+        assert rel(alone.delta(module), a.delta(module)) < 1e-5
+    # A scale applies to the update, not to the whole ΔW: start + c·(ΔW_a − ΔW_start).
+    half = merge_adapters([a], start=start, update_scales=[0.5], rank=2 * R)
+    for module in SHAPES:
+        expected = start.delta(module) + 0.5 * (a.delta(module) - start.delta(module))
+        assert rel(half.delta(module), expected) < 1e-5
+    # The norm bound acts on the updates: b's is several times a's, clipped to 2× the lower median.
+    bounded = merge_adapters([a, b], start=start, norm_factor=2.0, rank=2 * R)
+    assert {c.source for c in bounded.clipped} == {str(b.path)}
+    # With norm units saying b's update is expected to be 10× bigger, nothing is clipped.
+    assert merge_adapters([a, b], start=start, norm_factor=2.0, norm_units=[1.0, 10.0], rank=2 * R).clipped == []
+    with pytest.raises(ValueError, match="update_scales"):
+        merge_adapters([a, b], update_scales=[1.0, 0.0])
+    with pytest.raises(ValueError, match="norm_units"):
+        merge_adapters([a, b], norm_units=[1.0])
