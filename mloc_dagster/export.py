@@ -71,10 +71,6 @@ class ExportError(Exception):
     pass
 
 
-def run_kind(run: Any) -> str:
-    return str(getattr(run, "kind", None) or (run.hparams or {}).get("kind") or "single")
-
-
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
@@ -95,7 +91,7 @@ def collect(store: StateStore, dialects: Iterable[str] = ()) -> dict[str, list[d
     runs = store.list_runs(limit=None)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
     for r in runs:
-        kind = run_kind(r)
+        kind = r.kind
         rows["runs"].append({
             "run_id": r.run_id, "dialect": r.dialect, "kind": kind, "status": r.status,
             "status_reason": r.status_reason, "dataset_version": r.dataset_version,

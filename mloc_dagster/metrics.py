@@ -52,11 +52,6 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed")
 DIALECT_PARTITIONS = "dialect"
 
 
-def run_kind(run: Any) -> str:
-    """A training run's kind (seed 003): its own field once it has one, else its hparams, else single."""
-    return str(getattr(run, "kind", None) or (run.hparams or {}).get("kind") or "single")
-
-
 def _ts(value: datetime | None) -> float | None:
     if value is None:
         return None
@@ -113,7 +108,7 @@ class LineCollector(Collector):
         extra_attempts: Counter[tuple[str, str]] = Counter()
         now = time.time()
         for run in runs:
-            kind = run_kind(run)
+            kind = run.kind
             run_counts[(run.dialect, kind, run.status)] += 1
             jobs = self.store.jobs_for_run(run.run_id)
             for job in jobs:

@@ -38,8 +38,8 @@ def line_state(mloc_home: Path) -> StateStore:
     one candidate that passed its gate and was promoted, one still waiting for its gate."""
     store = StateStore(resolve_state_url())
     run = store.create_run(dialect="en-gb-scotland", dataset_version="dv1", base_model_version="bm1", max_jobs=6)
-    store.create_run(dialect="en-gb-scotland", dataset_version="dv1", base_model_version="bm1",
-                     hparams={"kind": "hyperparameter"})
+    store.create_run(dialect="en-gb-scotland", dataset_version="dv1", base_model_version="bm1", kind="distributed",
+                     parallelism=2, round_samples=64)
     store.record_job_queued(run.run_id, 0)
     store.record_job_started(run.run_id, 0, dagster_run_id="d0")
     store.record_job_finished(run.run_id, 0, "succeeded", checkpoint_path="/ckpt/0", sha256="a" * 64)
@@ -62,7 +62,7 @@ def test_a_scrape_shows_jobs_candidates_gates_and_the_arbiter(line_state: StateS
 
     d = {"dialect": "en-gb-scotland"}
     assert sample(text, "mloc_training_runs", **d, kind="single", status="active") == 1
-    assert sample(text, "mloc_training_runs", **d, kind="hyperparameter", status="active") == 1
+    assert sample(text, "mloc_training_runs", **d, kind="distributed", status="active") == 1
     assert sample(text, "mloc_training_jobs", **d, kind="single", status="succeeded") == 2
     assert sample(text, "mloc_training_jobs", **d, kind="single", status="running") == 1
     assert sample(text, "mloc_training_jobs", **d, kind="single", status="failed") == 0  # present, at 0
