@@ -17,7 +17,7 @@ from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models import base_model
 from mloc_dagster.assets.training_units import ChainJob, NotToStart, SliceJob
 from mloc_dagster.core.calibration import local_device, local_node_id
-from mloc_dagster.core.state import ACTIVE, retry_transient
+from mloc_dagster.core.state import ACTIVE, TrainingRun, retry_transient
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -73,12 +73,20 @@ def validate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rehearsal_dataset(instance: dg.DagsterInstance, dialect: str) -> str | None:
-    """The base dialect's latest dataset version, mixed into adaptation so it is not forgotten."""
+    """The base dialect's latest dataset version, mixed into adaptation so it is not forgotten
+    (pinned on a training run when it starts: ``run_rehearsal``)."""
     base = latest_metadata(instance, "base_model")
     if base is None or base.get("base_dialect") in (None, dialect):
         return None
     dataset = latest_metadata(instance, "dataset_version", base["base_dialect"])
     return dataset["path"] if dataset else None
+
+
+def run_rehearsal(instance: dg.DagsterInstance, run: TrainingRun) -> str | None:
+    """The rehearsal dataset the run pinned at start; a run from before pinning takes the latest."""
+    if run.rehearsal_dataset is None:
+        return rehearsal_dataset(instance, run.dialect)
+    return run.rehearsal_dataset or None
 
 
 def node_id() -> str:
@@ -142,7 +150,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                                   f"{unit.label} does not start. "
                                   + ("`mloc run resume` requests it again." if run.status == "paused" else ""),
                          **{"mloc/refused": run.status})
-        rehearsal = rehearsal_dataset(context.instance, dialect) if config.rehearsal_fraction > 0 else None
+        rehearsal = run_rehearsal(context.instance, run) if config.rehearsal_fraction > 0 else None
         unit.start(context.run_id, os.getpid(), socket.gethostname())
     except NotToStart as exc:
         raise refuse(context, str(exc), **{"mloc/refused": "not-to-start"}) from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import adapter_checkpoint, rehearsal_dataset
+from mloc_dagster.assets.adapters import adapter_checkpoint, run_rehearsal
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import score
 from mloc_dagster.core.rounds import base_model_hash
@@ -81,7 +81,7 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
             train_reference_update(run.base_model_version, run.dataset_version, out / "reference",
                                    start_adapter=start, samples=config.reference_samples, hparams=hparams_of(run),
                                    feature_cache_dir=artifacts.paths.home / "features", device=lease.torch_device,
-                                   rehearsal_dataset_path=rehearsal_dataset(context.instance, run.dialect),
+                                   rehearsal_dataset_path=run_rehearsal(context.instance, run),
                                    run_id=run.run_id, job_index=k)
             reference = out / "reference"
         try:

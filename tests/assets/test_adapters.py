@@ -209,3 +209,23 @@ def test_heartbeat_database_errors_do_not_stop_training(registered_base, monkeyp
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert any("state store error (attempt 1/4)" in m for m in logs)
     assert any("heartbeat not recorded" in m for m in logs)
+
+
+def test_a_run_pins_its_rehearsal_dataset_at_start(registered_base):
+    """A resumed job must see the rehearsal rows its checkpoint was trained on: the run pins the base
+    dialect's dataset version when it starts, and jobs read that, not whatever is latest."""
+    from dataclasses import replace
+
+    from mloc_dagster.assets.adapters import run_rehearsal
+    from mloc_dagster.assets.lineage import require_metadata
+    from mloc_dagster.training_runs import start_run
+
+    instance, _ = registered_base
+    store = StateStore(resolve_state_url())
+    latest_en_us = require_metadata(instance, "dataset_version", "en-us")["path"]
+    run = start_run(instance, store, "en-gb-scotland", jobs=1)
+    assert run.rehearsal_dataset == latest_en_us == store.get_run(run.run_id).rehearsal_dataset
+    assert run_rehearsal(instance, replace(run, rehearsal_dataset="/pinned/en-us/v1")) == "/pinned/en-us/v1"
+    assert start_run(instance, store, "en-us", jobs=1).rehearsal_dataset == ""  # the base dialect: none
+    assert run_rehearsal(instance, replace(run, rehearsal_dataset="")) is None
+    assert run_rehearsal(instance, replace(run, rehearsal_dataset=None)) == latest_en_us  # a run from before pinning

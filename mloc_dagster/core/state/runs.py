@@ -67,6 +67,7 @@ class TrainingRun:
     kind: str = SINGLE  # single: one job at a time; distributed: rounds of slices (max_jobs = rounds)
     parallelism: int = 1  # distributed: slices per round, at most
     round_samples: int = 0  # distributed: samples per round
+    rehearsal_dataset: str | None = None  # pinned base-dialect dataset version; "": none; None: not pinned
 
     @property
     def distributed(self) -> bool:
@@ -109,7 +110,7 @@ class RunStore(StoreEngine):
                    hparams: Mapping[str, Any] | None = None, timebox_s: int = 3600, max_jobs: int = 6,
                    candidate_every: int = 6, run_id: str | None = None, init_from: str | None = None,
                    init_adapter: str | None = None, kind: str = SINGLE, parallelism: int = 1,
-                   round_samples: int = 0) -> TrainingRun:
+                   round_samples: int = 0, rehearsal_dataset: str | None = None) -> TrainingRun:
         if not _DIALECT_RE.match(dialect):
             raise ValueError(f"dialect {dialect!r} must be lowercase [a-z0-9-]")
         if not 1 <= candidate_every <= 12:
@@ -132,6 +133,7 @@ class RunStore(StoreEngine):
             "init_from": init_from, "init_adapter": init_adapter, "generation": 0, "kind": kind,
             "parallelism": int(parallelism) if kind != SINGLE else None,
             "round_samples": int(round_samples) if kind != SINGLE else None,
+            "rehearsal_dataset": rehearsal_dataset,
         }
         with self._write() as conn:
             conn.execute(training_runs.insert().values(**values))
@@ -343,7 +345,7 @@ def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
         created_at=row["created_at"], updated_at=row["updated_at"], init_from=row.get("init_from"),
         init_adapter=row.get("init_adapter"), generation=int(row.get("generation") or 0),
         kind=row.get("kind") or SINGLE, parallelism=int(row.get("parallelism") or 1),
-        round_samples=int(row.get("round_samples") or 0),
+        round_samples=int(row.get("round_samples") or 0), rehearsal_dataset=row.get("rehearsal_dataset"),
     )
 
 
