@@ -71,16 +71,12 @@ CREATE TABLE IF NOT EXISTS hist_sum (
 );
 """
 
+# Every ledger counter: the acquire outcomes, then the ones metrics.COUNTERS exports on their own.
 COUNTER_HELP: dict[str, str] = {
     "acquired": "Requests granted a device.",
     "skipped": "Requests answered SKIPPED by their busy policy.",
     "fallback_cpu": "Requests answered FALLBACK_CPU by their busy policy.",
-    "timeouts": "Requests that got no device within max_wait_s (any busy policy).",
-    "queue_full": "Requests refused at once because queue_limit requests were waiting.",
-    "watchdog_exceeded": "Leases held longer than their task type's max_hold_s.",
-    "reclaimed": "Leases taken back from a dead holder or after a stale heartbeat.",
-    "dropped_waiters": "Queue entries dropped because their process died or went silent.",
-    "released": "Leases released by their holder.",
+    **metrics.COUNTERS,
 }
 
 
