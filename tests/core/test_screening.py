@@ -139,3 +139,17 @@ def test_dev_loss_rule():
     assert dev_loss_sane(0.14, 0.10) and not dev_loss_sane(0.16, 0.10)  # within baseline + 0.05
     assert dev_loss_sane(0.9, None) and dev_loss_sane(None, 0.1)  # unknown: not checked
     assert DEV_LOSS_NOT_SANE == "dev loss not sane"
+
+
+def test_the_shuffled_copy_permutes_training_transcripts_only(corpus, tmp_path):
+    from mloc_dagster.core.datasets import DatasetVersion
+
+    src, dst = DatasetVersion(corpus.scottish), DatasetVersion(shuffled_copy(corpus.scottish, tmp_path, seed=1))
+    assert dst.version != src.version and dst.splits == src.splits
+    for split in ("dev", "test"):
+        assert [(u.utt_id, u.text) for u in src.iter_utterances(split)] == [
+            (u.utt_id, u.text) for u in dst.iter_utterances(split)]
+    before, after = list(src.iter_utterances("train")), list(dst.iter_utterances("train"))
+    assert [u.utt_id for u in before] == [u.utt_id for u in after]  # same audio, same stream positions
+    assert sorted(u.text for u in before) == sorted(u.text for u in after)
+    assert sum(x.text != y.text for x, y in zip(before, after, strict=True)) > len(before) // 2
