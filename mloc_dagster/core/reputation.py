@@ -112,9 +112,11 @@ def reputation_from_merge(node_of: Mapping[str, str | None], *, accepted: Iterab
                           rejected: Iterable[tuple[str, str]] = (), clipped: Iterable[str] = (),
                           cosines: Mapping[str, float] | None = None, dev_loss_ok: Mapping[str, bool] | None = None,
                           rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
-    """One step per node from a merge's screening (``core.merge.MergeResult``: ``sources`` that
-    went in, ``rejected`` as (source, reason), ``clipped`` sources), keyed by adapter source
-    (its path) through ``node_of`` (source -> node id; adapters without a node are skipped).
+    """One step per node from a merge's screening (``core.screening.reputation_updates`` maps a
+    screened merge's per-source rows onto this: ``accepted`` sources (excluded ones included: their
+    cosine says what they are worth), ``rejected`` as (source, reason), ``clipped`` sources),
+    keyed by adapter source (its path) through ``node_of`` (source -> node id; adapters without a
+    node are skipped).
     A node with several adapters in the merge gets the step of its worst one."""
     cosines, dev_loss_ok = cosines or {}, dev_loss_ok or {}
     clipped_set = set(clipped)
