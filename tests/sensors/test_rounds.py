@@ -129,3 +129,14 @@ def test_a_silent_node_is_replaced_and_an_empty_pool_pauses_the_run(instance, st
     paused = store.get_run(other.run_id)
     assert paused.status == "paused" and "no node available" in paused.status_reason
     assert "no throughput measured" in paused.status_reason
+
+
+def test_a_round_takes_eight_or_more_slices(instance, store):
+    pool(store, {f"node-{i:02d}": 5.0 + i for i in range(10)})
+    run = new_run(store, parallelism=8, round_samples=800)
+    result, _ = tick(instance, store)
+    placed = store.round_slices(run.run_id, 0)
+    assert len(result.run_requests) == len(placed) == 8
+    assert {s.node_id for s in placed} == {f"node-{i:02d}" for i in range(2, 10)}  # the eight fastest
+    assert sum(s.samples for s in placed) == 800
+    assert len({r.run_key for r in result.run_requests}) == 8
