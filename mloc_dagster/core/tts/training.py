@@ -6,12 +6,13 @@ The contract is ``core.training.train_adapter``'s, built from the same parts:
 - ``TrainState`` + ``write_checkpoint`` / ``write_partial`` / ``latest_partial`` / ``check_resumable``
   (``core/train_state.py``): weights, optimizer, scheduler, RNG and data position as safetensors +
   JSON, written atomically, checked before resuming (hyper-parameters, base model hash, dataset
-  version; here also the aligner's hash, under ``rehearsal_version``'s neighbour ``aligner_hash``);
+  version; here also ``aligner_hash``, the ASR whose alignment gave the durations);
 - ``train_step``, ``Timebox``, ``LossLog``, ``cpu_threads``, ``seed_everything`` (``core/train_loop.py``).
 
-**Where a job starts** (same rules as ASR): ``<out_dir>/result.json`` → the job already finished,
-return its result; else the newest ``<out_dir>.partial/step-*`` (a crashed attempt of this job);
-else ``resume_from`` (the previous job's final checkpoint); else fresh from the seed.
+**Where a job starts** (same rules as ASR; every checkpoint read is validated first):
+``<out_dir>/result.json`` → the job already finished, return its result; else the newest
+``<out_dir>.partial/step-*`` (a crashed attempt of this job); else ``resume_from`` (the previous
+job's final checkpoint); else fresh from the seed.
 
 **Timebox.** Before every step: one more step plus the final evaluation (dev frame L1, teacher
 forced) and two saves must fit in ``timebox_s``; ``max_steps`` is an optional step budget; a
@@ -38,7 +39,7 @@ from peft import LoraConfig, get_peft_model
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, RESULT_JSON
+from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, RESULT_JSON, validate_checkpoint_dir
 from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.model import file_sha256, load_base_model, model_dir_hash
 from mloc_dagster.core.sample_stream import SampleStream
@@ -193,6 +194,7 @@ class _TtsAdapterJob:
                                   else (None, "fresh"))
         self.meta = self.tensors = None
         if self.source is not None:
+            validate_checkpoint_dir(self.source, base_model=self.tm.model)  # may come from another node
             self.meta, self.tensors = TrainState.read(self.source)
             check_resumable(self.meta, self.source, self.hp, self.identity)
             if self.meta["identity"].get("aligner_hash") != self.identity["aligner_hash"]:
@@ -312,10 +314,12 @@ def train_tts_adapter(spec: TtsAdapterJobSpec) -> TtsAdapterJobResult:
 
 def load_tts_adapter(base_tts_dir: str | Path, adapter_dir: str | Path, device: str = "cpu"):
     """The base TTS with an adapter checkpoint's LoRA merged in (a ``TtsModel``, eval mode): what
-    a candidate synthesizes with."""
+    a candidate synthesizes with. The checkpoint is validated first (``core/checkpoints.py``: no
+    pickle or code, LoRA A/B pairs only, shapes of this base model)."""
     from peft import PeftModel
 
     tm = load_tts_model(base_tts_dir, device)
+    validate_checkpoint_dir(adapter_dir, base_model=tm.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(tm.model, str(adapter_dir), is_trainable=False)
