@@ -196,7 +196,8 @@ def print_round(mixed: dict, honest: dict, unscreened: dict | None) -> None:
         table.add_column(col, justify="right")
     for node, v in mixed["nodes"].items():
         cos = "–" if v["cosine"] is None else f"{v['cosine']:.3f}"
-        decision = v["decision"] + (f" ({v['reason'][:70]})" if v["reason"] else "")
+        decision = v["decision"] + (f", clipped ×{v['clip']:.2f}" if v["clip"] < 1 else "") + (
+            f" ({v['reason'][:70]})" if v["reason"] else "")
         table.add_row(node, v["behaviour"], str(v["samples"]), cos, f"{v['weight']:.3f}", decision,
                       f"{v['reputation']:.3f}", f"{honest['nodes'][node]['reputation']:.3f}")
     console.print(table)
