@@ -30,9 +30,14 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
                                       help='JSON, e.g. {"lr": 0.002, "r": 8, "target_modules": ["head"]}'),
           init_from: str = typer.Option(None, "--from", help="Warm start from an adapter of the dialect: "
                                         "production, production:experimental or a candidate id."),
-          kind: str = typer.Option("single", "--kind", help="single (one job at a time) or distributed "
-                                   "(--jobs rounds, each placed as slices on the pool's nodes and merged)."),
-          parallelism: int = typer.Option(4, "--parallelism", help="distributed: slices per round, at most."),
+          kind: str = typer.Option("single", "--kind", help="single (one job at a time), distributed "
+                                   "(--jobs rounds, each placed as slices on the pool's nodes and merged) or "
+                                   "hyperparameter (--trials runs of --jobs jobs, pruned between jobs)."),
+          space: str = typer.Option(None, "--space", help='hyperparameter: JSON, e.g. '
+                                    '{"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}'),
+          trials: int = typer.Option(8, "--trials", help="hyperparameter: trials in total."),
+          parallelism: int = typer.Option(4, "--parallelism", help="distributed: slices per round, at most; "
+                                          "hyperparameter: trials at once."),
           round_samples: int = typer.Option(0, "--round-samples",
                                             help="distributed: samples per round (default 256 per slice).")) -> None:
     """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
@@ -45,7 +50,7 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
     instance, store = _context()
     try:
         run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from, kind,
-                        parallelism, round_samples or 256 * parallelism)
+                        parallelism, round_samples or 256 * parallelism, space, trials)
     except (TrainingRunError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
@@ -103,6 +108,13 @@ def _run_dict(store, run) -> dict:
                                  "expected_s": round(s.expected_s, 1), "status": s.status, "outcome": s.outcome}
                                 for s in store.round_slices(run.run_id, k)]
                        for k in range(run.max_jobs) if store.round_slices(run.run_id, k)}
+    if run.kind == "hyperparameter":
+        from mloc_dagster.core.search import Search
+
+        runs = {t.trial_number: t for t in store.list_runs(parent_run_id=run.run_id, limit=None)}
+        d["trials"] = [{**t.to_dict(), "run_id": runs[t.trial].run_id if t.trial in runs else None,
+                        "run_status": runs[t.trial].status if t.trial in runs else None}
+                       for t in Search.open(store.url, run.run_id).summary()]
     return json.loads(json.dumps(d, default=str))
 
 
@@ -128,6 +140,14 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
                           f"{m.get('dev_cer', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}",
                           (j["error"] or "")[:60])
         console.print(table)
+        if d.get("trials"):
+            trials = Table(title="trials")
+            for col in ("trial", "run", "state", "hparams", "dev CER per job", "why"):
+                trials.add_column(col)
+            for t in d["trials"]:
+                trials.add_row(str(t["trial"]), t["run_id"] or "", t["state"], json.dumps(t["hparams"]),
+                               " ".join(f"{x:.3f}" for x in t["dev_cer_per_job"]), (t["reason"] or "")[:60])
+            console.print(trials)
         for k, slices in (d.get("rounds") or {}).items():
             rounds = Table(title=f"round {k}")
             for col in ("slice", "node", "samples", "expected_s", "status", "outcome"):

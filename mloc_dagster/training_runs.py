@@ -8,12 +8,13 @@ from typing import Any
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import InvalidHParams, rehearsal_dataset, validate_hparams
+from mloc_dagster.assets.adapters import HPARAM_KEYS, InvalidHParams, rehearsal_dataset, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.state import (
     ACTIVE,
     ADAPTER_BRANCHES,
     CANCELLED,
+    HYPERPARAMETER,
     PAUSED,
     QUEUED,
     RUNNING,
@@ -72,13 +73,15 @@ def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
 def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, jobs: int = 6,
               candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None,
               init_from: str | None = None, kind: str = SINGLE, parallelism: int = 1,
-              round_samples: int = 0) -> TrainingRun:
+              round_samples: int = 0, space: str | dict | None = None, trials: int = 0) -> TrainingRun:
     """Pin the dialect's latest dataset version and the latest base model, and create the run
     (from the base alone, or warm-started from an adapter of the dialect: ``init_from``).
     The training_chain_sensor launches its first job on its next tick.
 
     ``kind="distributed"``: ``jobs`` rounds of ``round_samples`` samples, each placed as up to
-    ``parallelism`` slices on the pool's nodes and merged (``sensors/rounds.py``)."""
+    ``parallelism`` slices on the pool's nodes and merged (``sensors/rounds.py``).
+    ``kind="hyperparameter"``: ``trials`` single runs of ``jobs`` jobs with hparams sampled from
+    ``space``, up to ``parallelism`` at once, pruned between jobs (``sensors/search.py``)."""
     if not is_valid_dialect(dialect):
         raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
     try:
@@ -96,34 +99,64 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
         hparams = warm_start_hparams(adapter_dir, hparams)
         label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
+    search = search_config(kind, space, trials, jobs, parallelism)  # bad input: nothing started
     try:
-        return store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
+        run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
                                 hparams=hparams, timebox_s=timebox_s, max_jobs=jobs,
                                 candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
                                 kind=kind, parallelism=parallelism, round_samples=round_samples,
                                 rehearsal_dataset=rehearsal_dataset(instance, dialect) or "")
     except ValueError as exc:
         raise TrainingRunError(str(exc)) from exc
+    if search is not None:
+        from mloc_dagster.core.search import Search
+
+        Search.create(store.url, run.run_id, search)
+    return run
+
+
+def search_config(kind: str, space: str | dict | None, trials: int, jobs: int, parallelism: int):
+    """A search's configuration, checked (``core.search``), or None for other kinds."""
+    if kind != HYPERPARAMETER:
+        if space:
+            raise TrainingRunError(f"--space is for --kind hyperparameter, not {kind}")
+        return None
+    from mloc_dagster.core.search import SearchConfig, SearchError, SearchSpaceError, parse_space, space_json
+
+    try:
+        parsed = parse_space(space if space is not None else {}, HPARAM_KEYS, validate_hparams)
+        return SearchConfig(space=space_json(parsed), trials=trials, jobs=jobs, parallelism=parallelism)
+    except (SearchError, SearchSpaceError) as exc:
+        raise TrainingRunError(str(exc)) from exc
 
 
 def pause_run(store: StateStore, run_id: str) -> bool:
-    """The job in flight finishes; no next job is requested."""
-    return store.transition_run(run_id, ACTIVE, PAUSED, "paused by user")
+    """The job in flight finishes; no next job is requested (a search: none of its trials')."""
+    paused = store.transition_run(run_id, ACTIVE, PAUSED, "paused by user")
+    for trial in store.list_runs(status=ACTIVE, parent_run_id=run_id, limit=None) if paused else []:
+        store.transition_run(trial.run_id, ACTIVE, PAUSED, f"its search {run_id} was paused")
+    return paused
 
 
 def resume_run(store: StateStore, run_id: str) -> bool:
     """The next job resumes from the last checkpoint (a new generation of run keys: a job that was
-    canceled or refused while paused is requested again)."""
-    return store.transition_run(run_id, PAUSED, ACTIVE, None)
+    canceled or refused while paused is requested again); a search resumes its trials."""
+    resumed = store.transition_run(run_id, PAUSED, ACTIVE, None)
+    for trial in store.list_runs(status=PAUSED, parent_run_id=run_id, limit=None) if resumed else []:
+        store.transition_run(trial.run_id, PAUSED, ACTIVE, None)
+    return resumed
 
 
 def cancel_run(instance: dg.DagsterInstance, store: StateStore, run_id: str) -> list[str]:
-    """Cancel the run and terminate its Dagster runs in flight; returns their ids."""
+    """Cancel the run and terminate its Dagster runs in flight; returns their ids. A search
+    cancels its live trials too."""
+    terminated = []
+    for trial in store.list_runs(status=(ACTIVE, PAUSED), parent_run_id=run_id, limit=None):
+        terminated += cancel_run(instance, store, trial.run_id)
     store.transition_run(run_id, (ACTIVE, PAUSED), CANCELLED, "cancelled by user")
     for job in store.jobs_for_run(run_id):
         if job.status in (QUEUED, RUNNING):
             store.mark_job_failed(run_id, job.job_index, "cancelled by user")
-    terminated = []
     for record in instance.get_run_records(dg.RunsFilter(tags={"mloc/run_id": run_id}, statuses=IN_FLIGHT)):
         run = record.dagster_run
         # A run not started yet is simply cancelled; a started one is terminated by its launcher.
@@ -152,6 +185,9 @@ class StartRunConfig(dg.Config):
     kind: str = SINGLE
     parallelism: int = 1
     round_samples: int = 0
+    # "hyperparameter": `trials` runs with hparams from `space`, e.g. {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}.
+    space: dict[str, Any] = {}
+    trials: int = 0
 
 
 @dg.op(description="Create a training run; the training_chain_sensor then chains its jobs.")
@@ -160,7 +196,7 @@ def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
     try:
         run = start_run(context.instance, state.store(), config.dialect, config.jobs, config.candidate_every,
                         config.timebox_s, dict(config.hparams), config.init_from or None, config.kind,
-                        config.parallelism, config.round_samples)
+                        config.parallelism, config.round_samples, dict(config.space) or None, config.trials)
     except TrainingRunError as exc:
         raise dg.Failure(str(exc)) from exc
     context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "jobs": run.max_jobs,

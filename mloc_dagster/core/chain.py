@@ -1,7 +1,8 @@
 """What a training run needs next. Pure decisions over the state store's records; no Dagster.
 
 A run is a chain of jobs 0..max_jobs-1. After job i succeeds, job i+1 is due while the run is
-active; a candidate is due after every ``candidate_every``-th job and after the last one. The
+active; a candidate is due after every ``candidate_every``-th job and after the last one (not for
+the trials of a hyperparameter search: the search requests one from its best trial). The
 sensor turns these decisions into Dagster run requests whose run keys name the unit of work, so a
 decision taken twice still launches once (``jobs.chain_run_key``).
 """
@@ -32,7 +33,8 @@ def next_due(run: TrainingRun, train_requested: int, candidate_requested: int) -
         return []
     last = -1 if run.last_finished_job is None else run.last_finished_job
     due: list[Due] = []
-    if last >= 0 and is_candidate_point(run, last) and candidate_requested < last:
+    # A search's trial gets no candidate of its own: the search asks for one from its best trial.
+    if last >= 0 and is_candidate_point(run, last) and candidate_requested < last and run.parent_run_id is None:
         due.append(Due("candidate", run.run_id, last))
     nxt = last + 1
     if nxt < run.max_jobs:

@@ -20,6 +20,9 @@ the pool as slices, one Dagster run of the training job each, and closed by the 
 (``round_merge_job``), whose adapter is the run's job ``round``. A canceled slice or round merge
 pauses the run like a canceled job; a slice that fails for good leaves its round (its samples go
 into the next one); a round merge that fails for good fails the run.
+
+A *hyperparameter* search (``sensors/search.py``) starts its trials as single runs and judges each
+finished job with its pruner before the trial's next job is requested.
 """
 
 
@@ -30,10 +33,21 @@ import dagster as dg
 
 from mloc_dagster.assets.adapters import InvalidHParams
 from mloc_dagster.core.chain import next_due
-from mloc_dagster.core.state import ACTIVE, COMPLETED, DROPPED, FAILED, PAUSED, SUCCEEDED, StateStore, TrainingRun
+from mloc_dagster.core.state import (
+    ACTIVE,
+    COMPLETED,
+    DROPPED,
+    FAILED,
+    HYPERPARAMETER,
+    PAUSED,
+    SUCCEEDED,
+    StateStore,
+    TrainingRun,
+)
 from mloc_dagster.jobs import CANDIDATE_JOB, CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, chain_run_key, train_run_request
 from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.sensors.rounds import round_requests
+from mloc_dagster.sensors.search import search_requests
 from mloc_dagster.sensors.verdicts import failure_reason, will_retry
 
 FAILURE_BATCH = 100
@@ -121,9 +135,16 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
             if record.dagster_run.tags.get("mloc/run_id") in live_ids:
                 handle_ended_job(context, store, record.dagster_run)
 
-    # 2. What each active run needs next.
+    # 2. Searches first: a trial's finished job is judged before its next one is requested.
     run_requests = []
+    for search_run in store.list_runs(status=ACTIVE, limit=None):
+        if search_run.kind == HYPERPARAMETER:
+            run_requests += search_requests(context, store, search_run)
+
+    # 3. What each active run needs next.
     for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
+        if run.kind == HYPERPARAMETER:
+            continue
         entry = requested.get(run.run_id, [run.generation, -1, -1])
         train_req, cand_req = train_requested_in(store, run, entry), entry[2]
         if run.distributed:  # rounds of slices instead of one job at a time

@@ -36,6 +36,7 @@ from mloc_dagster.core.state.schema import (
     DISTRIBUTED,
     DROPPED,
     FAILED,
+    HYPERPARAMETER,
     JOB_STATUSES,
     PAUSED,
     QUEUED,
@@ -50,7 +51,7 @@ from mloc_dagster.core.state.schema import (
 )
 
 __all__ = [
-    "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED",
+    "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED", "HYPERPARAMETER",
     "JOB_STATUSES", "PAUSED", "QUEUED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES", "RUN_TRANSITIONS",
     "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "PlannedSlice", "RoundSlice",
     "AdapterClaimConflict", "AdapterRef", "Candidate", "InvalidTransition", "NodeRecord", "Promotion",

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from mloc_dagster.core.state.engine import StoreEngine, new_id
 from mloc_dagster.core.state.schema import (
     ADAPTER_BRANCHES,
+    COMPLETED,
     SUCCEEDED,
     candidates,
     promotions,
@@ -108,11 +109,16 @@ class CandidateStore(StoreEngine):
 
         "Since the last candidate" is tracked by claims rather than by timestamps, so an adapter
         finishing while a merge is running is neither lost nor merged twice, whatever the clocks say.
+        A hyperparameter search's trials are held back until the search completed (its losing
+        trials are discarded then): no candidate merges a trial that is still being judged.
         """
+        search = training_runs.alias("search")
         query = (
             sa.select(training_jobs.c.run_id, training_jobs.c.job_index, training_jobs.c.node_id,
                       training_jobs.c.adapter_sha256, training_jobs.c.checkpoint_path, training_jobs.c.base_model)
             .join(training_runs, training_runs.c.run_id == training_jobs.c.run_id)
+            .outerjoin(search, search.c.run_id == training_runs.c.parent_run_id)
+            .where(sa.or_(training_runs.c.parent_run_id.is_(None), search.c.status == COMPLETED))
             .where(training_runs.c.dialect == dialect, training_jobs.c.status == SUCCEEDED,
                    training_jobs.c.candidate_id.is_(None), training_jobs.c.checkpoint_path.is_not(None))
             .order_by(training_jobs.c.finished_at, training_jobs.c.run_id, training_jobs.c.job_index)

@@ -20,6 +20,7 @@ from mloc_dagster.core.state.schema import (
     ACTIVE,
     CANCELLED,
     DISCARDED,
+    DISTRIBUTED,
     FAILED,
     QUEUED,
     RUN_KINDS,
@@ -68,10 +69,12 @@ class TrainingRun:
     parallelism: int = 1  # distributed: slices per round, at most
     round_samples: int = 0  # distributed: samples per round
     rehearsal_dataset: str | None = None  # pinned base-dialect dataset version; "": none; None: not pinned
+    parent_run_id: str | None = None  # a trial: the hyperparameter search it belongs to
+    trial_number: int | None = None
 
     @property
     def distributed(self) -> bool:
-        return self.kind != SINGLE
+        return self.kind == DISTRIBUTED
 
     @property
     def is_terminal(self) -> bool:
@@ -110,7 +113,8 @@ class RunStore(StoreEngine):
                    hparams: Mapping[str, Any] | None = None, timebox_s: int = 3600, max_jobs: int = 6,
                    candidate_every: int = 6, run_id: str | None = None, init_from: str | None = None,
                    init_adapter: str | None = None, kind: str = SINGLE, parallelism: int = 1,
-                   round_samples: int = 0, rehearsal_dataset: str | None = None) -> TrainingRun:
+                   round_samples: int = 0, rehearsal_dataset: str | None = None,
+                   parent_run_id: str | None = None, trial_number: int | None = None) -> TrainingRun:
         if not _DIALECT_RE.match(dialect):
             raise ValueError(f"dialect {dialect!r} must be lowercase [a-z0-9-]")
         if not 1 <= candidate_every <= 12:
@@ -121,7 +125,7 @@ class RunStore(StoreEngine):
             raise ValueError(f"timebox_s must be > 0, got {timebox_s}")
         if kind not in RUN_KINDS:
             raise ValueError(f"run kind {kind!r} is not one of {', '.join(RUN_KINDS)}")
-        if kind != SINGLE and (parallelism < 1 or round_samples < parallelism):
+        if kind == DISTRIBUTED and (parallelism < 1 or round_samples < parallelism):
             raise ValueError(f"a {kind} run needs parallelism >= 1 and round_samples >= parallelism, "
                              f"got {parallelism} and {round_samples}")
         now = self._clock()
@@ -132,8 +136,8 @@ class RunStore(StoreEngine):
             "status_reason": None, "last_finished_job": None, "created_at": now, "updated_at": now,
             "init_from": init_from, "init_adapter": init_adapter, "generation": 0, "kind": kind,
             "parallelism": int(parallelism) if kind != SINGLE else None,
-            "round_samples": int(round_samples) if kind != SINGLE else None,
-            "rehearsal_dataset": rehearsal_dataset,
+            "round_samples": int(round_samples) if kind == DISTRIBUTED else None,
+            "rehearsal_dataset": rehearsal_dataset, "parent_run_id": parent_run_id, "trial_number": trial_number,
         }
         with self._write() as conn:
             conn.execute(training_runs.insert().values(**values))
@@ -145,9 +149,11 @@ class RunStore(StoreEngine):
         return None if row is None else _run_from_row(row)
 
     def list_runs(self, status: str | Iterable[str] | None = None, dialect: str | None = None,
-                  limit: int | None = 100) -> list[TrainingRun]:
-        """Newest first. ``status`` may be one status or several."""
+                  limit: int | None = 100, parent_run_id: str | None = None) -> list[TrainingRun]:
+        """Newest first. ``status`` may be one status or several; ``parent_run_id``: a search's trials."""
         query = sa.select(training_runs)
+        if parent_run_id is not None:
+            query = query.where(training_runs.c.parent_run_id == parent_run_id)
         if status is not None:
             statuses = [status] if isinstance(status, str) else list(status)
             query = query.where(training_runs.c.status.in_(statuses))
@@ -310,6 +316,14 @@ class RunStore(StoreEngine):
                                                                              finished_at=now))
         return result.rowcount == 1
 
+    def discard_unclaimed(self, run_id: str, reason: str) -> int:
+        """Keep a run's unclaimed adapters out of every candidate (a search's pruned and losing
+        trials): ``succeeded`` → ``discarded`` with the reason; checkpoints stay on disk."""
+        with self._write() as conn:
+            return conn.execute(training_jobs.update().where(
+                training_jobs.c.run_id == run_id, training_jobs.c.status == SUCCEEDED,
+                training_jobs.c.candidate_id.is_(None)).values(status=DISCARDED, error=reason)).rowcount
+
     def get_job(self, run_id: str, job_index: int) -> TrainingJob | None:
         with self._read() as conn:
             row = conn.execute(sa.select(training_jobs).where(
@@ -346,6 +360,7 @@ def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
         init_adapter=row.get("init_adapter"), generation=int(row.get("generation") or 0),
         kind=row.get("kind") or SINGLE, parallelism=int(row.get("parallelism") or 1),
         round_samples=int(row.get("round_samples") or 0), rehearsal_dataset=row.get("rehearsal_dataset"),
+        parent_run_id=row.get("parent_run_id"), trial_number=row.get("trial_number"),
     )
 
 

@@ -35,10 +35,10 @@ RUN_TRANSITIONS: Mapping[str, frozenset[str]] = {
 QUEUED, RUNNING, SUCCEEDED, DISCARDED = "queued", "running", "succeeded", "discarded"
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DISCARDED)
 ADAPTER_BRANCHES = ("stable", "experimental")
-# Training run kinds: a chain of single-node jobs, or rounds of slices on several nodes merged
-# after each round. ``hyperparameter`` and ``pipeline`` are issue 12's.
-SINGLE, DISTRIBUTED = "single", "distributed"
-RUN_KINDS = (SINGLE, DISTRIBUTED)
+# Training run kinds: a chain of single-node jobs; rounds of slices on several nodes merged after
+# each round; a hyperparameter search whose trials are single runs (``parent_run_id``).
+SINGLE, DISTRIBUTED, HYPERPARAMETER = "single", "distributed", "hyperparameter"
+RUN_KINDS = (SINGLE, DISTRIBUTED, HYPERPARAMETER)
 # A slice of a distributed round: queued → running → succeeded | failed; ``dropped`` when the
 # round merged without it (late, failed, its run ended), ``replaced`` when its node stopped
 # heartbeating and its samples went to another node.
@@ -98,6 +98,9 @@ training_runs = sa.Table(
     # The base dialect's dataset version mixed into every job against forgetting, pinned at start
     # (a resumed job must see the rows its checkpoint was trained on). "": none; NULL: not pinned.
     sa.Column("rehearsal_dataset", sa.Text),
+    # A trial of a hyperparameter search: the search's run id and the Optuna trial number.
+    sa.Column("parent_run_id", sa.String(64), index=True),
+    sa.Column("trial_number", sa.Integer),
 )
 
 training_jobs = sa.Table(

@@ -1,0 +1,109 @@
+"""A hyperparameter search on a real instance, state store and Optuna study (same SQLite file):
+trials started up to the parallelism, each finished job judged by the pruner before the trial's
+next job is requested, pruned trials stopped with the reason and kept out of candidates, the best
+trial's hparams as the result and a candidate from it. Jobs are recorded through the store here
+(their dev CERs chosen so the pruner has something to decide); the training is tested elsewhere."""
+
+import dagster as dg
+import pytest
+
+from mloc_dagster.core.search import Search
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.definitions import defs
+from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
+from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.training_chain import training_chain_sensor
+from mloc_dagster.training_runs import TrainingRunError, cancel_run, pause_run, resume_run, start_run
+
+SPACE = {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}
+
+
+@pytest.fixture()
+def store(mloc_home):
+    from mloc_dagster.core.state import resolve_state_url
+
+    return StateStore(resolve_state_url())
+
+
+@pytest.fixture()
+def instance(registered_base):
+    return registered_base[0]
+
+
+def tick(instance, store, cursor=None):
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                  resources={"state": StateStoreResource(url=store.url)})
+    result = training_chain_sensor(ctx)
+    return result, result.cursor
+
+
+def finish_job(store, run, job_index, dev_cer):
+    store.record_job_started(run.run_id, job_index, dagster_run_id=f"d-{run.run_id}-{job_index}")
+    store.record_job_finished(run.run_id, job_index, "succeeded", checkpoint_path=f"/ckpt/{run.run_id}/{job_index}",
+                              sha256="x", metrics={"dev_cer": dev_cer}, base_model="b")
+
+
+def test_a_search_prunes_between_jobs_and_ends_with_its_best_trial(instance, store):
+    search_run = start_run(instance, store, "en-gb-scotland", jobs=3, timebox_s=60, kind="hyperparameter",
+                           space=SPACE, trials=6, parallelism=3)
+    assert search_run.kind == "hyperparameter"
+    result, cursor = tick(instance, store)
+    trials = sorted(store.list_runs(parent_run_id=search_run.run_id), key=lambda r: r.trial_number)
+    assert [t.trial_number for t in trials] == [0, 1, 2]  # parallelism 3
+    assert sorted(r.run_key for r in result.run_requests) == sorted(f"{t.run_id}/0" for t in trials)
+    assert all(set(SPACE) <= set(t.hparams) for t in trials)
+    assert isinstance(trials[0].hparams["r"], int)
+
+    curves = {}  # trial number -> dev CER per job: trial 0 best, the others worse at every job
+    for _ in range(40):  # ticks, until the search is done
+        for t in store.list_runs(parent_run_id=search_run.run_id, status="active"):
+            nxt = 0 if t.last_finished_job is None else t.last_finished_job + 1
+            curve = curves.setdefault(t.trial_number, [0.5 + 0.05 * t.trial_number - 0.02 * j for j in range(3)])
+            if store.get_job(t.run_id, nxt) is not None:  # requested by the sensor: "train" it
+                finish_job(store, t, nxt, curve[nxt])
+        result, cursor = tick(instance, store, cursor)
+        if store.get_run(search_run.run_id).status == "completed":
+            break
+    done = store.get_run(search_run.run_id)
+    assert done.status == "completed" and done.status_reason.startswith("best trial 0")
+    trials = store.list_runs(parent_run_id=search_run.run_id, limit=None)
+    assert len(trials) == 6
+    pruned = [t for t in trials if t.status == "cancelled"]
+    assert pruned and all(t.status_reason.startswith("pruned after job") for t in pruned)
+    assert all((t.last_finished_job or 0) < 2 for t in pruned)  # stopped before their last job
+    # The winner's adapter is the candidate's; every other trial's adapters are discarded.
+    assert [(r.job_name, r.tags["mloc/run_id"]) for r in result.run_requests] == [
+        (CANDIDATE_JOB, f"{search_run.run_id}-t00")]
+    unclaimed = store.unclaimed_adapters("en-gb-scotland", latest_per_run=True)
+    assert [(a.run_id, a.job_index) for a in unclaimed] == [(f"{search_run.run_id}-t00", 2)]
+    summary = Search.open(store.url, search_run.run_id).summary()
+    assert {s.state for s in summary} == {"completed", "pruned"}
+
+
+def test_trials_are_held_back_from_candidates_while_the_search_runs(instance, store):
+    search_run = start_run(instance, store, "en-gb-scotland", jobs=2, kind="hyperparameter", space=SPACE, trials=2,
+                           parallelism=2)
+    tick(instance, store)
+    trial = store.list_runs(parent_run_id=search_run.run_id)[0]
+    finish_job(store, trial, 0, 0.4)
+    assert store.unclaimed_adapters("en-gb-scotland") == []
+    assert pause_run(store, search_run.run_id)
+    assert {t.status for t in store.list_runs(parent_run_id=search_run.run_id)} == {"paused"}
+    result, _ = tick(instance, store)
+    assert [r for r in result.run_requests if r.job_name == TRAIN_JOB] == []
+    assert resume_run(store, search_run.run_id)
+    assert {t.status for t in store.list_runs(parent_run_id=search_run.run_id)} == {"active"}
+    cancel_run(instance, store, search_run.run_id)
+    assert {t.status for t in store.list_runs(parent_run_id=search_run.run_id)} == {"cancelled"}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({}, "search space is empty"),
+    ("{not json", "not valid JSON"),
+    ({"lora_r": [4, 8]}, "unknown hparam 'lora_r'"),
+    ({"lr": [0.1, 0.01]}, "lr"),
+])
+def test_a_bad_search_space_starts_nothing(instance, store, space, message):
+    with pytest.raises(TrainingRunError, match=message):
+        start_run(instance, store, "en-gb-scotland", jobs=2, kind="hyperparameter", space=space, trials=2)
+    assert store.list_runs() == []
