@@ -230,7 +230,8 @@ class Search:
         try:
             study = optuna.load_study(study_name=run_id, storage=storage)
         except KeyError as exc:
-            raise SearchError(f"no search {run_id!r} in {storage.url if hasattr(storage, 'url') else url}") from exc
+            # not the URL: a PostgreSQL URL may carry a password
+            raise SearchError(f"no search {run_id!r} in the project database") from exc
         return cls(storage, run_id, SearchConfig(**study.user_attrs[CONFIG_ATTR]))
 
     # -- building blocks --
