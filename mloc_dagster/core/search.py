@@ -234,6 +234,16 @@ class Search:
             raise SearchError(f"no search {run_id!r} in the project database") from exc
         return cls(storage, run_id, SearchConfig(**study.user_attrs[CONFIG_ATTR]))
 
+    def close(self) -> None:
+        """Release the database connections (a sensor opens a search per tick)."""
+        self.storage.engine.dispose()
+
+    def __enter__(self) -> Search:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     # -- building blocks --
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:

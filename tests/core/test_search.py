@@ -94,9 +94,9 @@ def test_optuna_tables_sit_beside_the_state_store(state_url):
     from mloc_dagster.core.state import StateStore
 
     store = StateStore(state_url)
-    search = Search.create(state_url, "run-1", SearchConfig(space=SPACE, trials=2, jobs=2))
-    number, _ = search.ask()
-    search.report(number, 0, 0.5)
+    with Search.create(state_url, "run-1", SearchConfig(space=SPACE, trials=2, jobs=2)) as search:
+        number, _ = search.ask()
+        search.report(number, 0, 0.5)
     store.close()
     store = StateStore(state_url)  # re-opening migrates nothing and trips over nothing
     tables = set(sa.inspect(sa.create_engine(state_url)).get_table_names())
