@@ -98,8 +98,12 @@ def cancel(run_id: str) -> None:
     console.print(f"{run_id}: cancelled; terminated Dagster runs: {', '.join(terminated) or 'none'}")
 
 
-def _run_dict(store, run) -> dict:
+def _run_dict(store, run, instance=None) -> dict:
     d = asdict(run)
+    if instance is not None:
+        from mloc_dagster.lifecycle import lifecycle
+
+        d["lifecycle"] = lifecycle(instance, run)
     d["jobs"] = [{k: v for k, v in asdict(j).items() if k in ("job_index", "status", "dagster_run_id", "node_id",
                                                               "checkpoint_path", "metrics", "error")}
                  for j in store.jobs_for_run(run.run_id)]
@@ -121,17 +125,19 @@ def _run_dict(store, run) -> dict:
 @run_app.command("status")
 def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
     """One run in detail (or every live run)."""
-    _, store = _context()
+    instance, store = _context()
     runs = [store.get_run(run_id)] if run_id else store.list_runs(status=("active", "paused"))
     if run_id and runs[0] is None:
         console.print(f"[red]error:[/] no training run {run_id}")
         raise typer.Exit(1)
-    data = [_run_dict(store, r) for r in runs]
+    data = [_run_dict(store, r, instance) for r in runs]
     if as_json:
         print(json.dumps(data[0] if run_id else data, indent=2))
         return
     for d in data:
-        table = Table(title=f"{d['run_id']} {d['dialect']} [{d['status']}] {d['status_reason'] or ''}")
+        life = d["lifecycle"]
+        table = Table(title=f"{d['run_id']} {d['dialect']} {d['kind']} [{life['state']}, {life['retries']} retries] "
+                            f"{d['status_reason'] or ''}")
         for col in ("job", "status", "dagster run", "node", "dev_cer", "train_loss", "error"):
             table.add_column(col)
         for j in d["jobs"]:
@@ -170,3 +176,21 @@ def list_runs(limit: int = typer.Option(50)) -> None:
         table.add_row(r.run_id, r.dialect, r.status, str(done), str(r.max_jobs), str(r.candidate_every),
                       str(r.timebox_s), r.created_at.strftime("%Y-%m-%d %H:%M:%S"))
     console.print(table)
+
+
+@run_app.command("logs")
+def logs(run_id: str, tail: int = typer.Option(20, "--tail", help="Lines to show (0: all).")) -> None:
+    """The last log lines of the run's newest Dagster run (its job in flight, or the last one)."""
+    from mloc_dagster.lifecycle import latest_dagster_run, log_tail
+
+    instance, store = _context()
+    if store.get_run(run_id) is None:
+        console.print(f"[red]error:[/] no training run {run_id}")
+        raise typer.Exit(1)
+    latest = latest_dagster_run(instance, run_id)
+    if latest is None:
+        console.print(f"{run_id}: no Dagster run yet (the sensor requests the first job on its next tick)")
+        return
+    console.print(f"[bold]{latest.job_name}[/] {latest.run_id} ({latest.status.value})")
+    for line in log_tail(instance, latest.run_id, tail):
+        print(line)
