@@ -40,7 +40,7 @@ from mloc_dagster.core.tts.pretrain import pretrain_tts_base
 from mloc_dagster.core.tts.training import TtsAdapterHParams, TtsAdapterJobSpec, load_tts_adapter, train_tts_adapter
 
 ROWS = 8  # utterances the memorising TTS base learns (and the gate speaks)
-BASE_STEPS = 400
+BASE_STEPS = 600
 ADAPTER_STEPS = 10
 GL_ITERATIONS = 16
 NO_DROPOUT = {k: 0.0 for k in ("encoder_dropout_rate", "encoder_positional_dropout_rate",
@@ -67,7 +67,8 @@ def speaking_tts(corpus, pretrained_base, tmp_path_factory) -> tuple[Path, Path,
     asr = pretrained_base[0]
     root = tmp_path_factory.mktemp("tts-speaking")
     pretrain_tts_base(corpus.en_us, asr, root / "base", train_seconds=900, max_steps=BASE_STEPS, train_limit=ROWS,
-                      dev_limit=2, batch_size=ROWS, lr=3e-3, warmup_steps=10, model_config=NO_DROPOUT, seed=0)
+                      dev_limit=2, batch_size=ROWS, lr=3e-3, warmup_steps=10, model_config=NO_DROPOUT, seed=0,
+                      schedule="constant")
     train_tts_adapter(TtsAdapterJobSpec(root / "base", asr, corpus.en_us, root / "adapter", timebox_s=600,
                                         max_steps=ADAPTER_STEPS, eval_limit=2,
                                         hparams=TtsAdapterHParams(batch_size=ROWS, lr=1e-3, train_limit=ROWS)))
@@ -191,7 +192,7 @@ def test_stop_loss_gate_passes_working_and_fires_on_broken_adapter(speaking_tts,
           f"broken {collapse_share(broken['utterance_cer']):.2f}")
 
     # limits calibrated on the floor: the judge's own errors on real speech plus a margin
-    limits = TtsGateLimits(max_cer=floor["cer"] + 0.3, max_collapse_share=0.5)
+    limits = TtsGateLimits(max_cer=floor["cer"] + 0.3, max_collapse_share=0.75)
     passed = tts_gates(working["cer"], collapse_share(working["utterance_cer"]), limits, floor["cer"],
                        collapse_share(floor["utterance_cer"]))
     fired = tts_gates(broken["cer"], collapse_share(broken["utterance_cer"]), limits, floor["cer"])

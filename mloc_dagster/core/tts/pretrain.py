@@ -55,11 +55,15 @@ def pretrain_tts_base(dataset_version_path: str | Path, aligner_dir: str | Path,
                       train_seconds: float, seed: int = 0, *, device: str | None = None, batch_size: int = 16,
                       lr: float = 2e-3, warmup_steps: int = 50, max_grad_norm: float = 1.0,
                       max_steps: int | None = None, train_limit: int | None = None, dev_limit: int = 64,
-                      model_config: dict | None = None, threads: int = 1,
+                      model_config: dict | None = None, threads: int = 1, schedule: str = "cosine",
                       log: Callable[[str], None] | None = None) -> dict:
     """Train the tiny TTS from scratch on the train split for ``train_seconds`` (or ``max_steps``),
     measure the dev frame L1, save the model directory to ``out_dir`` atomically and return the
-    metrics (also in ``tts.json``). ``train_limit`` caps the training rows (tests)."""
+    metrics (also in ``tts.json``). ``train_limit`` caps the training rows (tests); ``schedule``
+    is ``cosine`` (warm-up, then cosine to 5 %) or ``constant`` (warm-up, then flat: memorising a
+    few utterances, as the stop-loss tests do, goes faster without the decay)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     log = log or (lambda _msg: None)
     device = device or default_device()
     t_start = time.monotonic()
@@ -81,7 +85,8 @@ def pretrain_tts_base(dataset_version_path: str | Path, aligner_dir: str | Path,
         steps = samples = 0
         while timebox.elapsed() < train_seconds and (max_steps is None or steps < max_steps):
             frac = max(timebox.elapsed() / train_seconds, steps / max_steps if max_steps else 0.0)
-            scale = min(1.0, (steps + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0
+            scale = min(1.0, (steps + 1) / warmup_steps) * decay
             for g in opt.param_groups:
                 g["lr"] = lr * scale
             t_step = time.monotonic()
@@ -99,7 +104,7 @@ def pretrain_tts_base(dataset_version_path: str | Path, aligner_dir: str | Path,
                    "prep_seconds": round(prep_s, 2), "train_rows": len(train),
                    "train_loss": float(np.mean(losses.history[-20:])) if losses.history else float("nan"),
                    "dev_frame_l1": frame_l1(tm, dev, device=device), "seed": seed, "batch_size": batch_size,
-                   "lr": lr, "align_fallbacks": train.align_fallbacks}
+                   "lr": lr, "schedule": schedule, "align_fallbacks": train.align_fallbacks}
     model.to("cpu").eval()
     save_tts_model(tm, out_dir, {"aligner_hash": model_dir_hash(aligner_dir), "training": metrics})
     metrics["path"] = str(out_dir)

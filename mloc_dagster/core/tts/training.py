@@ -302,6 +302,7 @@ def train_tts_adapter(spec: TtsAdapterJobSpec) -> TtsAdapterJobResult:
     t0 = time.monotonic()
     out = Path(spec.out_dir)
     if (out / RESULT_JSON).is_file():
+        validate_checkpoint_dir(out)
         result = TtsAdapterJobResult.from_json(json.loads((out / RESULT_JSON).read_text()))
         result.resumed_kind = "reused"
         return result
