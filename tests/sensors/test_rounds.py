@@ -9,11 +9,9 @@ import dagster as dg
 import pytest
 
 from mloc_dagster.core.state import DROPPED, REPLACED, StateStore
-from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import ROUND_MERGE_JOB, TRAIN_JOB
 from mloc_dagster.k8s import K8S_CONFIG_TAG, NODE_LABEL
-from mloc_dagster.resources.state import StateStoreResource
-from mloc_dagster.sensors.training_chain import training_chain_sensor
+from tests.sensors.conftest import tick
 
 BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it
 
@@ -28,12 +26,6 @@ def instance(mloc_home):
     with dg.instance_for_test() as inst:
         yield inst
 
-
-def tick(instance, store, cursor=None):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                  resources={"state": StateStoreResource(url=store.url)})
-    result = training_chain_sensor(ctx)
-    return result, result.cursor
 
 
 def pool(store, speeds):

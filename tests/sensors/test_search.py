@@ -4,16 +4,13 @@ next job is requested, pruned trials stopped with the reason and kept out of can
 trial's hparams as the result and a candidate from it. Jobs are recorded through the store here
 (their dev CERs chosen so the pruner has something to decide); the training is tested elsewhere."""
 
-import dagster as dg
 import pytest
 
 from mloc_dagster.core.search import Search
 from mloc_dagster.core.state import StateStore
-from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
-from mloc_dagster.resources.state import StateStoreResource
-from mloc_dagster.sensors.training_chain import training_chain_sensor
 from mloc_dagster.training_runs import TrainingRunError, cancel_run, pause_run, resume_run, start_run
+from tests.sensors.conftest import tick
 
 SPACE = {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}
 
@@ -29,12 +26,6 @@ def store(mloc_home):
 def instance(registered_base):
     return registered_base[0]
 
-
-def tick(instance, store, cursor=None):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                  resources={"state": StateStoreResource(url=store.url)})
-    result = training_chain_sensor(ctx)
-    return result, result.cursor
 
 
 def finish_job(store, run, job_index, dev_cer):

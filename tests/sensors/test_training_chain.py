@@ -7,11 +7,9 @@ import dagster as dg
 import pytest
 
 from mloc_dagster.core.state import StateStore
-from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
-from mloc_dagster.resources.state import StateStoreResource
-from mloc_dagster.sensors.training_chain import training_chain_sensor
 from mloc_dagster.training_runs import cancel_run, pause_run, resume_run
+from tests.sensors.conftest import tick
 
 
 @pytest.fixture()
@@ -24,12 +22,6 @@ def instance(mloc_home):
     with dg.instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 2}}) as inst:
         yield inst
 
-
-def tick(instance, store, cursor=None):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                  resources={"state": StateStoreResource(url=store.url)})
-    result = training_chain_sensor(ctx)
-    return result, result.cursor
 
 
 def keys(result):

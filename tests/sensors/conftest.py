@@ -1,0 +1,15 @@
+"""Shared by the training-chain sensor tests: one evaluation of the sensor on a real instance."""
+
+import dagster as dg
+
+from mloc_dagster.definitions import defs
+from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.training_chain import training_chain_sensor
+
+
+def tick(instance, store, cursor=None):
+    """One sensor evaluation; returns (SensorResult, its cursor)."""
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                  resources={"state": StateStoreResource(url=store.url)})
+    result = training_chain_sensor(ctx)
+    return result, result.cursor
