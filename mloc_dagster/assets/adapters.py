@@ -155,7 +155,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
     except NotToStart as exc:
         raise refuse(context, str(exc), **{"mloc/refused": "not-to-start"}) from exc
     node, out, hp = unit.node_id, unit.out, config
-    if config.slice_index >= 0 and config.job_index > 0:  # a round continues the merged adapter: no warmup
+    if config.slice_index >= 0:  # a slice is a few steps: a warm-up would take all of them
         hp = config.model_copy(update={"warmup_steps": 0})
 
     last, stopped_by, node_beat = {}, {}, [time.monotonic()]

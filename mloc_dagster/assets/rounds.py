@@ -99,7 +99,7 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
         store.set_slice_outcome(run.run_id, k, s.slice_index, _verdict(row))
     moved = store.apply_reputation_updates(reputation_updates(rows))
     metrics = {"dev_cer": dev.cer, "dev_wer": dev.wer, "slices": len(came_in),
-               "accepted": sum(r["decision"] != "refused" for r in rows), "samples": sum(s.samples for s in came_in)}
+               "accepted": sum(r["decision"] == "accepted" for r in rows), "samples": sum(s.samples for s in came_in)}
     store.record_job_started(run.run_id, k, dagster_run_id=context.run_id)
     store.record_job_finished(run.run_id, k, SUCCEEDED, checkpoint_path=str(out / "adapter"), sha256=sha,
                               metrics=metrics, base_model=base_hash)
