@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -23,7 +24,8 @@ def _context():
 
 
 @run_app.command("start")
-def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Option(6, "--jobs"),
+def start(dialect: str = typer.Option(None, "--dialect", help="Required except for --kind pipeline."),
+          jobs: int = typer.Option(6, "--jobs"),
           candidate_every: int = typer.Option(6, "--candidate-every", min=1, max=12),
           timebox: int = typer.Option(3600, "--timebox", help="Seconds per job."),
           hparams: str = typer.Option("{}", "--hparams",
@@ -36,6 +38,7 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
           space: str = typer.Option(None, "--space", help='hyperparameter: JSON, e.g. '
                                     '{"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}'),
           trials: int = typer.Option(8, "--trials", help="hyperparameter: trials in total."),
+          spec: Path = typer.Option(None, "--spec", help="pipeline: a JSON/YAML file of stages (docs/pipelines.md)."),
           parallelism: int = typer.Option(4, "--parallelism", help="distributed: slices per round, at most; "
                                           "hyperparameter: trials at once."),
           round_samples: int = typer.Option(0, "--round-samples",
@@ -48,6 +51,18 @@ def start(dialect: str = typer.Option(..., "--dialect"), jobs: int = typer.Optio
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--hparams is not valid JSON: {exc}") from exc
     instance, store = _context()
+    if kind == "pipeline" or spec is not None:
+        from mloc_dagster.training_runs import start_pipeline
+
+        try:
+            print(start_pipeline(instance, store, spec if spec is not None else {}).run_id)
+        except TrainingRunError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from exc
+        return
+    if not dialect:
+        console.print("[red]error:[/] --dialect is required")
+        raise typer.Exit(1)
     try:
         run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from, kind,
                         parallelism, round_samples or 256 * parallelism, space, trials)

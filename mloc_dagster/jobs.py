@@ -6,6 +6,7 @@ import dagster as dg
 
 from mloc_dagster.assets.adapters import TIMEBOX_MARGIN_S, adapter_checkpoint, validate_hparams
 from mloc_dagster.assets.candidates import candidate_job
+from mloc_dagster.assets.models import base_model_job
 from mloc_dagster.assets.rounds import ROUND_MERGE_JOB, round_merge_job
 from mloc_dagster.core.state import RoundSlice, TrainingRun
 from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config, node_k8s_config
@@ -22,8 +23,8 @@ train_adapter_job = dg.define_asset_job(
 )
 
 
-# Every job the training chain launches.
-CHAIN_JOBS = [train_adapter_job, candidate_job, round_merge_job]
+# Every job the training chain launches (a pipeline's base_model stage too).
+CHAIN_JOBS = [train_adapter_job, candidate_job, round_merge_job, base_model_job]
 
 
 def chain_run_key(run: TrainingRun, *parts: object) -> str:

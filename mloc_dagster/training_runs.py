@@ -16,6 +16,7 @@ from mloc_dagster.core.state import (
     CANCELLED,
     HYPERPARAMETER,
     PAUSED,
+    PIPELINE,
     QUEUED,
     RUNNING,
     SINGLE,
@@ -113,6 +114,28 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
 
         Search.create(store.url, run.run_id, search)
     return run
+
+
+def start_pipeline(instance: dg.DagsterInstance, store: StateStore, spec) -> TrainingRun:
+    """A pipeline run from a spec (dict, JSON/YAML text or file; ``core/pipeline.py``), checked
+    before anything starts; the training_chain_sensor starts its first stage on its next tick."""
+    from mloc_dagster.core.pipeline import PipelineSpecError, load_spec, spec_json
+
+    try:
+        stages = load_spec(spec)
+    except (PipelineSpecError, OSError) as exc:
+        raise TrainingRunError(f"pipeline spec: {exc}") from exc
+    training = [s for s in stages if s.kind == "training_run"]
+    for s in training:
+        if not is_valid_dialect(s.fields["dialect"]):
+            raise TrainingRunError(f"stage {s.name}: {s.fields['dialect']!r}: dialect keys are lowercase [a-z0-9-]")
+        try:
+            validate_hparams(s.fields.get("hparams") or {})
+        except InvalidHParams as exc:
+            raise TrainingRunError(f"stage {s.name}: {exc}") from exc
+    dialect = training[0].fields["dialect"] if training else "en-us"
+    return store.create_run(dialect=dialect, dataset_version="", base_model_version="", kind=PIPELINE,
+                            max_jobs=len(stages), candidate_every=1, spec=spec_json(stages))
 
 
 def search_config(kind: str, space: str | dict | None, trials: int, jobs: int, parallelism: int):

@@ -22,7 +22,8 @@ pauses the run like a canceled job; a slice that fails for good leaves its round
 into the next one); a round merge that fails for good fails the run.
 
 A *hyperparameter* search (``sensors/search.py``) starts its trials as single runs and judges each
-finished job with its pruner before the trial's next job is requested.
+finished job with its pruner before the trial's next job is requested. A *pipeline*
+(``sensors/pipeline.py``) starts each declared stage when the stages it waits for succeeded.
 """
 
 
@@ -40,12 +41,14 @@ from mloc_dagster.core.state import (
     FAILED,
     HYPERPARAMETER,
     PAUSED,
+    PIPELINE,
     SUCCEEDED,
     StateStore,
     TrainingRun,
 )
 from mloc_dagster.jobs import CANDIDATE_JOB, CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, chain_run_key, train_run_request
 from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
 from mloc_dagster.sensors.verdicts import failure_reason, will_retry
@@ -135,15 +138,18 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
             if record.dagster_run.tags.get("mloc/run_id") in live_ids:
                 handle_ended_job(context, store, record.dagster_run)
 
-    # 2. Searches first: a trial's finished job is judged before its next one is requested.
+    # 2. Searches and pipelines first: a trial's finished job is judged before its next one is
+    # requested, a pipeline's next stage starts.
     run_requests = []
-    for search_run in store.list_runs(status=ACTIVE, limit=None):
-        if search_run.kind == HYPERPARAMETER:
-            run_requests += search_requests(context, store, search_run)
+    for parent in store.list_runs(status=ACTIVE, limit=None):
+        if parent.kind == HYPERPARAMETER:
+            run_requests += search_requests(context, store, parent)
+        elif parent.kind == PIPELINE:
+            run_requests += pipeline_requests(context, store, parent)
 
     # 3. What each active run needs next.
     for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
-        if run.kind == HYPERPARAMETER:
+        if run.kind in (HYPERPARAMETER, PIPELINE):
             continue
         entry = requested.get(run.run_id, [run.generation, -1, -1])
         train_req, cand_req = train_requested_in(store, run, entry), entry[2]

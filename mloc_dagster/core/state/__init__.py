@@ -39,6 +39,7 @@ from mloc_dagster.core.state.schema import (
     HYPERPARAMETER,
     JOB_STATUSES,
     PAUSED,
+    PIPELINE,
     QUEUED,
     REPLACED,
     RUN_KINDS,
@@ -52,7 +53,7 @@ from mloc_dagster.core.state.schema import (
 
 __all__ = [
     "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED", "HYPERPARAMETER",
-    "JOB_STATUSES", "PAUSED", "QUEUED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES", "RUN_TRANSITIONS",
+    "JOB_STATUSES", "PAUSED", "PIPELINE", "QUEUED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES", "RUN_TRANSITIONS",
     "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "PlannedSlice", "RoundSlice",
     "AdapterClaimConflict", "AdapterRef", "Candidate", "InvalidTransition", "NodeRecord", "Promotion",
     "StateStore", "TrainingJob", "TrainingRun", "UnknownRun", "newest_per_run", "resolve_state_url", "retry_transient",

@@ -118,7 +118,7 @@ class CandidateStore(StoreEngine):
                       training_jobs.c.adapter_sha256, training_jobs.c.checkpoint_path, training_jobs.c.base_model)
             .join(training_runs, training_runs.c.run_id == training_jobs.c.run_id)
             .outerjoin(search, search.c.run_id == training_runs.c.parent_run_id)
-            .where(sa.or_(training_runs.c.parent_run_id.is_(None), search.c.status == COMPLETED))
+            .where(sa.or_(training_runs.c.trial_number.is_(None), search.c.status == COMPLETED))
             .where(training_runs.c.dialect == dialect, training_jobs.c.status == SUCCEEDED,
                    training_jobs.c.candidate_id.is_(None), training_jobs.c.checkpoint_path.is_not(None))
             .order_by(training_jobs.c.finished_at, training_jobs.c.run_id, training_jobs.c.job_index)

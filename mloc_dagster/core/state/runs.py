@@ -71,6 +71,7 @@ class TrainingRun:
     rehearsal_dataset: str | None = None  # pinned base-dialect dataset version; "": none; None: not pinned
     parent_run_id: str | None = None  # a trial: the hyperparameter search it belongs to
     trial_number: int | None = None
+    spec: dict[str, Any] | None = None  # a pipeline's stages
 
     @property
     def distributed(self) -> bool:
@@ -114,7 +115,8 @@ class RunStore(StoreEngine):
                    candidate_every: int = 6, run_id: str | None = None, init_from: str | None = None,
                    init_adapter: str | None = None, kind: str = SINGLE, parallelism: int = 1,
                    round_samples: int = 0, rehearsal_dataset: str | None = None,
-                   parent_run_id: str | None = None, trial_number: int | None = None) -> TrainingRun:
+                   parent_run_id: str | None = None, trial_number: int | None = None,
+                   spec: Mapping[str, Any] | None = None) -> TrainingRun:
         if not _DIALECT_RE.match(dialect):
             raise ValueError(f"dialect {dialect!r} must be lowercase [a-z0-9-]")
         if not 1 <= candidate_every <= 12:
@@ -138,6 +140,7 @@ class RunStore(StoreEngine):
             "parallelism": int(parallelism) if kind != SINGLE else None,
             "round_samples": int(round_samples) if kind == DISTRIBUTED else None,
             "rehearsal_dataset": rehearsal_dataset, "parent_run_id": parent_run_id, "trial_number": trial_number,
+            "spec": dict(spec) if spec is not None else None,
         }
         with self._write() as conn:
             conn.execute(training_runs.insert().values(**values))
@@ -360,7 +363,7 @@ def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
         init_adapter=row.get("init_adapter"), generation=int(row.get("generation") or 0),
         kind=row.get("kind") or SINGLE, parallelism=int(row.get("parallelism") or 1),
         round_samples=int(row.get("round_samples") or 0), rehearsal_dataset=row.get("rehearsal_dataset"),
-        parent_run_id=row.get("parent_run_id"), trial_number=row.get("trial_number"),
+        parent_run_id=row.get("parent_run_id"), trial_number=row.get("trial_number"), spec=row.get("spec"),
     )
 
 

@@ -36,9 +36,10 @@ QUEUED, RUNNING, SUCCEEDED, DISCARDED = "queued", "running", "succeeded", "disca
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DISCARDED)
 ADAPTER_BRANCHES = ("stable", "experimental")
 # Training run kinds: a chain of single-node jobs; rounds of slices on several nodes merged after
-# each round; a hyperparameter search whose trials are single runs (``parent_run_id``).
-SINGLE, DISTRIBUTED, HYPERPARAMETER = "single", "distributed", "hyperparameter"
-RUN_KINDS = (SINGLE, DISTRIBUTED, HYPERPARAMETER)
+# each round; a hyperparameter search whose trials are single runs (``parent_run_id``); a pipeline
+# of declared stages (``spec``) whose training stages are runs too.
+SINGLE, DISTRIBUTED, HYPERPARAMETER, PIPELINE = "single", "distributed", "hyperparameter", "pipeline"
+RUN_KINDS = (SINGLE, DISTRIBUTED, HYPERPARAMETER, PIPELINE)
 # A slice of a distributed round: queued → running → succeeded | failed; ``dropped`` when the
 # round merged without it (late, failed, its run ended), ``replaced`` when its node stopped
 # heartbeating and its samples went to another node.
@@ -101,6 +102,7 @@ training_runs = sa.Table(
     # A trial of a hyperparameter search: the search's run id and the Optuna trial number.
     sa.Column("parent_run_id", sa.String(64), index=True),
     sa.Column("trial_number", sa.Integer),
+    sa.Column("spec", sa.JSON),  # a pipeline's stages (core/pipeline.py)
 )
 
 training_jobs = sa.Table(
