@@ -201,7 +201,7 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
     summary.add_row("base_model", f"{base['parameters']:,} params; {BASE_DIALECT} test CER {base['test_cer']:.3f}")
     summary.add_row(f"{TARGET_DIALECT} CER, base model", f"{gate['cer_base_model']:.3f}")
     summary.add_row(f"{TARGET_DIALECT} CER, candidate", f"{gate['cer_candidate']:.3f} (WER {gate['wer_candidate']:.3f})")
-    summary.add_row(f"{BASE_DIALECT} regression", f"{gate['base_dialect_regression_rel']:+.1%} relative")
+    summary.add_row(f"{BASE_DIALECT} regression", f"{gate['base_dialect_regression_rel']:+.2%} relative")
     summary.add_row("training run", f"{jobs} jobs × {timebox_s} s on {TARGET_DIALECT}, hparams {DEMO_HPARAMS}")
     for row in learning_curve(store.jobs_for_run(run.run_id)):
         summary.add_row(*row)
