@@ -15,7 +15,9 @@
    ``Search.report`` and a pruned trial requests no further job.
 
 Compute is counted per job: ``wall_seconds`` of ``train_adapter`` (load, train, dev evaluation,
-save: what an hourly job occupies a device for) and the process CPU time of the same call. Prints
+save: what an hourly job occupies a device for) and the process CPU time of the same call; the
+goal is judged on CPU time, which, unlike wall time, does not move with the load of a shared
+machine between the two searches (the job count, also reported, is load-free). Prints
 per-trial tables and the comparison through ``bench/report.py``. Goal (issue 12): ≥ 2× less
 compute with pruning, best dev CER within 2 % of the unpruned search's.
 """
@@ -151,10 +153,13 @@ def main() -> None:
                         f"{p}: best test CER": r["best_test_cer"], f"{p}: best hparams": json.dumps(r["best_hparams"]),
                         f"{p}: pruned (trial: after job)": json.dumps(r["pruned"])})
         if r is not ref:
-            saving, loss = ref["wall_s"] / r["wall_s"], r["best_dev_cer"] / ref["best_dev_cer"] - 1
-            results[f"{p}: compute saving ×"] = round(saving, 2)
+            # CPU time and job count do not move with the load of a shared machine; wall time does.
+            saving, loss = ref["cpu_s"] / r["cpu_s"], r["best_dev_cer"] / ref["best_dev_cer"] - 1
+            results[f"{p}: compute saving × (CPU s)"] = round(saving, 2)
+            results[f"{p}: compute saving × (jobs' wall s)"] = round(ref["wall_s"] / r["wall_s"], 2)
+            results[f"{p}: compute saving × (jobs)"] = round(ref["jobs"] / r["jobs"], 2)
             results[f"{p}: best dev CER vs unpruned"] = f"{loss:+.1%}"
-            results[f"{p}: goal ≥ 2× less compute, best dev CER within 2 %"] = saving >= 2 and loss <= 0.02
+            results[f"{p}: goal ≥ 2× less CPU, best dev CER within 2 %"] = saving >= 2 and loss <= 0.02
     results["wall_seconds"] = round(time.time() - t_start, 1)
     report("Hyper-parameter search with and without pruning (bench/hparam.py)", results, args.out, console)
     args.out.with_name(args.out.stem + "-trials.json").write_text(json.dumps(found, indent=2, default=str))
