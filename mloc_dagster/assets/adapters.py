@@ -45,8 +45,8 @@ class AdapterJobConfig(dg.Config):
     seed: int = 0
     # Share of each epoch drawn from the base dialect's dataset, against forgetting it (0: off),
     # and the weight of distillation to the frozen base on those rows (0: off).
-    rehearsal_fraction: float = 0.5
-    distill_weight: float = 1.0
+    rehearsal_fraction: float = 0.75
+    distill_weight: float = 3.0
 
 
 # What a training run may set per job: every field above but the ones the chain sets itself.

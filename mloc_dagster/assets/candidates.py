@@ -300,7 +300,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
                             recognize(companion.adapter_path, base_dataset["path"]))
     reference_label = "production" if prod is not None else "base model"
     report = evaluate_gates(cand, prod if prod is not None else dialect_base, base_candidate=base_cand,
-                            base_reference=base_ref, thresholds=thresholds, reference_label=reference_label)
+                            base_reference=base_ref, thresholds=thresholds, reference_label=reference_label,
+                            dialect_base=dialect_base)
     path = write_gate_report(artifacts, dialect, candidate.candidate_id, report, store)
     moved = {} if config.candidate_id else store.apply_reputation_updates(reputation_from_gate(  # re-gating: once
         report.decision, node_shares(s.node_id for s in candidate.sources), failure_reasons=report.reasons))
@@ -308,7 +309,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     if companion is not None:  # its gate is the way back for the untrusted nodes: it moves only them
         comp_report = evaluate_gates(comp_results[0], prod if prod is not None else dialect_base,
                                      base_candidate=comp_results[1], base_reference=base_ref, thresholds=thresholds,
-                                     reference_label=reference_label)
+                                     reference_label=reference_label, dialect_base=dialect_base)
         write_gate_report(artifacts, dialect, companion.candidate_id, comp_report, store)
         stable_nodes = {s.node_id for s in candidate.sources}
         shares = {n: v for n, v in node_shares(s.node_id for s in companion.sources).items() if n not in stable_nodes}

@@ -185,8 +185,8 @@ def test_distillation_resumes_exactly_and_records_the_learning_curve(pretrained_
     """distill_weight > 0 (KL to the frozen base on rehearsal rows) changes the loss and keeps exact
     resume; every checkpoint carries the run's learning curve (dev CER per job)."""
     base, _ = pretrained_base
-    hp = AdapterHParams(**RESUME_HPARAMS)  # defaults: 50 % rehearsal, distill_weight 1.0
-    assert (hp.rehearsal_fraction, hp.distill_weight) == (0.5, 1.0)
+    hp = AdapterHParams(**RESUME_HPARAMS)  # defaults: 75 % rehearsal, distill_weight 3.0
+    assert (hp.rehearsal_fraction, hp.distill_weight) == (0.75, 3.0)
     kw = {"rehearsal_dataset_path": corpus.en_us, "hparams": hp}
     full = train_adapter(_spec(base, corpus, tmp_path / "full", max_steps=2 * N, **kw))
     first = train_adapter(_spec(base, corpus, tmp_path / "job0", max_steps=N, job_index=0, **kw))
