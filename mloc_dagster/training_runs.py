@@ -8,7 +8,13 @@ from typing import Any
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import HPARAM_KEYS, InvalidHParams, rehearsal_dataset, validate_hparams
+from mloc_dagster.assets.adapters import (
+    HPARAM_KEYS,
+    InvalidHParams,
+    pin_hparams,
+    rehearsal_dataset,
+    validate_hparams,
+)
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.state import (
     ACTIVE,
@@ -103,7 +109,7 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
     search = search_config(kind, space, trials, jobs, parallelism)  # bad input: nothing started
     try:
         run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
-                                hparams=hparams, timebox_s=timebox_s, max_jobs=jobs,
+                                hparams=pin_hparams(hparams), timebox_s=timebox_s, max_jobs=jobs,
                                 candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
                                 kind=kind, parallelism=parallelism, round_samples=round_samples,
                                 rehearsal_dataset=rehearsal_dataset(instance, dialect) or "")

@@ -23,7 +23,8 @@ def test_run_lifecycle_commands(registered_base):
                   "--timebox", "30", "--hparams", '{"lr": 0.001}').stdout.strip()
     assert run_id.startswith("tr-")
     status = json.loads(mloc("run", "status", run_id, "--json").stdout)
-    assert status["status"] == "active" and status["max_jobs"] == 4 and status["hparams"] == {"lr": 0.001}
+    assert status["status"] == "active" and status["max_jobs"] == 4 and status["hparams"]["lr"] == 0.001
+    assert status["hparams"]["rehearsal_fraction"] == 0.75  # every default pinned on the run
     assert status["dataset_version"].endswith(tuple("0123456789abcdef"))  # pinned version path
 
     assert "paused" in mloc("run", "pause", run_id).stdout

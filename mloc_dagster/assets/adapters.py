@@ -72,6 +72,13 @@ def validate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return {k: getattr(checked, k) for k in hparams}
 
 
+def pin_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Every hparam a job takes, the run's own values over today's defaults: a run stores this,
+    so a release that changes a default never changes a run in flight (its resume checks them)."""
+    defaults = {k: AdapterJobConfig.model_fields[k].get_default(call_default_factory=True) for k in HPARAM_KEYS}
+    return {**defaults, **validate_hparams(hparams)}
+
+
 def rehearsal_dataset(instance: dg.DagsterInstance, dialect: str) -> str | None:
     """The base dialect's latest dataset version, mixed into adaptation so it is not forgotten
     (pinned on a training run when it starts: ``run_rehearsal``)."""

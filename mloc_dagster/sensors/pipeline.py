@@ -19,7 +19,7 @@ the pipeline apply to its training runs (``training_runs.py``).
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import rehearsal_dataset
+from mloc_dagster.assets.adapters import pin_hparams, rehearsal_dataset
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.pipeline import Stage, load_spec, upstream
 from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, StateStore, TrainingRun
@@ -111,7 +111,7 @@ def start_training_stage(context: dg.SensorEvaluationContext, store: StateStore,
         return
     run = store.create_run(
         run_id=stage_run_id(pipeline, stage), dialect=f["dialect"], dataset_version=dataset["path"],
-        base_model_version=base["path"], hparams=dict(f.get("hparams") or {}), timebox_s=int(f.get("timebox_s", 3600)),
+        base_model_version=base["path"], hparams=pin_hparams(f.get("hparams") or {}), timebox_s=int(f.get("timebox_s", 3600)),
         max_jobs=int(f.get("jobs", 6)), candidate_every=min(12, int(f.get("candidate_every", f.get("jobs", 6)))),
         rehearsal_dataset=rehearsal_dataset(instance, f["dialect"]) or "", parent_run_id=pipeline.run_id)
     context.log.info(f"pipeline {pipeline.run_id}: stage {stage.name} started as {run.run_id} on base "
