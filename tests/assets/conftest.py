@@ -40,10 +40,11 @@ def line(tmp_path_factory) -> Line:
     pretrain_base(versions[BASE_DIALECT], base, train_seconds=900, max_steps=150, seed=0, feature_cache_dir=features)
     other_base = save_base_model(new_tiny_model(), root / "other-base")
 
+    # Hparams spelled out: the line's adapters must not change when a default does.
     def adapter(name: str, base_dir: Path, steps: int, lr: float):
         return train_adapter(AdapterJobSpec(
             base_model_dir=base_dir, dataset_version_path=versions[DIALECT], out_dir=root / "adapters" / name,
-            timebox_s=900, max_steps=steps, hparams=AdapterHParams(lr=lr, rehearsal_fraction=0.25),
+            timebox_s=900, max_steps=steps, hparams=AdapterHParams(lr=lr, rehearsal_fraction=0.25, distill_weight=1.0),
             rehearsal_dataset_path=versions[BASE_DIALECT], feature_cache_dir=features, run_id=name, job_index=0))
 
     adapters = {"good": adapter("good", base, 60, 3e-3), "weak": adapter("weak", base, 2, 1e-4),
