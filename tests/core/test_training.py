@@ -86,7 +86,8 @@ def test_chained_jobs_reproduce_the_uninterrupted_run(pretrained_base, corpus, t
     assert _state(tmp_path / "job1")["data"] == _state(tmp_path / "full")["data"]
     assert len(_state(tmp_path / "job1")["jobs"]) == 2
     data = _state(tmp_path / "job1")["data"]
-    assert data["extra_rows"] > 0 and data["extra_per_epoch"] == round(data["rows"] * 0.5 / 0.5)
+    f = AdapterHParams(**RESUME_HPARAMS).rehearsal_fraction  # that share of each epoch is en-us rows
+    assert data["extra_rows"] > 0 and data["extra_per_epoch"] == round(data["rows"] * f / (1 - f))
 
     with pytest.raises(ResumeError, match="rehearsal_version"):  # a run pins its data, rehearsal included
         train_adapter(_spec(base, corpus, tmp_path / "norehearsal", max_steps=1, resume_from=tmp_path / "job0"))
