@@ -120,7 +120,8 @@ def _run_dict(store, run, instance=None) -> dict:
 
         d["lifecycle"] = lifecycle(instance, run)
     d["jobs"] = [{k: v for k, v in asdict(j).items() if k in ("job_index", "status", "dagster_run_id", "node_id",
-                                                              "checkpoint_path", "metrics", "error")}
+                                                              "checkpoint_path", "metrics", "progress", "error",
+                                                              "attempts")}
                  for j in store.jobs_for_run(run.run_id)]
     if run.distributed:
         d["rounds"] = {str(k): [{"slice": s.slice_index, "node": s.node_id, "samples": s.samples,
@@ -153,11 +154,13 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
         life = d["lifecycle"]
         table = Table(title=f"{d['run_id']} {d['dialect']} {d['kind']} [{life['state']}, {life['retries']} retries] "
                             f"{d['status_reason'] or ''}")
-        for col in ("job", "status", "dagster run", "node", "dev_cer", "train_loss", "error"):
+        for col in ("job", "status", "dagster run", "node", "progress", "dev_cer", "train_loss", "error"):
             table.add_column(col)
         for j in d["jobs"]:
-            m = j["metrics"] or {}
-            table.add_row(str(j["job_index"]), j["status"], (j["dagster_run_id"] or "")[:8], j["node_id"] or "",
+            m, p = j["metrics"] or {}, j["progress"] or {}
+            live = f"step {p.get('step')} · {p.get('samples')} samples · ETA {p.get('eta_s', 0):.0f} s" \
+                if j["status"] == "running" and p else ""
+            table.add_row(str(j["job_index"]), j["status"], (j["dagster_run_id"] or "")[:8], j["node_id"] or "", live,
                           f"{m.get('dev_cer', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}",
                           (j["error"] or "")[:60])
         console.print(table)
