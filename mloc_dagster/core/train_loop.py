@@ -197,3 +197,26 @@ class Timebox:
         if self.first_step is None or self.last_step_end is None:
             return 0.0
         return self.last_step_end - self.first_step
+
+
+class StopRule:
+    """Why a training loop stops before its next step -- the one rule both loops (ASR adapter
+    jobs, TTS adapter jobs) follow: the job's step budget, then the timebox, then a heartbeat
+    (called at most every ``heartbeat_every_s``) that returns False. Built when the loop starts."""
+
+    def __init__(self, timebox: Timebox, max_steps: int | None, heartbeat: Callable[[], bool | None] | None,
+                 heartbeat_every_s: float):
+        self.timebox, self.max_steps = timebox, max_steps
+        self.heartbeat, self.heartbeat_every_s = heartbeat, heartbeat_every_s
+        self.last_heartbeat = time.monotonic()
+
+    def reason(self, now: float, job_steps: int) -> str | None:
+        if self.max_steps is not None and job_steps >= self.max_steps:
+            return "max_steps"
+        if not self.timebox.fits_another_step(now):
+            return "timebox"
+        if self.heartbeat is not None and now - self.last_heartbeat >= self.heartbeat_every_s:
+            self.last_heartbeat = now
+            if self.heartbeat() is False:
+                return "heartbeat"
+        return None

@@ -78,6 +78,7 @@ from mloc_dagster.core.sample_stream import (
 from mloc_dagster.core.train_loop import (
     SMALL_MODEL_PARAMS,
     LossLog,
+    StopRule,
     Timebox,
     auto_cpu_threads,
     cpu_threads,
@@ -287,24 +288,16 @@ class _AdapterJob:
         self.timebox.record(t_step, frames)
 
     def should_stop(self, now: float) -> str | None:
-        spec = self.spec
         if self.slice_samples is not None and self.ts.samples - self.job_start_samples >= self.slice_samples:
             return "slice_done"
-        if spec.max_steps is not None and self.ts.step - self.job_start_step >= spec.max_steps:
-            return "max_steps"
-        if not self.timebox.fits_another_step(now):
-            return "timebox"
-        if spec.heartbeat is not None and now - self.last_heartbeat_t >= spec.heartbeat_every_s:
-            self.last_heartbeat_t = now
-            if spec.heartbeat() is False:
-                return "heartbeat"
-        return None
+        return self.stop_rule.reason(now, self.ts.step - self.job_start_step)
 
     def loop(self) -> None:
         spec = self.spec
         if spec.on_train_start is not None:
             spec.on_train_start()
-        self.last_ckpt_t = self.last_progress_t = self.last_heartbeat_t = time.monotonic()
+        self.stop_rule = StopRule(self.timebox, spec.max_steps, spec.heartbeat, spec.heartbeat_every_s)
+        self.last_ckpt_t = self.last_progress_t = time.monotonic()
         while (reason := self.should_stop(time.monotonic())) is None:
             self.step()
             now = self.timebox.last_step_end

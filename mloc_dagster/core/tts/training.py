@@ -45,6 +45,7 @@ from mloc_dagster.core.model import file_sha256, load_base_model, model_dir_hash
 from mloc_dagster.core.sample_stream import SampleStream
 from mloc_dagster.core.train_loop import (
     LossLog,
+    StopRule,
     Timebox,
     cpu_threads,
     default_device,
@@ -235,20 +236,12 @@ class _TtsAdapterJob:
         self.timebox.record(t_step, frames)
 
     def should_stop(self, now: float) -> str | None:
-        spec = self.spec
-        if spec.max_steps is not None and self.ts.step - self.job_start_step >= spec.max_steps:
-            return "max_steps"
-        if not self.timebox.fits_another_step(now):
-            return "timebox"
-        if spec.heartbeat is not None and now - self.last_heartbeat_t >= spec.heartbeat_every_s:
-            self.last_heartbeat_t = now
-            if spec.heartbeat() is False:
-                return "heartbeat"
-        return None
+        return self.stop_rule.reason(now, self.ts.step - self.job_start_step)
 
     def loop(self) -> None:
         spec = self.spec
-        self.last_ckpt_t = self.last_heartbeat_t = time.monotonic()
+        self.stop_rule = StopRule(self.timebox, spec.max_steps, spec.heartbeat, spec.heartbeat_every_s)
+        self.last_ckpt_t = time.monotonic()
         while (reason := self.should_stop(time.monotonic())) is None:
             self.step()
             every = spec.checkpoint_every_steps
