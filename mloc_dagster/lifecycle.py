@@ -36,11 +36,15 @@ WORDS = {
 }
 
 
+def newest_dagster_run(instance: dg.DagsterInstance, tags: dict[str, str]) -> dg.DagsterRun | None:
+    """The newest Dagster run with these tags."""
+    records = instance.get_run_records(dg.RunsFilter(tags=tags), limit=1, order_by="create_timestamp", ascending=False)
+    return records[0].dagster_run if records else None
+
+
 def latest_dagster_run(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
     """The newest Dagster run of the training run (a job, a slice, a merge, its candidate)."""
-    records = instance.get_run_records(dg.RunsFilter(tags={"mloc/run_id": run_id}), limit=1,
-                                       order_by="create_timestamp", ascending=False)
-    return records[0].dagster_run if records else None
+    return newest_dagster_run(instance, {"mloc/run_id": run_id})
 
 
 def lifecycle(instance: dg.DagsterInstance, run: TrainingRun) -> dict:

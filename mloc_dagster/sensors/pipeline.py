@@ -24,6 +24,7 @@ from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.pipeline import Stage, load_spec, upstream
 from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, StateStore, TrainingRun
 from mloc_dagster.jobs import CANDIDATE_JOB
+from mloc_dagster.lifecycle import newest_dagster_run
 from mloc_dagster.sensors.verdicts import failure_reason, will_retry
 
 IN_FLIGHT = "in flight"
@@ -74,9 +75,7 @@ def stage_state(instance: dg.DagsterInstance, store: StateStore, pipeline: Train
 
 
 def stage_dagster_run(instance: dg.DagsterInstance, pipeline: TrainingRun, stage: Stage) -> dg.DagsterRun | None:
-    records = instance.get_run_records(dg.RunsFilter(tags={"mloc/pipeline": pipeline.run_id, "mloc/stage": stage.name}),
-                                       limit=1, order_by="create_timestamp", ascending=False)
-    return records[0].dagster_run if records else None
+    return newest_dagster_run(instance, {"mloc/pipeline": pipeline.run_id, "mloc/stage": stage.name})
 
 
 def start_stage(context: dg.SensorEvaluationContext, store: StateStore, pipeline: TrainingRun,
