@@ -484,6 +484,11 @@ def test_counters_and_textfile_are_node_wide(tmp_path: Path, monkeypatch: pytest
     assert 'gpu_arbiter_device_leased{device="0",uuid="SIM-0"} 0.0' in prom
     assert metrics_text(state) == prom  # any process reads the same node totals
 
+    # A process that has just created its metrics file and not yet sized it (the race CI hit
+    # with 16 workers): a scrape skips the empty file instead of failing the grant that wrote it.
+    (tmp_path / "metrics" / "counter_99999.db").touch()
+    assert metrics_text(state) == prom
+
 
 def test_interrupted_waiter_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     arb = sim(tmp_path)

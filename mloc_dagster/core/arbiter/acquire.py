@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sqlite3
+import struct
 import threading
 import time
 import uuid
@@ -356,7 +357,7 @@ class Arbiter:
         if self.metrics_textfile and time.monotonic() - self._last_metrics >= self.metrics_interval_s:
             try:
                 self.write_metrics()
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, sqlite3.Error, ValueError, struct.error) as exc:  # never fail a grant
                 log.warning("could not write GPU metrics to %s: %s", self.metrics_path, exc)
 
     def close(self) -> None:

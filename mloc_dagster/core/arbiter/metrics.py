@@ -23,6 +23,7 @@ rolled-back decision is never counted.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -206,10 +207,23 @@ class LeaseStoreGauges(Collector):
         yield free
 
 
+class SettledFilesCollector(MultiProcessCollector):
+    """prometheus_client's multiprocess collector, skipping files another process has just
+    created and not yet sized: reading a 0-byte file raises ``struct.error`` mid-scrape."""
+
+    def collect(self) -> Iterable[Any]:
+        files = []
+        for f in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):
+                if os.path.getsize(f) >= 8:  # the 8-byte header (used bytes + padding) is written
+                    files.append(f)
+        return self.merge(files, accumulate=True)
+
+
 def registry(state_dir: str | os.PathLike[str]) -> CollectorRegistry:
     """Every process's counters and histograms plus the lease store's gauges."""
     reg = CollectorRegistry()
-    MultiProcessCollector(reg, path=str(multiprocess_dir()))
+    SettledFilesCollector(reg, path=str(multiprocess_dir()))
     reg.register(LeaseStoreGauges(Path(state_dir) / "arbiter.sqlite"))
     return reg
 
