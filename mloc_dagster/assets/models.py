@@ -8,7 +8,7 @@ import dagster as dg
 
 from mloc_dagster.assets.datasets import dataset_version
 from mloc_dagster.assets.lineage import require_metadata
-from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state import ASR, StateStore
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
@@ -90,7 +90,7 @@ def stale_production(store: StateStore, version: str) -> list[str]:
     """Production adapters (per dialect and branch) trained on another base: they are not compared
     with candidates of this base, and `mloc candidate list` marks them stale."""
     current = {}
-    for p in store.list_promotions(limit=None):
+    for p in store.list_promotions(limit=None, track=ASR):
         current.setdefault((p.dialect, p.branch), p)
     return [f"{d} {b}: {p.candidate_id} (base {(p.base_model or 'unknown')[:12]})"
             for (d, b), p in sorted(current.items()) if p.base_model != version]

@@ -30,6 +30,7 @@ from mloc_dagster.core.state.runs import InvalidTransition, RunStore, TrainingJo
 from mloc_dagster.core.state.schema import (
     ACTIVE,
     ADAPTER_BRANCHES,
+    ASR,
     CANCELLED,
     COMPLETED,
     DISCARDED,
@@ -49,12 +50,14 @@ from mloc_dagster.core.state.schema import (
     SINGLE,
     SUCCEEDED,
     TERMINAL_RUN_STATUSES,
+    TRACKS,
+    TTS,
 )
 
 __all__ = [
     "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED", "HYPERPARAMETER",
     "JOB_STATUSES", "PAUSED", "PIPELINE", "QUEUED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES", "RUN_TRANSITIONS",
-    "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "PlannedSlice", "RoundSlice",
+    "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "ASR", "TTS", "TRACKS", "PlannedSlice", "RoundSlice",
     "AdapterClaimConflict", "AdapterRef", "Candidate", "InvalidTransition", "NodeRecord", "Promotion",
     "StateStore", "TrainingJob", "TrainingRun", "UnknownRun", "newest_per_run", "resolve_state_url", "retry_transient",
 ]

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from mloc_dagster.core.state.engine import StoreEngine, new_id
 from mloc_dagster.core.state.schema import (
     ADAPTER_BRANCHES,
+    ASR,
     COMPLETED,
     SUCCEEDED,
     candidates,
@@ -77,6 +78,7 @@ class Candidate:
     dataset_version: str | None = None  # whose test split the gate evaluates
     dagster_run_id: str | None = None  # the (root) Dagster run that merged it
     training_run_id: str | None = None  # the training run whose chain asked for it, if any
+    track: str = ASR  # asr | tts: which model it adapts
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class Promotion:
     adapter_path: str
     sha256: str
     base_model: str | None = None
+    track: str = ASR
 
 
 def newest_per_run(refs: Sequence[AdapterRef]) -> list[AdapterRef]:
@@ -103,9 +106,9 @@ def newest_per_run(refs: Sequence[AdapterRef]) -> list[AdapterRef]:
 
 class CandidateStore(StoreEngine):
     def unclaimed_adapters(self, dialect: str, *, base_model: str | None = None,
-                           latest_per_run: bool = False) -> list[AdapterRef]:
-        """Succeeded job checkpoints of ``dialect`` (all runs, all nodes) no candidate claimed yet,
-        oldest first; only those trained on ``base_model`` when it is given.
+                           latest_per_run: bool = False, track: str = ASR) -> list[AdapterRef]:
+        """Succeeded job checkpoints of ``dialect``'s ``track`` runs (all runs, all nodes) no
+        candidate claimed yet, oldest first; only those trained on ``base_model`` when it is given.
 
         "Since the last candidate" is tracked by claims rather than by timestamps, so an adapter
         finishing while a merge is running is neither lost nor merged twice, whatever the clocks say.
@@ -119,6 +122,7 @@ class CandidateStore(StoreEngine):
             .join(training_runs, training_runs.c.run_id == training_jobs.c.run_id)
             .outerjoin(search, search.c.run_id == training_runs.c.parent_run_id)
             .where(sa.or_(training_runs.c.trial_number.is_(None), search.c.status == COMPLETED))
+            .where(sa.func.coalesce(training_runs.c.track, ASR) == track)
             .where(training_runs.c.dialect == dialect, training_jobs.c.status == SUCCEEDED,
                    training_jobs.c.candidate_id.is_(None), training_jobs.c.checkpoint_path.is_not(None))
             .order_by(training_jobs.c.finished_at, training_jobs.c.run_id, training_jobs.c.job_index)
@@ -134,7 +138,8 @@ class CandidateStore(StoreEngine):
                          trusted: bool, details: Mapping[str, Any] | None = None, candidate_id: str | None = None,
                          base_model: str | None = None, base_model_path: str | None = None,
                          dataset_version: str | None = None, dagster_run_id: str | None = None,
-                         training_run_id: str | None = None, claim: Sequence[AdapterRef] | None = None) -> Candidate:
+                         training_run_id: str | None = None, claim: Sequence[AdapterRef] | None = None,
+                         track: str = ASR) -> Candidate:
         """Store a merged candidate and claim its sources, in one transaction.
 
         Claimed are the listed sources (or only ``claim``, a subset of them: an experimental
@@ -153,7 +158,7 @@ class CandidateStore(StoreEngine):
             "trusted": bool(trusted), "gate_decision": None, "gate_report_path": None,
             "details": dict(details) if details is not None else None, "base_model": base_model,
             "base_model_path": base_model_path, "dataset_version": dataset_version,
-            "dagster_run_id": dagster_run_id, "training_run_id": training_run_id,
+            "dagster_run_id": dagster_run_id, "training_run_id": training_run_id, "track": track,
         }
         cid = values["candidate_id"]
         with self._write() as conn:
@@ -199,9 +204,13 @@ class CandidateStore(StoreEngine):
             row = conn.execute(sa.select(candidates).where(where)).mappings().first()
         return None if row is None else _candidate_from_row(row)
 
-    def list_candidates(self, dialect: str | None = None, limit: int | None = 20) -> list[Candidate]:
-        """Newest first; every dialect when ``dialect`` is None."""
+    def list_candidates(self, dialect: str | None = None, limit: int | None = 20, *,
+                        training_run_id: str | None = None) -> list[Candidate]:
+        """Newest first; every dialect when ``dialect`` is None; only those a training run's
+        chain asked for when ``training_run_id`` is given."""
         query = sa.select(candidates).order_by(candidates.c.created_at.desc(), candidates.c.candidate_id.desc())
+        if training_run_id is not None:
+            query = query.where(candidates.c.training_run_id == training_run_id)
         if dialect is not None:
             query = query.where(candidates.c.dialect == dialect)
         if limit is not None:
@@ -227,17 +236,20 @@ class CandidateStore(StoreEngine):
                                                              candidate_id=candidate_id, promoted_at=now))
             (promotion_id,) = result.inserted_primary_key
         return Promotion(int(promotion_id), dialect, branch, candidate_id, now, cand.adapter_path, cand.sha256,
-                         cand.base_model)
+                         cand.base_model, cand.track)
 
-    def production(self, dialect: str, branch: str = "stable") -> Promotion | None:
-        """What currently serves ``dialect`` on ``branch``: the latest promotion, or None."""
-        found = self.list_promotions(dialect, branch=branch, limit=1)
+    def production(self, dialect: str, branch: str = "stable", track: str = ASR) -> Promotion | None:
+        """What currently serves ``dialect``'s ``track`` on ``branch``: the latest promotion, or None."""
+        found = self.list_promotions(dialect, branch=branch, limit=1, track=track)
         return found[0] if found else None
 
     def list_promotions(self, dialect: str | None = None, branch: str | None = None,
-                        limit: int | None = 20) -> list[Promotion]:
+                        limit: int | None = 20, track: str | None = None) -> list[Promotion]:
+        """Newest first; every track when ``track`` is None."""
+        track_of = sa.func.coalesce(candidates.c.track, ASR)
         query = (
-            sa.select(promotions, candidates.c.adapter_path, candidates.c.sha256, candidates.c.base_model)
+            sa.select(promotions, candidates.c.adapter_path, candidates.c.sha256, candidates.c.base_model,
+                      track_of.label("track"))
             .join(candidates, candidates.c.candidate_id == promotions.c.candidate_id)
             # promotion_id, not promoted_at: two promotions within one clock tick stay ordered.
             .order_by(promotions.c.promotion_id.desc())
@@ -246,11 +258,13 @@ class CandidateStore(StoreEngine):
             query = query.where(promotions.c.dialect == dialect)
         if branch is not None:
             query = query.where(promotions.c.branch == branch)
+        if track is not None:
+            query = query.where(track_of == track)
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
             return [Promotion(r.promotion_id, r.dialect, r.branch, r.candidate_id, r.promoted_at, r.adapter_path,
-                              r.sha256, r.base_model) for r in conn.execute(query)]
+                              r.sha256, r.base_model, r.track) for r in conn.execute(query)]
 
 
 def _candidate_from_row(row: Mapping[str, Any]) -> Candidate:
@@ -261,5 +275,5 @@ def _candidate_from_row(row: Mapping[str, Any]) -> Candidate:
         gate_decision=row["gate_decision"], gate_report_path=row["gate_report_path"], details=row["details"],
         base_model=row.get("base_model"), base_model_path=row.get("base_model_path"),
         dataset_version=row.get("dataset_version"), dagster_run_id=row.get("dagster_run_id"),
-        training_run_id=row.get("training_run_id"),
+        training_run_id=row.get("training_run_id"), track=row.get("track") or ASR,
     )

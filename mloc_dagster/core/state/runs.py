@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from mloc_dagster.core.state.engine import StoreEngine, new_id
 from mloc_dagster.core.state.schema import (
     ACTIVE,
+    ASR,
     CANCELLED,
     DISCARDED,
     DISTRIBUTED,
@@ -30,6 +31,7 @@ from mloc_dagster.core.state.schema import (
     SINGLE,
     SUCCEEDED,
     TERMINAL_RUN_STATUSES,
+    TRACKS,
     training_jobs,
     training_runs,
 )
@@ -72,6 +74,7 @@ class TrainingRun:
     parent_run_id: str | None = None  # a trial: the hyperparameter search it belongs to
     trial_number: int | None = None
     spec: dict[str, Any] | None = None  # a pipeline's stages
+    track: str = ASR  # asr | tts: which model the adapters adapt (its own base, jobs, candidates)
 
     @property
     def distributed(self) -> bool:
@@ -116,7 +119,7 @@ class RunStore(StoreEngine):
                    init_adapter: str | None = None, kind: str = SINGLE, parallelism: int = 1,
                    round_samples: int = 0, rehearsal_dataset: str | None = None,
                    parent_run_id: str | None = None, trial_number: int | None = None,
-                   spec: Mapping[str, Any] | None = None) -> TrainingRun:
+                   spec: Mapping[str, Any] | None = None, track: str = ASR) -> TrainingRun:
         if not _DIALECT_RE.match(dialect):
             raise ValueError(f"dialect {dialect!r} must be lowercase [a-z0-9-]")
         if not 1 <= candidate_every <= 12:
@@ -125,6 +128,8 @@ class RunStore(StoreEngine):
             raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
         if timebox_s <= 0:
             raise ValueError(f"timebox_s must be > 0, got {timebox_s}")
+        if track not in TRACKS:
+            raise ValueError(f"track {track!r} is not one of {', '.join(TRACKS)}")
         if kind not in RUN_KINDS:
             raise ValueError(f"run kind {kind!r} is not one of {', '.join(RUN_KINDS)}")
         if kind == DISTRIBUTED and (parallelism < 1 or round_samples < parallelism):
@@ -140,7 +145,7 @@ class RunStore(StoreEngine):
             "parallelism": int(parallelism) if kind != SINGLE else None,
             "round_samples": int(round_samples) if kind == DISTRIBUTED else None,
             "rehearsal_dataset": rehearsal_dataset, "parent_run_id": parent_run_id, "trial_number": trial_number,
-            "spec": dict(spec) if spec is not None else None,
+            "spec": dict(spec) if spec is not None else None, "track": track,
         }
         with self._write() as conn:
             conn.execute(training_runs.insert().values(**values))
@@ -364,6 +369,7 @@ def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
         kind=row.get("kind") or SINGLE, parallelism=int(row.get("parallelism") or 1),
         round_samples=int(row.get("round_samples") or 0), rehearsal_dataset=row.get("rehearsal_dataset"),
         parent_run_id=row.get("parent_run_id"), trial_number=row.get("trial_number"), spec=row.get("spec"),
+        track=row.get("track") or ASR,
     )
 
 

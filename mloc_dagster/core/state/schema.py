@@ -40,6 +40,9 @@ ADAPTER_BRANCHES = ("stable", "experimental")
 # of declared stages (``spec``) whose training stages are runs too.
 SINGLE, DISTRIBUTED, HYPERPARAMETER, PIPELINE = "single", "distributed", "hyperparameter", "pipeline"
 RUN_KINDS = (SINGLE, DISTRIBUTED, HYPERPARAMETER, PIPELINE)
+# What a training run trains (issue 11): speech recognition or synthesis adapters. NULL: asr.
+ASR, TTS = "asr", "tts"
+TRACKS = (ASR, TTS)
 # A slice of a distributed round: queued → running → succeeded | failed; ``dropped`` when the
 # round merged without it (late, failed, its run ended), ``replaced`` when its node stopped
 # heartbeating and its samples went to another node.
@@ -103,6 +106,7 @@ training_runs = sa.Table(
     sa.Column("parent_run_id", sa.String(64), index=True),
     sa.Column("trial_number", sa.Integer),
     sa.Column("spec", sa.JSON),  # a pipeline's stages (core/pipeline.py)
+    sa.Column("track", sa.String(8)),  # TRACKS; NULL: asr
 )
 
 training_jobs = sa.Table(
@@ -179,6 +183,7 @@ candidates = sa.Table(
     sa.Column("dataset_version", sa.Text),  # whose test split the gate evaluates
     sa.Column("dagster_run_id", sa.String(64)),  # the Dagster run that merged it (its root run)
     sa.Column("training_run_id", sa.String(64)),  # the training run whose chain requested it, if any
+    sa.Column("track", sa.String(8)),  # TRACKS; NULL: asr
     sa.Index("ix_candidates_dialect_created", "dialect", "created_at"),
 )
 
