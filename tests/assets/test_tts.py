@@ -1,0 +1,121 @@
+"""The TTS track through Dagster, on the shared line (real espeak audio, a 150-step base ASR as
+aligner and judge): tts_base_model, TTS training runs chained by the real training_chain_sensor,
+TTS candidates gated by the stop-loss, promotion per track, and a stop-loss that pauses the run.
+
+Speech a judge can read in minutes of CPU needs a TTS base that memorised a few utterances
+(docs/tts.md): 8 en-us training utterances, no dropout, 600 steps; the gate speaks those 8
+sentences. The working adapter trains 10 gentle steps on them; the broken one trains 60 steps on
+the same recordings paired with each other's texts (``shuffle_texts``: mislabelled data), which
+the judge hears as junk. Measured with a 2,000-step judge while writing this test: floor 0.03,
+base TTS 0.44, working 0.44 (collapse 0.5), broken 0.86 (collapse 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.definitions import defs
+from mloc_dagster.jobs import TRACK_JOBS
+from mloc_dagster.training_runs import TrainingRunError, resume_run, start_run
+from tests.sensors.conftest import tick
+
+pytestmark = pytest.mark.slow  # a TTS base, two TTS runs, four syntheses of 8 sentences: ~5 min
+
+DIALECT = "en-us"
+ROWS = 8
+TTS_CANDIDATE_JOB = TRACK_JOBS["tts"][2]
+MEMORISING_BASE = {"train_limit": ROWS, "max_steps": 600, "train_seconds": 900, "lr": 3e-3, "batch_size": ROWS,
+                   "warmup_steps": 10, "schedule": "constant", "dropout": 0.0}
+WORKING = {"max_steps": 10, "lr": 1e-3, "train_limit": ROWS, "batch_size": ROWS}
+BROKEN = {"max_steps": 60, "lr": 3e-3, "train_limit": ROWS, "batch_size": ROWS, "shuffle_texts": True}
+# Calibrated on this judge (a 150-step ASR: floor 0.20, base TTS and working candidate 0.56 with 7
+# of 8 sentences above CER 0.5, broken 0.8+ with all 8): the limits sit between working and broken.
+GATE = {"split": "train", "sentences": ROWS, "gl_iterations": 16, "max_cer_over_floor": 0.45,
+        "max_collapse_share": 0.9}
+
+
+def execute(instance, request):
+    job = defs.resolve_job_def(request.job_name)
+    return job.execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags,
+                                  partition_key=request.partition_key, raise_on_error=False)
+
+
+def drive(instance, store, ticks: int, cursor=None):
+    """Tick the real sensor and execute what it requests; returns the executed job names."""
+    ran = []
+    for _ in range(ticks):
+        result, cursor = tick(instance, store, cursor)
+        for request in result.run_requests:
+            ran.append((request.job_name, execute(instance, request).success))
+    return ran, cursor
+
+
+@pytest.fixture()
+def tts_line(line_instance, mloc_home):
+    instance = line_instance
+    result = defs.resolve_job_def("tts_base_model_job").execute_in_process(
+        instance=instance, run_config={"ops": {"tts_base_model": {"config": MEMORISING_BASE}}})
+    assert result.success
+    (mloc_home / "tts_gate.json").write_text(json.dumps({DIALECT: GATE}))
+    return instance, StateStore(resolve_state_url())
+
+
+def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_line, mloc_home):
+    instance, store = tts_line
+    base = instance.get_latest_materialization_event(
+        __import__("dagster").AssetKey("tts_base_model")).asset_materialization.metadata
+    assert base["aligner"].value and base["steps"].value == 600
+
+    # A working TTS run: one job, its candidate passes both gates and is promoted on the tts track.
+    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600, hparams=WORKING, track="tts")
+    assert run.track == "tts" and run.base_model_version == base["path"].value and run.rehearsal_dataset == ""
+    ran, _ = drive(instance, store, ticks=3)
+    assert ran == [("tts_train_adapter_job", True), (TTS_CANDIDATE_JOB, True)], ran
+    good = store.list_candidates(DIALECT, training_run_id=run.run_id)[0]
+    assert good.track == "tts" and good.gate_decision == "passed", good
+    report = json.loads(open(good.gate_report_path).read())
+    f = report["figures"]
+    print("working:", {k: round(v, 3) for k, v in f.items()})
+    assert f["judge_cer_real"] < f["judge_cer_candidate"] <= f["max_cer"]
+    assert report["judge"]["version"] == base["aligner"].value  # the pinned judge, named in the report
+    assert all(open(s["candidate"], "rb").read(4) == b"RIFF" for s in report["samples"])
+    assert store.production(DIALECT, "stable", track="tts").candidate_id == good.candidate_id
+    assert store.production(DIALECT, "stable") is None  # the ASR track has no production from it
+    assert store.get_run(run.run_id).status == "completed"
+
+    # A broken TTS run (mislabelled data): its first candidate fails the stop-loss; the chain
+    # pauses the run with the reason, requests nothing more, and a resume continues it.
+    bad = start_run(instance, store, DIALECT, jobs=3, candidate_every=1, timebox_s=600, hparams=BROKEN, track="tts")
+    ran, cursor = drive(instance, store, ticks=2)
+    assert [name for name, _ in ran] == ["tts_train_adapter_job", TTS_CANDIDATE_JOB, "tts_train_adapter_job"], ran
+    failed = store.list_candidates(DIALECT, training_run_id=bad.run_id)[0]
+    print("broken:", {k: round(v, 3) for k, v in json.loads(open(failed.gate_report_path).read())["figures"].items()})
+    assert failed.gate_decision == "failed"
+    assert store.production(DIALECT, "stable", track="tts").candidate_id == good.candidate_id  # not promoted
+    ran, cursor = drive(instance, store, ticks=2, cursor=cursor)
+    paused = store.get_run(bad.run_id)
+    assert ran == [] and paused.status == "paused", (ran, paused)
+    assert "stop-loss" in paused.status_reason and failed.candidate_id in paused.status_reason
+    assert "judge CER" in paused.status_reason
+
+    # The user's decision: the chain goes on (job 1's candidate and job 2), not paused again for
+    # the candidate that paused it.
+    assert resume_run(store, bad.run_id)
+    result, _ = tick(instance, store, cursor)
+    assert sorted(r.job_name for r in result.run_requests) == [TTS_CANDIDATE_JOB, "tts_train_adapter_job"]
+    assert store.get_run(bad.run_id).status == "active"
+
+
+def test_tts_runs_refuse_what_they_cannot_be(line_instance):
+    store = StateStore(resolve_state_url())
+    with pytest.raises(TrainingRunError, match="no tts_base_model yet"):
+        start_run(line_instance, store, DIALECT, track="tts")
+    with pytest.raises(TrainingRunError, match="unknown tts hparam"):
+        start_run(line_instance, store, DIALECT, track="tts", hparams={"rehearsal_fraction": 0.5})
+    with pytest.raises(TrainingRunError, match="kind single"):
+        start_run(line_instance, store, DIALECT, track="tts", kind="distributed", parallelism=2, round_samples=64)
+    with pytest.raises(TrainingRunError, match="--track"):
+        start_run(line_instance, store, DIALECT, track="video")
