@@ -12,7 +12,8 @@ leaves it) unless named one by one:
 - ``--asr-base``: the frozen base ASR, used as the judge (pinned by content hash) *and* as the
   aligner that gives the TTS its character durations; default the newest directory under
   ``<home>/models/base``;
-- ``--tts-base``: the TTS base (``core.tts.pretrain_tts_base`` on the base dialect); default
+- ``--tts-base``: the TTS base (``core.tts.pretrain_tts_base`` on the base dialect); default the
+  ``tts_base_model`` asset's newest (``<home>/models/tts/<hash>``, e.g. after ``make demo``), else
   ``<home>/models/tts_base``, pre-trained there for ``--tts-base-s`` seconds on en-us if missing.
 
 Then, from that one TTS base, one fresh ``train_tts_adapter`` job per timebox on ``--dialect``
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--home", type=Path, default=Path(os.environ.get("MLOC_HOME", REPO / ".mloc")))
     ap.add_argument("--datasets", type=Path, default=None, help="dataset root (default <home>/datasets)")
     ap.add_argument("--asr-base", type=Path, default=None, help="judge + aligner (default newest <home>/models/base/*)")
-    ap.add_argument("--tts-base", type=Path, default=None, help="TTS base (default <home>/models/tts_base, built if missing)")
+    ap.add_argument("--tts-base", type=Path, default=None,
+                    help="TTS base (default: newest <home>/models/tts/*, else <home>/models/tts_base, built)")
     ap.add_argument("--tts-base-s", type=float, default=480.0, help="pre-training budget when the TTS base is built")
     ap.add_argument("--work", type=Path, default=None, help="adapter directories (default <home>/bench-tts)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tts.json")
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     datasets = args.datasets or args.home / "datasets"
     asr_base = args.asr_base or newest_dir(args.home / "models" / "base")
-    tts_base = args.tts_base or args.home / "models" / "tts_base"
+    # the tts_base_model asset's newest materialization (<home>/models/tts/<hash>), else one built here
+    built = [p for p in (args.home / "models" / "tts").glob("*") if (p / "tts.json").exists()]
+    tts_base = args.tts_base or max(built, key=lambda p: p.stat().st_mtime, default=args.home / "models" / "tts_base")
     work = args.work or args.home / "bench-tts"
     timeboxes = [float(t) for t in args.timeboxes.split(",") if t]
     version = latest_version(datasets, args.dialect)

@@ -75,12 +75,13 @@ def demo(
     jobs: int = typer.Option(3, help="Jobs in the demo's training run."),
     timebox: int = typer.Option(60, help="Seconds per training job."),
     base_seconds: float = typer.Option(900, help="Pre-training time cap of the tiny base model (it stops at 2,000 steps)."),
+    tts: bool = typer.Option(True, "--tts/--no-tts", help="Also run the TTS track (base TTS, one TTS job, stop-loss)."),
 ) -> None:
     """Run the end-to-end demo on the embedded default (SQLite, local files)."""
     from mloc_dagster.demo import run_demo
 
     raise typer.Exit(run_demo(ui=ui, utterances=utterances or None, jobs=jobs, timebox_s=timebox,
-                              base_seconds=base_seconds))
+                              base_seconds=base_seconds, tts=tts))
 
 
 app.add_typer(run_app, name="run")

@@ -19,11 +19,12 @@ def _context():
     return DagsterInstance.get(), StateStore(resolve_state_url())
 
 
-def _story(store, candidate, current_base: str | None) -> dict:
+def _story(store, candidate, current_bases: dict[str, str | None]) -> dict:
+    current_base = current_bases.get(candidate.track)
     promotions = [p for p in store.list_promotions(candidate.dialect, limit=None)
                   if p.candidate_id == candidate.candidate_id]
     return {
-        "candidate_id": candidate.candidate_id, "dialect": candidate.dialect,
+        "candidate_id": candidate.candidate_id, "dialect": candidate.dialect, "track": candidate.track,
         "created_at": candidate.created_at.isoformat(), "training_run_id": candidate.training_run_id,
         "dagster_run_id": candidate.dagster_run_id, "base_model": candidate.base_model,
         "stale": bool(current_base and candidate.base_model != current_base),
@@ -34,11 +35,12 @@ def _story(store, candidate, current_base: str | None) -> dict:
     }
 
 
-def _current_base(instance) -> str | None:
+def _current_base(instance) -> dict[str, str | None]:
+    """The current base model's version per track (a candidate on another is stale)."""
     from mloc_dagster.assets.lineage import latest_metadata
 
-    base = latest_metadata(instance, "base_model")
-    return base["version"] if base else None
+    bases = {"asr": latest_metadata(instance, "base_model"), "tts": latest_metadata(instance, "tts_base_model")}
+    return {track: base["version"] if base else None for track, base in bases.items()}
 
 
 @candidate_app.command("list")
@@ -52,13 +54,13 @@ def list_candidates(dialect: str = typer.Option(None, "--dialect"), limit: int =
         print(json.dumps(stories, indent=2))
         return
     table = Table()
-    for col in ("candidate", "dialect", "run", "sources", "base model", "gate", "promoted", "created"):
+    for col in ("candidate", "dialect", "track", "run", "sources", "base model", "gate", "promoted", "created"):
         table.add_column(col, no_wrap=col in ("candidate", "dialect"))
     for s in stories:
         base = (s["base_model"] or "?")[:12] + (" (stale)" if s["stale"] else "")
         promoted = ", ".join(p["branch"] for p in s["promotions"]) or "-"
         sources = ", ".join(f"{x['run_id']}/{x['job_index']}@{x['node_id']}" for x in s["sources"])
-        table.add_row(s["candidate_id"], s["dialect"], s["training_run_id"] or "(by hand)", sources, base,
+        table.add_row(s["candidate_id"], s["dialect"], s["track"], s["training_run_id"] or "(by hand)", sources, base,
                       s["gate_decision"] or "not gated", promoted, s["created_at"][:19])
     console.print(table)
 

@@ -42,7 +42,9 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
           parallelism: int = typer.Option(4, "--parallelism", help="distributed: slices per round, at most; "
                                           "hyperparameter: trials at once."),
           round_samples: int = typer.Option(0, "--round-samples",
-                                            help="distributed: samples per round (default 256 per slice).")) -> None:
+                                            help="distributed: samples per round (default 256 per slice)."),
+          track: str = typer.Option("asr", "--track", help="asr (speech recognition adapters) or tts (speech "
+                                    "synthesis adapters on the base TTS, gated by the stop-loss).")) -> None:
     """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
     from mloc_dagster.training_runs import TrainingRunError, start_run
 
@@ -65,7 +67,7 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
         raise typer.Exit(1)
     try:
         run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from, kind,
-                        parallelism, round_samples or 256 * parallelism, space, trials)
+                        parallelism, round_samples or 256 * parallelism, space, trials, track)
     except (TrainingRunError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
@@ -152,16 +154,17 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
         return
     for d in data:
         life = d["lifecycle"]
-        table = Table(title=f"{d['run_id']} {d['dialect']} {d['kind']} [{life['state']}, {life['retries']} retries] "
+        table = Table(title=f"{d['run_id']} {d['dialect']} {d['track']} {d['kind']} [{life['state']}, {life['retries']} retries] "
                             f"{d['status_reason'] or ''}")
-        for col in ("job", "status", "dagster run", "node", "progress", "dev_cer", "train_loss", "error"):
+        dev = "dev_frame_l1" if d["track"] == "tts" else "dev_cer"
+        for col in ("job", "status", "dagster run", "node", "progress", dev, "train_loss", "error"):
             table.add_column(col)
         for j in d["jobs"]:
             m, p = j["metrics"] or {}, j["progress"] or {}
             live = f"step {p.get('step')} · {p.get('samples')} samples · ETA {p.get('eta_s', 0):.0f} s" \
                 if j["status"] == "running" and p else ""
             table.add_row(str(j["job_index"]), j["status"], (j["dagster_run_id"] or "")[:8], j["node_id"] or "", live,
-                          f"{m.get('dev_cer', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}",
+                          f"{m.get(dev, float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}",
                           (j["error"] or "")[:60])
         console.print(table)
         if d.get("trials"):
@@ -187,11 +190,11 @@ def list_runs(limit: int = typer.Option(50)) -> None:
     """Training runs, newest first."""
     _, store = _context()
     table = Table()
-    for col in ("run_id", "dialect", "status", "jobs done", "max jobs", "K", "timebox_s", "created"):
+    for col in ("run_id", "dialect", "track", "status", "jobs done", "max jobs", "K", "timebox_s", "created"):
         table.add_column(col, no_wrap=col in ("run_id", "dialect", "status"))
     for r in store.list_runs(limit=limit):
         done = 0 if r.last_finished_job is None else r.last_finished_job + 1
-        table.add_row(r.run_id, r.dialect, r.status, str(done), str(r.max_jobs), str(r.candidate_every),
+        table.add_row(r.run_id, r.dialect, r.track, r.status, str(done), str(r.max_jobs), str(r.candidate_every),
                       str(r.timebox_s), r.created_at.strftime("%Y-%m-%d %H:%M:%S"))
     console.print(table)
 

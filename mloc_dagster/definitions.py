@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from mloc_dagster import jobs, training_runs
-from mloc_dagster.assets import adapters, candidates, datasets, models, reports, rounds
+from mloc_dagster.assets import adapters, candidates, datasets, models, reports, rounds, tts_candidates, tts_training
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
@@ -17,6 +17,8 @@ defs = dg.Definitions.merge(
     adapters.defs,
     rounds.defs,
     candidates.defs,
+    tts_training.defs,
+    tts_candidates.defs,
     reports.defs,
     dg.Definitions(jobs=[jobs.train_adapter_job]),
     training_runs.defs,

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mloc_dagster.demo_tts import run_tts_demo, tts_table
 from mloc_dagster.paths import MlocPaths
 
 console = Console()
@@ -81,7 +82,7 @@ def learning_curve(jobs) -> list[tuple[str, str]]:
 
 
 def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_JOBS, timebox_s: int = DEMO_TIMEBOX_S,
-             base_seconds: float = BASE_TRAIN_S) -> int:
+             base_seconds: float = BASE_TRAIN_S, tts: bool = True) -> int:
     import dagster as dg
     from dagster import DagsterInstance
 
@@ -184,6 +185,7 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
             _wait("promotion", promoted_or_refused, 120)
             gate = latest_metadata(instance, "gate_report", TARGET_DIALECT)
             promoted = latest_metadata(instance, "production_adapter", TARGET_DIALECT)
+            tts_rows = run_tts_demo(instance, store, paths, TARGET_DIALECT, _wait, console) if tts else []
             # Let the daemon's run workers finish writing before the daemon is stopped.
             in_flight = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
             _wait("the last runs to finish", lambda: not instance.get_run_records(
@@ -215,6 +217,8 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
                     f"{promoted['branch']} {promoted['candidate_id']}" if promoted_now else "not promoted")
     summary.add_row("wall time", f"{time.time() - t_start:.0f} s")
     console.print(summary)
+    if tts_rows:
+        console.print(tts_table(tts_rows))
     if not report.passed:
         console.print(f"[bold yellow]The candidate does not pass the demo's gate[/], so it was not promoted: "
                       f"{'; '.join(report.reasons)}. The demo itself completed; docs/benchmarks.md "

@@ -8,17 +8,13 @@ from typing import Any
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import (
-    HPARAM_KEYS,
-    InvalidHParams,
-    pin_hparams,
-    rehearsal_dataset,
-    validate_hparams,
-)
+from mloc_dagster.assets.adapters import rehearsal_dataset
+from mloc_dagster.assets.hparams import HPARAM_KEYS, InvalidHParams, pin_hparams, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.state import (
     ACTIVE,
     ADAPTER_BRANCHES,
+    ASR,
     CANCELLED,
     HYPERPARAMETER,
     PAUSED,
@@ -26,6 +22,8 @@ from mloc_dagster.core.state import (
     QUEUED,
     RUNNING,
     SINGLE,
+    TRACKS,
+    TTS,
     StateStore,
     TrainingRun,
 )
@@ -80,7 +78,8 @@ def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
 def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, jobs: int = 6,
               candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None,
               init_from: str | None = None, kind: str = SINGLE, parallelism: int = 1,
-              round_samples: int = 0, space: str | dict | None = None, trials: int = 0) -> TrainingRun:
+              round_samples: int = 0, space: str | dict | None = None, trials: int = 0,
+              track: str = ASR) -> TrainingRun:
     """Pin the dialect's latest dataset version and the latest base model, and create the run
     (from the base alone, or warm-started from an adapter of the dialect: ``init_from``).
     The training_chain_sensor launches its first job on its next tick.
@@ -88,19 +87,25 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
     ``kind="distributed"``: ``jobs`` rounds of ``round_samples`` samples, each placed as up to
     ``parallelism`` slices on the pool's nodes and merged (``sensors/rounds.py``).
     ``kind="hyperparameter"``: ``trials`` single runs of ``jobs`` jobs with hparams sampled from
-    ``space``, up to ``parallelism`` at once, pruned between jobs (``sensors/search.py``)."""
+    ``space``, up to ``parallelism`` at once, pruned between jobs (``sensors/search.py``).
+    ``track="tts"``: TTS adapters on the latest ``tts_base_model`` (single runs; docs/tts.md)."""
     if not is_valid_dialect(dialect):
         raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
+    if track not in TRACKS:
+        raise TrainingRunError(f"--track {track!r}: one of {', '.join(TRACKS)}")
+    if track == TTS and (kind != SINGLE or init_from):
+        raise TrainingRunError("a tts run is of kind single, from the TTS base (no --kind, no --from)")
     try:
-        hparams = validate_hparams(hparams or {})
+        hparams = validate_hparams(hparams or {}, track)
     except InvalidHParams as exc:
         raise TrainingRunError(str(exc)) from exc
     dataset = latest_metadata(instance, "dataset_version", dialect)
     if dataset is None:
         raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
-    base = latest_metadata(instance, "base_model")
+    base_asset = "tts_base_model" if track == TTS else "base_model"
+    base = latest_metadata(instance, base_asset)
     if base is None:
-        raise TrainingRunError("no base_model yet: materialize base_model first")
+        raise TrainingRunError(f"no {base_asset} yet: materialize {base_asset} first")
     label = init_adapter = None
     if init_from:
         label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
@@ -109,10 +114,11 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
     search = search_config(kind, space, trials, jobs, parallelism)  # bad input: nothing started
     try:
         run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
-                                hparams=pin_hparams(hparams), timebox_s=timebox_s, max_jobs=jobs,
+                                hparams=pin_hparams(hparams, track), timebox_s=timebox_s, max_jobs=jobs,
                                 candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
                                 kind=kind, parallelism=parallelism, round_samples=round_samples,
-                                rehearsal_dataset=rehearsal_dataset(instance, dialect) or "")
+                                rehearsal_dataset=(rehearsal_dataset(instance, dialect) or "") if track == ASR else "",
+                                track=track)
     except ValueError as exc:
         raise TrainingRunError(str(exc)) from exc
     if search is not None:
@@ -217,6 +223,8 @@ class StartRunConfig(dg.Config):
     # "hyperparameter": `trials` runs with hparams from `space`, e.g. {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}.
     space: dict[str, Any] = {}
     trials: int = 0
+    # "tts": TTS adapters on the base TTS, gated by the stop-loss (docs/tts.md); "asr": speech recognition.
+    track: str = ASR
 
 
 @dg.op(description="Create a training run; the training_chain_sensor then chains its jobs.")
@@ -225,10 +233,12 @@ def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
     try:
         run = start_run(context.instance, state.store(), config.dialect, config.jobs, config.candidate_every,
                         config.timebox_s, dict(config.hparams), config.init_from or None, config.kind,
-                        config.parallelism, config.round_samples, dict(config.space) or None, config.trials)
+                        config.parallelism, config.round_samples, dict(config.space) or None, config.trials,
+                        config.track)
     except TrainingRunError as exc:
         raise dg.Failure(str(exc)) from exc
-    context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "jobs": run.max_jobs,
+    context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "track": run.track,
+                                 "jobs": run.max_jobs,
                                  "hparams": dg.MetadataValue.json(run.hparams), "init_from": run.init_from or ""})
     context.log.info(f"training run {run.run_id} started for {run.dialect}")
     return run.run_id

@@ -36,6 +36,10 @@ def test_run_lifecycle_commands(registered_base):
     assert json.loads(mloc("run", "status", run_id, "--json").stdout)["status"] == "cancelled"
     assert mloc("run", "resume", run_id, check=False).returncode == 1
 
+    # The TTS track needs its own base first, and says so.
+    proc = mloc("run", "start", "--dialect", "en-gb-scotland", "--track", "tts", check=False)
+    assert proc.returncode == 1 and "no tts_base_model yet" in proc.stdout
+
 
 def test_run_start_errors_are_clear(mloc_home):
     with dg.DagsterInstance.get():

@@ -40,7 +40,7 @@ from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.reputation import node_shares, reputation_from_gate
 from mloc_dagster.core.screening import markdown_table, reputation_updates
-from mloc_dagster.core.state import AdapterClaimConflict, AdapterRef, Candidate, StateStore
+from mloc_dagster.core.state import ASR, TTS, AdapterClaimConflict, AdapterRef, Candidate, StateStore
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -231,13 +231,15 @@ class GateConfig(dg.Config):
     candidate_id: str = ""
 
 
-def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candidate_id: str = "") -> Candidate:
-    """The candidate this run merged (or the one named in config)."""
+def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candidate_id: str = "",
+                   track: str = ASR) -> Candidate:
+    """The candidate of ``track`` this run merged (or the one named in config)."""
     candidate = (store.get_candidate(candidate_id) if candidate_id
                  else store.candidate_of_dagster_run(root_run_id(context)))
-    if candidate is None:
-        raise dg.Failure(f"no candidate {candidate_id}" if candidate_id else
-                         "this run merged no candidate: run gate_report with merged_candidate (candidate_job), "
+    job = "tts_candidate_job" if track == TTS else "candidate_job"
+    if candidate is None or candidate.track != track:
+        raise dg.Failure(f"no {track} candidate {candidate_id}" if candidate_id else
+                         f"this run merged no {track} candidate: run the gate with its merge ({job}), "
                          "or name one in config candidate_id")
     if candidate.dialect != context.partition_key:
         raise dg.Failure(f"candidate {candidate.candidate_id} is for {candidate.dialect}, not {context.partition_key}")

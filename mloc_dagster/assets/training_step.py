@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -111,14 +112,27 @@ class TrainingStep:
             self.stopped_by = "stopped"
         return alive
 
-    def device_granted(self, lease: Any, timebox_s: int) -> float:
-        """The device is ours: the node is seen, the timebox starts (returns its start time)."""
-        self.lease = lease
-        self.store.heartbeat_node(self.node, host=socket.gethostname(), device=local_device(lease.torch_device))
-        return start_timebox(self.context, timebox_s)
+    def train(self, gpu: Any, timebox_s: int, train: Callable[[Any, float], Any]) -> Any:
+        """Wait for a device (bounded by the arbiter's TRAIN ``max_wait_s``, not by the backstop),
+        start the timebox once it is ours, and call ``train(lease, timebox start)``."""
+        set_backstop(self.context, gpu.arbiter.policy_for("TRAIN").max_wait_s + timebox_s)
+        with gpu.lease("TRAIN", self.context) as lease:
+            if not lease.runnable:
+                raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
+            self.lease = lease
+            self.store.heartbeat_node(self.node, host=socket.gethostname(), device=local_device(lease.torch_device))
+            started_at = start_timebox(self.context, timebox_s)
+            try:
+                return train(lease, started_at)
+            except OSError as exc:
+                raise self.write_failed(exc) from exc
+            except Exception as exc:
+                self.unit.failed(str(exc))
+                raise
 
-    def write_failed(self, exc: OSError, out, timebox_s: int) -> dg.Failure:
+    def write_failed(self, exc: OSError) -> dg.Failure:
         """A full disk or an unwritable artifact directory: say so, and what is still safe."""
+        out = self.unit.out
         self.unit.failed(str(exc))
         kept = self.unit.resume_from or "none (first job)"
         return dg.Failure(

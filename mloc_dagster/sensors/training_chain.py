@@ -21,6 +21,9 @@ the pool as slices, one Dagster run of the training job each, and closed by the 
 pauses the run like a canceled job; a slice that fails for good leaves its round (its samples go
 into the next one); a round merge that fails for good fails the run.
 
+A *TTS* run (track ``tts``) chains ``tts_train_adapter_job`` and ``tts_candidate_job`` the same
+way; when its candidate fails the stop-loss gate the run is paused (``sensors/stop_loss.py``).
+
 A *hyperparameter* search (``sensors/search.py``) starts its trials as single runs and judges each
 finished job with its pruner before the trial's next job is requested. A *pipeline*
 (``sensors/pipeline.py``) starts each declared stage when the stages it waits for succeeded.
@@ -33,6 +36,7 @@ from datetime import datetime
 import dagster as dg
 
 from mloc_dagster.assets.adapters import InvalidHParams
+from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
 from mloc_dagster.core.chain import next_due
 from mloc_dagster.core.state import (
     ACTIVE,
@@ -46,16 +50,18 @@ from mloc_dagster.core.state import (
     StateStore,
     TrainingRun,
 )
-from mloc_dagster.jobs import CANDIDATE_JOB, CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, chain_run_key, train_run_request
+from mloc_dagster.jobs import CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, candidate_run_request, train_run_request
 from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
+from mloc_dagster.sensors.stop_loss import apply_stop_loss
 from mloc_dagster.sensors.verdicts import failure_reason, will_retry
 
 FAILURE_BATCH = 100
 # Runs of these jobs that ended badly since the cursor's time are read every tick.
-FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures_after"}
+FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures_after",
+                   TTS_TRAIN_JOB: "tts_failures_after"}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
@@ -152,6 +158,9 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
         if run.kind in (HYPERPARAMETER, PIPELINE):
             continue
         entry = requested.get(run.run_id, [run.generation, -1, -1])
+        if apply_stop_loss(context, store, run):  # a TTS candidate failed its gate: no next job
+            requested[run.run_id] = entry
+            continue
         train_req, cand_req = train_requested_in(store, run, entry), entry[2]
         if run.distributed:  # rounds of slices instead of one job at a time
             run_requests += round_requests(context, store, run)
@@ -167,10 +176,7 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
                 run_requests.append(request)
                 train_req = due.job_index
             elif due.kind == "candidate":
-                run_requests.append(dg.RunRequest(
-                    job_name=CANDIDATE_JOB, partition_key=run.dialect,
-                    run_key=chain_run_key(run, "candidate", due.job_index),
-                    tags={"mloc/run_id": run.run_id, "mloc/job_index": str(due.job_index)}))
+                run_requests.append(candidate_run_request(run, due.job_index))
                 cand_req = due.job_index
             elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
                 context.log.info(f"training run {run.run_id} completed")

@@ -23,7 +23,9 @@ CHROMIUM = Path(os.environ.get("MLOC_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ASSETS = ["dataset_version", "base_model", "adapter_checkpoint", "merged_candidate", "gate_report",
-          "production_adapter", "pool_report"]
+          "production_adapter", "pool_report",
+          # the TTS track, on the same dialect partitions
+          "tts_base_model", "tts_adapter_checkpoint", "tts_candidate", "tts_gate_report", "tts_production_adapter"]
 TIMEOUT_MS = 60_000
 
 if not CHROMIUM.exists():

@@ -106,7 +106,8 @@ def pretrain_tts_base(dataset_version_path: str | Path, aligner_dir: str | Path,
                    "dev_frame_l1": frame_l1(tm, dev, device=device), "seed": seed, "batch_size": batch_size,
                    "lr": lr, "schedule": schedule, "align_fallbacks": train.align_fallbacks}
     model.to("cpu").eval()
-    save_tts_model(tm, out_dir, {"aligner_hash": model_dir_hash(aligner_dir), "training": metrics})
+    save_tts_model(tm, out_dir, {"aligner_hash": model_dir_hash(aligner_dir), "aligner_dir": str(Path(aligner_dir).absolute()),
+                                  "training": metrics})
     metrics["path"] = str(out_dir)
     metrics["model_hash"] = model_dir_hash(out_dir)
     metrics["wall_seconds"] = round(time.monotonic() - t_start, 2)
