@@ -32,7 +32,8 @@ def run_tts_demo(instance, store, paths: MlocPaths, dialect: str, wait, console)
     if base is None:
         console.print(f"[cyan]tts_base_model[/]: pre-training the tiny FastSpeech2Conformer for {TTS_BASE_S:.0f} s ...")
         defs.resolve_job_def("tts_base_model_job").execute_in_process(
-            instance=instance, run_config={"ops": {"tts_base_model": {"config": {"train_seconds": TTS_BASE_S}}}})
+            instance=instance, run_config={"ops": {"tts_base_model": {"config": {"train_seconds": TTS_BASE_S}}},
+                                           "loggers": {"console": {"config": {"log_level": "INFO"}}}})
         base = latest_metadata(instance, "tts_base_model")
     console.print(f"[green]tts_base_model[/] {base['version'][:12]}: {base['steps']} steps, "
                   f"{base['samples_per_s']:.1f} samples/s, dev frame L1 {base['dev_frame_l1']:.3f}")

@@ -152,9 +152,12 @@ def _gate_rows(c: Any) -> list[dict[str, Any]]:
     gates = report.get("gates") or []
     if not gates:
         return [{**base, "gate": None, "passed": None, "value": None, "threshold": None, "description": None}]
+    def limit(g: dict) -> Any:
+        return g.get("threshold", g.get("limit"))  # ASR reports say threshold, TTS ones limit
+
     return [{**base, "gate": g.get("name"), "passed": g.get("passed"),
              "value": None if g.get("value") is None else float(g["value"]),
-             "threshold": None if g.get("threshold") is None else float(g["threshold"]),
+             "threshold": None if limit(g) is None else float(limit(g)),
              "description": g.get("description")} for g in gates]
 
 

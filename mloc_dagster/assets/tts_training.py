@@ -21,6 +21,7 @@ from mloc_dagster.assets.lineage import require_metadata
 from mloc_dagster.assets.models import BASE_DIALECT, base_model
 from mloc_dagster.assets.training_step import TrainingStep
 from mloc_dagster.core.state import TTS
+from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -146,6 +147,7 @@ tts_base_model_job = dg.define_asset_job("tts_base_model_job", selection=[tts_ba
 TTS_TRAIN_JOB = "tts_train_adapter_job"
 tts_train_adapter_job = dg.define_asset_job(
     TTS_TRAIN_JOB, selection=[tts_adapter_checkpoint], partitions_def=dialect_partitions,
+    tags={K8S_CONFIG_TAG: gpu_k8s_config()},  # as train_adapter_job: the pod asks for one GPU
     description="One timeboxed LoRA job of a TTS training run (config: run_id, job_index, timebox_s, hparams).")
 
 defs = dg.Definitions(assets=[tts_base_model, tts_adapter_checkpoint], jobs=[tts_base_model_job, tts_train_adapter_job])

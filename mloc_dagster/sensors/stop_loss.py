@@ -4,7 +4,8 @@ by a user's decision (``mloc run resume``).
 
 Identity: only candidates the run's own chain asked for count (``training_run_id``), and only
 those merged in the run's current generation -- after a resume the failed candidate that paused
-it is history, not a reason to pause again.
+it is history, not a reason to pause again. A TTS run's last candidate is judged before the run
+may complete, so a failure at the end pauses the run too.
 """
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mloc_dagster.assets.tts_candidates import tts_candidate_job
 from mloc_dagster.core.state import ACTIVE, PAUSED, TTS, Candidate, StateStore, TrainingRun
 
 
@@ -22,6 +24,20 @@ def gate_summary(candidate: Candidate) -> str:
         return "; ".join(g["description"] for g in report["gates"] if not g["passed"]) or "the gate failed"
     except (OSError, ValueError, KeyError):
         return f"see {candidate.gate_report_path}"
+
+
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+def verdict_pending(context: dg.SensorEvaluationContext, run: TrainingRun, just_requested: bool) -> bool:
+    """A TTS run completes only once its last candidate's stop-loss has spoken (a failure pauses
+    it instead): True while that candidate job is requested or in flight."""
+    if run.track != TTS:
+        return False
+    return just_requested or bool(context.instance.get_run_records(
+        dg.RunsFilter(job_name=tts_candidate_job.name, tags={"mloc/run_id": run.run_id}, statuses=IN_FLIGHT),
+        limit=1))
 
 
 def apply_stop_loss(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun) -> bool:

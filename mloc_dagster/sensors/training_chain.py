@@ -55,7 +55,7 @@ from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
-from mloc_dagster.sensors.stop_loss import apply_stop_loss
+from mloc_dagster.sensors.stop_loss import apply_stop_loss, verdict_pending
 from mloc_dagster.sensors.verdicts import failure_reason, will_retry
 
 FAILURE_BATCH = 100
@@ -178,6 +178,8 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
             elif due.kind == "candidate":
                 run_requests.append(candidate_run_request(run, due.job_index))
                 cand_req = due.job_index
+            elif verdict_pending(context, run, just_requested=cand_req != entry[2]):
+                pass  # a TTS run's last candidate is judged first: it pauses (stop-loss) or completes
             elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
                 context.log.info(f"training run {run.run_id} completed")
         requested[run.run_id] = [run.generation, train_req, cand_req]
