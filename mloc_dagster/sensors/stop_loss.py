@@ -21,7 +21,8 @@ def gate_summary(candidate: Candidate) -> str:
     """What failed, from the gate's report (or where the report is, if it cannot be read here)."""
     try:
         report = json.loads(Path(candidate.gate_report_path or "").read_text())
-        return "; ".join(g["description"] for g in report["gates"] if not g["passed"]) or "the gate failed"
+        return "; ".join(f"{g['name']}: {g['description']}" for g in report["gates"] if not g["passed"]) \
+            or "the gate failed"
     except (OSError, ValueError, KeyError):
         return f"see {candidate.gate_report_path}"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import dagster as dg
 import pytest
 
 from mloc_dagster.core.state import StateStore, resolve_state_url
@@ -65,8 +66,7 @@ def tts_line(line_instance, mloc_home):
 
 def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_line, mloc_home):
     instance, store = tts_line
-    base = instance.get_latest_materialization_event(
-        __import__("dagster").AssetKey("tts_base_model")).asset_materialization.metadata
+    base = instance.get_latest_materialization_event(dg.AssetKey("tts_base_model")).asset_materialization.metadata
     assert base["aligner"].value and base["steps"].value == 600
 
     # A working TTS run: one job, its candidate passes both gates and is promoted on the tts track.
@@ -85,6 +85,16 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
     assert store.production(DIALECT, "stable", track="tts").candidate_id == good.candidate_id
     assert store.production(DIALECT, "stable") is None  # the ASR track has no production from it
     assert store.get_run(run.run_id).status == "completed"
+
+    # Re-gating it with the candidate as its own judge is refused before anything is synthesized.
+    regate = defs.resolve_job_def(TTS_CANDIDATE_JOB).execute_in_process(
+        instance=instance, partition_key=DIALECT, raise_on_error=False, asset_selection=[dg.AssetKey("tts_gate_report")],
+        run_config={"ops": {"tts_gate_report": {"config": {
+            "candidate_id": good.candidate_id, "settings": {DIALECT: {"judge_dir": good.adapter_path}}}}}})
+    assert not regate.success
+    failure = [e for e in regate.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "is the candidate" in failure.step_failure_data.error.message
+    assert store.get_candidate(good.candidate_id).gate_decision == "passed"  # unchanged
 
     # A broken TTS run (mislabelled data): its first candidate fails the stop-loss; the chain
     # pauses the run with the reason, requests nothing more, and a resume continues it.

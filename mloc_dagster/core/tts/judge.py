@@ -167,14 +167,17 @@ def tts_gates(judge_cer: float, collapse: float, limits: TtsGateLimits,
     def ok(v: float, limit: float) -> bool:
         return bool(np.isfinite(v) and v <= limit)
 
+    def vs(passed: bool) -> str:
+        return "≤" if passed else ">"
+
     floor_txt = f" (real recordings: {floor_cer:.3f})" if floor_cer is not None else ""
     coll_txt = f" (real recordings: {floor_collapse:.2f})" if floor_collapse is not None else ""
+    cer_ok, coll_ok = ok(judge_cer, limits.max_cer), ok(collapse, limits.max_collapse_share)
     return [
-        TtsGateResult("tts_intelligibility_gate", ok(judge_cer, limits.max_cer), judge_cer, limits.max_cer,
-                      floor_cer, f"judge CER {judge_cer:.3f} ≤ {limits.max_cer:.3f}{floor_txt}"),
-        TtsGateResult("tts_collapse_gate", ok(collapse, limits.max_collapse_share), collapse,
-                      limits.max_collapse_share, floor_collapse,
-                      f"share of utterances with CER > {limits.collapse_cer:.2f}: {collapse:.2f} ≤ "
+        TtsGateResult("tts_intelligibility_gate", cer_ok, judge_cer, limits.max_cer, floor_cer,
+                      f"judge CER {judge_cer:.3f} {vs(cer_ok)} {limits.max_cer:.3f}{floor_txt}"),
+        TtsGateResult("tts_collapse_gate", coll_ok, collapse, limits.max_collapse_share, floor_collapse,
+                      f"share of utterances with CER > {limits.collapse_cer:.2f}: {collapse:.2f} {vs(coll_ok)} "
                       f"{limits.max_collapse_share:.2f}{coll_txt}"),
     ]
 
