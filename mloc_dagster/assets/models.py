@@ -34,7 +34,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                gpu: GpuArbiter, state: StateStoreResource) -> dg.MaterializeResult:
     from mloc_dagster.core.evaluate import error_rates, transcribe
     from mloc_dagster.core.features import load_features
-    from mloc_dagster.core.model import load_base_model, model_dir_hash
+    from mloc_dagster.core.model import load_base_model, model_dir_hash, publish_model_dir
 
     dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
     models = artifacts.paths.models / "base"
@@ -55,12 +55,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                                           seed=config.seed, device=lease.torch_device,
                                           feature_cache_dir=artifacts.paths.home / "features",
                                           log=context.log.info)
-            version = model_dir_hash(tmp)
-            out = models / version
-            if out.exists():
-                shutil.rmtree(tmp)
-            else:
-                tmp.rename(out)
+            version, out = publish_model_dir(tmp, models)
         bm = load_base_model(out, lease.torch_device)
         # Pre-training evaluates dev and test itself; a registered checkpoint is evaluated here.
         scores = {k: train_metrics[k] for k in ("dev_cer", "dev_wer", "test_cer", "test_wer") if k in train_metrics}

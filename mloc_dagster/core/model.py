@@ -413,6 +413,18 @@ def model_dir_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def publish_model_dir(tmp: Path, parent: Path) -> tuple[str, Path]:
+    """Move a freshly written model directory to ``parent/<content hash>`` (the existing one is
+    kept when that version is there already); returns (version, directory)."""
+    version = model_dir_hash(tmp)
+    out = parent / version
+    if out.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
+    return version, out
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
