@@ -10,7 +10,7 @@ from mloc_dagster.assets.models import base_model_job
 from mloc_dagster.assets.rounds import ROUND_MERGE_JOB, round_merge_job
 from mloc_dagster.assets.tts_candidates import tts_candidate_job
 from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB, tts_base_model_job, tts_train_adapter_job
-from mloc_dagster.core.state import TTS, RoundSlice, TrainingRun
+from mloc_dagster.core.state import ASR, TTS, RoundSlice, TrainingRun
 from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config, node_k8s_config
 from mloc_dagster.partitions import dialect_partitions
 
@@ -29,8 +29,8 @@ train_adapter_job = dg.define_asset_job(
 CHAIN_JOBS = [train_adapter_job, candidate_job, round_merge_job, base_model_job, tts_train_adapter_job,
               tts_candidate_job, tts_base_model_job]
 # What a run of each track requests: (training job, its asset's op, candidate job).
-TRACK_JOBS = {TTS: (TTS_TRAIN_JOB, "tts_adapter_checkpoint", tts_candidate_job.name)}
-ASR_JOBS = (TRAIN_JOB, "adapter_checkpoint", CANDIDATE_JOB)
+TRACK_JOBS = {ASR: (TRAIN_JOB, "adapter_checkpoint", CANDIDATE_JOB),
+              TTS: (TTS_TRAIN_JOB, "tts_adapter_checkpoint", tts_candidate_job.name)}
 
 
 def chain_run_key(run: TrainingRun, *parts: object) -> str:
@@ -43,7 +43,7 @@ def chain_run_key(run: TrainingRun, *parts: object) -> str:
 def train_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
     # Validated when the run was created; checked again so a bad row fails loudly, never silently.
     hparams = validate_hparams(run.hparams, run.track)
-    job_name, op, _ = TRACK_JOBS.get(run.track, ASR_JOBS)
+    job_name, op, _ = TRACK_JOBS[run.track]
     return dg.RunRequest(
         job_name=job_name, partition_key=run.dialect, run_key=chain_run_key(run, job_index),
         run_config={"ops": {op: {"config": {
@@ -73,7 +73,7 @@ def slice_run_request(run: TrainingRun, s: RoundSlice) -> dg.RunRequest:
 def candidate_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
     """The candidate job (merge, gate, promotion) of the run's track, after job ``job_index``."""
     return dg.RunRequest(
-        job_name=TRACK_JOBS.get(run.track, ASR_JOBS)[2], partition_key=run.dialect,
+        job_name=TRACK_JOBS[run.track][2], partition_key=run.dialect,
         run_key=chain_run_key(run, "candidate", job_index),
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(job_index)})
 

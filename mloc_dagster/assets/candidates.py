@@ -64,16 +64,18 @@ def root_run_id(context: dg.AssetExecutionContext) -> str:
     return context.run.root_run_id or context.run_id
 
 
-def pinned_inputs(context: dg.AssetExecutionContext, store: StateStore, dialect: str) -> dict[str, str]:
-    """Base model (hash, path) and dataset version of the training run that asked for this
-    candidate (tag ``mloc/run_id``); for a candidate materialized by hand, the current ones."""
+def pinned_inputs(context: dg.AssetExecutionContext, store: StateStore, dialect: str,
+                  track: str = ASR) -> dict[str, str]:
+    """Base model (hash, path) and dataset version of the training run of ``track`` that asked
+    for this candidate (tag ``mloc/run_id``); for a candidate materialized by hand, the current
+    ones (``base_model``, or ``tts_base_model`` for the TTS track)."""
     run = store.get_run(context.run.tags.get("mloc/run_id", ""))
-    if run is not None:
+    if run is not None and run.track == track:
         hashes = [j.base_model for j in store.jobs_for_run(run.run_id) if j.base_model]
         if hashes:
             return {"base_model": hashes[-1], "base_model_path": run.base_model_version,
                     "dataset_version": run.dataset_version, "training_run_id": run.run_id}
-    base = require_metadata(context.instance, "base_model")
+    base = require_metadata(context.instance, "tts_base_model" if track == TTS else "base_model")
     dataset = require_metadata(context.instance, "dataset_version", dialect)
     return {"base_model": base["version"], "base_model_path": base["path"], "dataset_version": dataset["path"],
             "training_run_id": run.run_id if run else None}

@@ -125,12 +125,12 @@ class TrainingStep:
             try:
                 return train(lease, started_at)
             except OSError as exc:
-                raise self.write_failed(exc) from exc
+                raise self._write_failed(exc) from exc
             except Exception as exc:
                 self.unit.failed(str(exc))
                 raise
 
-    def write_failed(self, exc: OSError) -> dg.Failure:
+    def _write_failed(self, exc: OSError) -> dg.Failure:
         """A full disk or an unwritable artifact directory: say so, and what is still safe."""
         out = self.unit.out
         self.unit.failed(str(exc))

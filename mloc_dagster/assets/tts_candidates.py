@@ -25,11 +25,16 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from mloc_dagster.assets.candidates import MIN_TRUSTED_REPUTATION, already_merged, gate_candidate, root_run_id
-from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.assets.candidates import (
+    MIN_TRUSTED_REPUTATION,
+    already_merged,
+    gate_candidate,
+    pinned_inputs,
+    root_run_id,
+)
 from mloc_dagster.assets.tts_training import aligner_of, tts_adapter_checkpoint
 from mloc_dagster.core.candidates import merge_candidate
-from mloc_dagster.core.state import TTS, AdapterClaimConflict, StateStore
+from mloc_dagster.core.state import TTS, AdapterClaimConflict
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -63,18 +68,6 @@ class TtsGateConfig(dg.Config):
     candidate_id: str = ""  # re-gate a named TTS candidate instead of the one this run merged
 
 
-def pinned_tts_base(context: dg.AssetExecutionContext, store: StateStore) -> tuple[str, str, str | None, int]:
-    """(TTS base hash, its directory, training run id, run generation) of the TTS run that asked
-    for this candidate (tag ``mloc/run_id``); by hand: the current tts_base_model."""
-    run = store.get_run(context.run.tags.get("mloc/run_id", ""))
-    if run is not None and run.track == TTS:
-        hashes = [j.base_model for j in store.jobs_for_run(run.run_id) if j.base_model]
-        if hashes:
-            return hashes[-1], run.base_model_version, run.run_id, run.generation
-    base = require_metadata(context.instance, "tts_base_model")
-    return base["version"], base["path"], None, 0
-
-
 @dg.asset(partitions_def=dialect_partitions, deps=[tts_adapter_checkpoint], group_name="tts",
           kinds={"pytorch", "safetensors"}, pool="gpu", output_required=False,
           description="Every unclaimed TTS adapter of the dialect on the run's TTS base, merged in ΔW space "
@@ -84,7 +77,9 @@ def tts_candidate(context: dg.AssetExecutionContext, config: TtsMergeConfig, art
     dialect, store, root = context.partition_key, state.store(), root_run_id(context)
     if (done := store.candidate_of_dagster_run(root)) is not None:
         raise dg.Failure(f"this run already merged {done.candidate_id}; launch a new tts_candidate_job")
-    base_hash, base_dir, training_run_id, generation = pinned_tts_base(context, store)
+    pinned = pinned_inputs(context, store, dialect, TTS)
+    base_hash, training_run_id = pinned["base_model"], pinned["training_run_id"]
+    generation = store.get_run(training_run_id).generation if training_run_id else 0
     candidate_id = f"tts-{root[:8]}"
     out = artifacts.paths.candidates / "tts" / dialect / candidate_id
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
@@ -106,10 +101,7 @@ def tts_candidate(context: dg.AssetExecutionContext, config: TtsMergeConfig, art
             store.record_candidate(
                 candidate_id=candidate_id, dialect=dialect, adapter_path=str(out), sha256=sha, sources=refs,
                 trusted=trusted, details=result.summary() | {"run_generation": generation},
-                base_model=base_hash, base_model_path=base_dir, dagster_run_id=root,
-                training_run_id=training_run_id, track=TTS,
-                dataset_version=require_metadata(context.instance, "dataset_version", dialect)["path"]
-                if training_run_id is None else store.get_run(training_run_id).dataset_version)
+                dagster_run_id=root, track=TTS, **pinned)
             break
         except AdapterClaimConflict as exc:
             context.log.warning(f"attempt {attempt}: {exc}")
