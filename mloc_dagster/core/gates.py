@@ -20,9 +20,7 @@ Four gates, all computed from per-utterance results (reference and hypothesis te
   ``max_base_regression_rel`` worse (relative) than the base model's -- adaptation must not
   break what already worked.
 
-Edit counts come from jiwer 4 (``process_characters`` / ``process_words``). Text is compared after
-collapsing runs of whitespace and stripping; any further normalization (case, punctuation) is the
-caller's, so that the same normalization applies to every model compared.
+Counting errors and the bootstrap over speakers live in ``core/scoring.py`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -32,8 +30,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import jiwer
 import numpy as np
+
+from mloc_dagster.core.scoring import (
+    BootstrapResult,
+    Scores,
+    SpeakerRow,
+    UttResult,
+    aligned,
+    bootstrap_over_speakers,
+    index_utts,
+    score,
+    score_with_counts,
+)
 
 __all__ = [
     "GATE_NAMES",
@@ -54,19 +63,6 @@ GATE_NAMES = ("cer_gate", "wer_gate", "improvement_gate", "regression_gate")
 # deterministically instead of depending on the last bit of a division.
 _TOLERANCE = 1e-12
 _EPS = 1e-9
-
-_CHARS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfChars()])
-_WORDS = jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
-
-
-@dataclass(frozen=True)
-class UttResult:
-    """One test utterance as recognized by one model."""
-
-    utt_id: str
-    speaker: str
-    ref: str
-    hyp: str
 
 
 @dataclass(frozen=True)
@@ -110,143 +106,12 @@ class GateThresholds:
 
 
 @dataclass(frozen=True)
-class Scores:
-    """Corpus-level error rates of one model on one utterance set."""
-
-    n_utts: int
-    char_edits: int
-    ref_chars: int
-    word_edits: int
-    ref_words: int
-
-    @property
-    def cer(self) -> float:
-        return self.char_edits / max(self.ref_chars, 1)
-
-    @property
-    def wer(self) -> float:
-        return self.word_edits / max(self.ref_words, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "cer": self.cer, "wer": self.wer}
-
-
-@dataclass(frozen=True)
 class GateResult:
     name: str
     passed: bool
     value: float | None  # None when the gate had nothing to measure (no production adapter)
     threshold: float
     description: str
-
-
-@dataclass(frozen=True)
-class SpeakerRow:
-    speaker: str
-    n_utts: int
-    ref_chars: int
-    cer_candidate: float
-    cer_production: float | None
-
-
-@dataclass(frozen=True)
-class BootstrapResult:
-    samples: int
-    seed: int
-    n_speakers: int
-    p_better: float  # share of resamples where candidate CER < production CER
-    diff: float  # candidate CER - production CER on the full set (negative = better)
-    ci_low: float  # 95 % percentile interval of the resampled difference
-    ci_high: float
-
-
-# --------------------------------------------------------------------------------------------
-# Counting errors
-
-
-def _edit_counts(results: Sequence[UttResult], transform: jiwer.Compose) -> tuple[np.ndarray, np.ndarray]:
-    """Per utterance: (substitutions + deletions + insertions, reference length)."""
-    out = jiwer.process_words(
-        [r.ref for r in results], [r.hyp for r in results],
-        reference_transform=transform, hypothesis_transform=transform,
-    )
-    edits = np.zeros(len(results), dtype=np.int64)
-    for i, chunks in enumerate(out.alignments):
-        for c in chunks:
-            if c.type in ("substitute", "delete"):
-                edits[i] += c.ref_end_idx - c.ref_start_idx
-            elif c.type == "insert":
-                edits[i] += c.hyp_end_idx - c.hyp_start_idx
-    ref_len = np.array([len(ref) for ref in out.references], dtype=np.int64)
-    return edits, ref_len
-
-
-def _index(results: Sequence[UttResult], what: str) -> dict[str, UttResult]:
-    by_id: dict[str, UttResult] = {}
-    for r in results:
-        if r.utt_id in by_id:
-            raise ValueError(f"{what}: utterance {r.utt_id!r} appears twice")
-        by_id[r.utt_id] = r
-    return by_id
-
-
-def _aligned(reference: Sequence[UttResult], other: Sequence[UttResult], what: str) -> list[UttResult]:
-    """``other`` in the order of ``reference``; both must cover exactly the same utterances,
-    or the comparison would measure the test sets rather than the models."""
-    ref_ids = _index(reference, what)
-    other_ids = _index(other, what)
-    if ref_ids.keys() != other_ids.keys():
-        missing = sorted(ref_ids.keys() - other_ids.keys())[:5]
-        extra = sorted(other_ids.keys() - ref_ids.keys())[:5]
-        raise ValueError(f"{what}: utterance sets differ (missing e.g. {missing}, extra e.g. {extra})")
-    return [other_ids[r.utt_id] for r in reference]
-
-
-def _score_with_counts(results: Sequence[UttResult]) -> tuple[Scores, np.ndarray, np.ndarray]:
-    """Scores plus the per-utterance character edits and reference lengths behind them."""
-    if not results:
-        raise ValueError("no utterances to score")
-    char_edits, ref_chars = _edit_counts(results, _CHARS)
-    word_edits, ref_words = _edit_counts(results, _WORDS)
-    if ref_chars.sum() == 0:
-        raise ValueError("all references are empty")
-    scores = Scores(len(results), int(char_edits.sum()), int(ref_chars.sum()), int(word_edits.sum()),
-                    int(ref_words.sum()))
-    return scores, char_edits, ref_chars
-
-
-def score(results: Sequence[UttResult]) -> Scores:
-    """Corpus-level CER and WER (total edits / total reference length)."""
-    return _score_with_counts(results)[0]
-
-
-def bootstrap_over_speakers(
-    speakers: Sequence[str],
-    cand_edits: np.ndarray,
-    prod_edits: np.ndarray,
-    ref_len: np.ndarray,
-    samples: int,
-    seed: int,
-) -> BootstrapResult:
-    """Resample speakers with replacement; per resample compare corpus CERs.
-
-    Inputs are per utterance; they are summed per speaker first, so a resample is a vector of
-    speaker counts (multinomial) and every statistic a dot product -- 2000 resamples cost
-    milliseconds whatever the number of utterances.
-    """
-    names = sorted(set(speakers))
-    pos = {s: i for i, s in enumerate(names)}
-    idx = np.array([pos[s] for s in speakers])
-    per_spk = [np.bincount(idx, weights=v, minlength=len(names)) for v in (cand_edits, prod_edits, ref_len)]
-    cand, prod, ref = per_spk
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=samples)
-    ref_tot = np.maximum(counts @ ref, 1.0)
-    diffs = (counts @ cand - counts @ prod) / ref_tot
-    full = (cand.sum() - prod.sum()) / max(ref.sum(), 1.0)
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return BootstrapResult(samples=samples, seed=seed, n_speakers=len(names), p_better=float(np.mean(diffs < 0)),
-                           diff=float(full), ci_low=float(low), ci_high=float(high))
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,12 +303,12 @@ def evaluate_gates(
     cover the same utterances.
     """
     t = thresholds or GateThresholds()
-    _index(candidate, "candidate results")  # duplicates would count an utterance twice
-    cand_scores, cand_edits, ref_len = _score_with_counts(candidate)
+    index_utts(candidate, "candidate results")  # duplicates would count an utterance twice
+    cand_scores, cand_edits, ref_len = score_with_counts(candidate)
     speakers = [r.speaker for r in candidate]
     if dialect_base is None and reference_label == "base model":
         dialect_base = production
-    base_scores = None if dialect_base is None else score(_aligned(candidate, dialect_base, "base-model results"))
+    base_scores = None if dialect_base is None else score(aligned(candidate, dialect_base, "base-model results"))
 
     gates = [_error_rate_gate("cer_gate", cand_scores, t.max_cer, t.max_cer_rel_base, base_scores),
              _error_rate_gate("wer_gate", cand_scores, t.max_wer, t.max_wer_rel_base, base_scores)]
@@ -461,7 +326,7 @@ def evaluate_gates(
             gates.append(GateResult("improvement_gate", True, None, t.min_p_better,
                                     f"no {reference_label} to compare with: passes on that ground"))
     else:
-        prod_scores, prod_edits, _ = _score_with_counts(_aligned(candidate, production, "production results"))
+        prod_scores, prod_edits, _ = score_with_counts(aligned(candidate, production, "production results"))
         boot = bootstrap_over_speakers(speakers, cand_edits, prod_edits, ref_len, t.bootstrap_samples, t.seed)
         ok = boot.p_better >= t.min_p_better - _TOLERANCE
         if n_speakers >= t.min_test_speakers:
@@ -474,7 +339,7 @@ def evaluate_gates(
             ))
 
     base_ref_scores = score(base_reference)
-    base_cand_scores = score(_aligned(base_reference, base_candidate, "base-dialect results"))
+    base_cand_scores = score(aligned(base_reference, base_candidate, "base-dialect results"))
     regression = (base_cand_scores.cer - base_ref_scores.cer) / max(base_ref_scores.cer, _EPS)
     ok = regression <= t.max_base_regression_rel + _TOLERANCE
     gates.append(GateResult(
