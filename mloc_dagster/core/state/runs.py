@@ -275,6 +275,8 @@ class RunStore(StoreEngine):
         Unconditional on purpose: the worker knows its outcome better than a watchdog that only
         saw late heartbeats. A success also advances the run's ``last_finished_job`` -- unless the
         run was cancelled meanwhile: then the job is kept as ``discarded`` (recorded, never merged).
+        The run row is read ``FOR UPDATE`` (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already
+        serializes writers): a cancel in flight is waited for and seen, never overtaken.
         """
         if status not in (SUCCEEDED, FAILED):
             raise ValueError(f"a finished job is 'succeeded' or 'failed', not {status!r}")
@@ -282,8 +284,8 @@ class RunStore(StoreEngine):
             raise ValueError("a succeeded job must name its checkpoint_path")
         now = self._clock()
         with self._write() as conn:
-            run_status = conn.execute(sa.select(training_runs.c.status)
-                                      .where(training_runs.c.run_id == run_id)).scalar_one_or_none()
+            run_status = conn.execute(sa.select(training_runs.c.status).where(training_runs.c.run_id == run_id)
+                                      .with_for_update()).scalar_one_or_none()
             if status == SUCCEEDED and run_status == CANCELLED:
                 status = DISCARDED
                 error = "finished after its training run was cancelled: kept, never merged"
