@@ -243,6 +243,20 @@ def test_a_job_finishing_after_its_run_was_cancelled_is_discarded(store: StateSt
     assert store.get_run(run_id).last_finished_job is None
 
 
+def test_a_search_trial_that_did_not_complete_never_reaches_a_candidate(store: StateStore) -> None:
+    """A failed trial's job that succeeds after the search completed (its worker outlived the
+    verdict) stays out: only a completed trial of a completed search contributes."""
+    search = _run(store, kind="hyperparameter")
+    won, lost = (_run(store, parent_run_id=search, trial_number=n) for n in (0, 1))
+    _finished_job(store, won, 0)
+    assert store.transition_run(won, "active", "completed")
+    store.record_job_started(lost, 0)
+    assert store.transition_run(lost, "active", "failed", "job 0 lost its heartbeat")
+    assert store.transition_run(search, "active", "completed", "best trial 0")
+    _finished_job(store, lost, 0)  # the late success
+    assert [(a.run_id, a.job_index) for a in store.unclaimed_adapters("en-gb-scotland")] == [(won, 0)]
+
+
 def _wait_for_a_lock_wait(store: StateStore, timeout_s: float = 30.0) -> None:
     """Until a session of this database waits on a lock (PostgreSQL)."""
     import time

@@ -20,6 +20,7 @@ from mloc_dagster.core.state.schema import (
     ACTIVE,
     ASR,
     CANCELLED,
+    COMPLETED,
     DISCARDED,
     DISTRIBUTED,
     FAILED,
@@ -333,6 +334,27 @@ class RunStore(StoreEngine):
             return conn.execute(training_jobs.update().where(
                 training_jobs.c.run_id == run_id, training_jobs.c.status == SUCCEEDED,
                 training_jobs.c.candidate_id.is_(None)).values(status=DISCARDED, error=reason)).rowcount
+
+    def complete_search(self, search_run_id: str, winner_run_id: str, reason: str) -> bool:
+        """Complete a hyperparameter search and discard every other trial's unclaimed adapters, in
+        one transaction: trials become visible to candidates (``unclaimed_adapters``) at the same
+        commit that discards the losers, so no merge ever sees a loser. False (nothing written)
+        if the search was not active any more."""
+        runs = training_runs
+        with self._write() as conn:
+            won = conn.execute(runs.update().where(runs.c.run_id == search_run_id, runs.c.status == ACTIVE)
+                               .values(status=COMPLETED, status_reason=reason, updated_at=self._clock()))
+            if won.rowcount != 1:
+                return False
+            winner = conn.execute(sa.select(runs.c.trial_number).where(runs.c.run_id == winner_run_id)).scalar_one()
+            losers = conn.execute(sa.select(runs.c.run_id, runs.c.trial_number).where(
+                runs.c.parent_run_id == search_run_id, runs.c.run_id != winner_run_id)).all()
+            for loser in losers:
+                conn.execute(training_jobs.update().where(
+                    training_jobs.c.run_id == loser.run_id, training_jobs.c.status == SUCCEEDED,
+                    training_jobs.c.candidate_id.is_(None),
+                ).values(status=DISCARDED, error=f"trial {loser.trial_number} lost the search to trial {winner}"))
+        return True
 
     def get_job(self, run_id: str, job_index: int) -> TrainingJob | None:
         with self._read() as conn:
