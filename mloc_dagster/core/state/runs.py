@@ -336,10 +336,8 @@ class RunStore(StoreEngine):
                 training_jobs.c.candidate_id.is_(None)).values(status=DISCARDED, error=reason)).rowcount
 
     def complete_search(self, search_run_id: str, winner_run_id: str, reason: str) -> bool:
-        """Complete a hyperparameter search and discard every other trial's unclaimed adapters, in
-        one transaction: trials become visible to candidates (``unclaimed_adapters``) at the same
-        commit that discards the losers, so no merge ever sees a loser. False (nothing written)
-        if the search was not active any more."""
+        """Complete a search and discard the other trials' unclaimed adapters in one transaction:
+        trials become mergeable at the commit that discards the losers. False: it was not active."""
         runs = training_runs
         with self._write() as conn:
             won = conn.execute(runs.update().where(runs.c.run_id == search_run_id, runs.c.status == ACTIVE)
