@@ -30,6 +30,11 @@ needs no warm-up count of trials. ``pruner="median"`` (``MedianPruner``: 2 start
 from job 1) and ``pruner="none"`` are there to compare. A trial is never pruned at its last job:
 the job is paid for, the caller finishes it.
 
+**Two stores, one order.** A trial is asked here first (Optuna's ``trials`` table, RUNNING, with
+its sampled hparams) and its training run is written by the caller afterwards, named by the trial
+number. A crash between the two leaves a running trial without a run: ``running()`` lists what the
+caller must reconcile, and everything needed to write the run again is in the study.
+
 **Rules the caller relies on.** Everything minimises dev CER. ``report`` stores the job's dev CER
 as the trial's intermediate value at step ``job_index + 1`` (jobs done) and, when the pruner says
 stop, marks the trial PRUNED itself, so the decision is taken once and persists; reporting the
@@ -289,6 +294,14 @@ class Search:
         """All trials started and none running: the search has its result (``best``)."""
         trials = self._trials()
         return len(trials) >= self.config.trials and all(t.state.is_finished() for t in trials)
+
+    def running(self) -> dict[int, dict[str, Any]]:
+        """The trials Optuna holds as running, by number, with their sampled hparams: what the
+        caller reconciles with its own records (a trial asked, its run never written)."""
+        return {t.number: dict(t.params) for t in self._trials() if t.state == TrialState.RUNNING}
+
+    def has_trial(self, trial_number: int) -> bool:
+        return any(t.number == trial_number for t in self._trials())
 
     def ask(self, validate: Callable[[dict[str, Any]], Any] | None = None) -> tuple[int, dict[str, Any]]:
         """Start a trial: its number and sampled hparams (JSON types: ints stay ints).

@@ -14,14 +14,19 @@ Every tick, before the trials' next jobs are requested:
    (its status reason), the other trials' adapters are discarded, and a candidate is requested
    from the best trial's adapter: it is gated and promoted like any candidate.
 
+Before 1, the study and the store are reconciled (the trial is asked first, its run written
+second, so a crash between them leaves a running trial without a run): such a trial is
+re-launched, its run written from the hparams the study stored for it (a sample the training job
+refuses fails the trial instead); a trial run whose trial is not in the study fails with the reason.
+
 Pausing, resuming or cancelling the search applies to its trials (``training_runs.py``).
 """
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import validate_hparams
+from mloc_dagster.assets.hparams import InvalidHParams, validate_hparams
 from mloc_dagster.core.search import Search, SearchError, SearchSpaceError
-from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, SUCCEEDED, StateStore, TrainingRun
+from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, PAUSED, SUCCEEDED, StateStore, TrainingRun
 from mloc_dagster.jobs import CANDIDATE_JOB, chain_run_key
 
 
@@ -31,15 +36,18 @@ def search_requests(context: dg.SensorEvaluationContext, store: StateStore, sear
     except SearchError as exc:
         store.transition_run(search_run.run_id, ACTIVE, FAILED, f"the search's study cannot be opened: {exc}")
         return []
-    for trial in store.list_runs(parent_run_id=search_run.run_id, limit=None):
-        judge_trial(context, store, search, trial)
-    if search_run.status == ACTIVE:
+    with search:
+        trials = store.list_runs(parent_run_id=search_run.run_id, limit=None)
+        for trial in trials:
+            if search.has_trial(trial.trial_number):
+                judge_trial(context, store, search, trial)
+            else:
+                fail_trial_without_study_trial(context, store, search, trial)
+        relaunch_trials_without_run(context, store, search, search_run, {t.trial_number for t in trials})
         for _ in range(search.open_slots()):
             if not start_trial(context, store, search, search_run):
                 break
-    if not search.done():
-        return []
-    return finish_search(context, store, search, search_run)
+        return finish_search(context, store, search, search_run) if search.done() else []
 
 
 def judge_trial(context: dg.SensorEvaluationContext, store: StateStore, search: Search, trial: TrainingRun) -> None:
@@ -62,37 +70,64 @@ def judge_trial(context: dg.SensorEvaluationContext, store: StateStore, search: 
         search.prune(trial.trial_number, trial.status_reason or "cancelled")
 
 
+def fail_trial_without_study_trial(context: dg.SensorEvaluationContext, store: StateStore, search: Search,
+                                   trial: TrainingRun) -> None:
+    """A trial run the study does not know cannot be judged: it fails, its adapters never merge."""
+    reason = f"trial {trial.trial_number} is not in the search's study: it cannot be judged"
+    if store.transition_run(trial.run_id, (ACTIVE, PAUSED), FAILED, reason):
+        store.discard_unclaimed(trial.run_id, reason)
+        context.log.warning(f"search {search.run_id}: {trial.run_id} failed: {reason}")
+
+
+def relaunch_trials_without_run(context: dg.SensorEvaluationContext, store: StateStore, search: Search,
+                                search_run: TrainingRun, with_run: set[int | None]) -> None:
+    """A trial asked but whose run was never written (a crash between the two): write it now."""
+    for number, sampled in sorted(search.running().items()):
+        if number in with_run:
+            continue
+        try:
+            validate_hparams(sampled)
+        except InvalidHParams as exc:
+            search.fail(number, f"sampled hparams refused: {exc}")
+            continue
+        trial = create_trial_run(store, search_run, number, sampled)
+        context.log.warning(f"search {search_run.run_id}: trial {number} had no run (interrupted start); "
+                            f"re-launched as {trial.run_id} with {sampled}")
+
+
 def start_trial(context: dg.SensorEvaluationContext, store: StateStore, search: Search, search_run: TrainingRun) -> bool:
     try:
         number, sampled = search.ask(validate=validate_hparams)
     except (SearchError, SearchSpaceError) as exc:
         context.log.warning(f"search {search_run.run_id}: no new trial: {exc}")
         return False
-    trial = store.create_run(
+    trial = create_trial_run(store, search_run, number, sampled)
+    context.log.info(f"search {search_run.run_id}: trial {number} started as {trial.run_id} with {sampled}")
+    return True
+
+
+def create_trial_run(store: StateStore, search_run: TrainingRun, number: int, sampled: dict) -> TrainingRun:
+    """The trial's training run, named by its number; written after the study's trial (see above)."""
+    return store.create_run(
         run_id=f"{search_run.run_id}-t{number:02d}", dialect=search_run.dialect,
         dataset_version=search_run.dataset_version, base_model_version=search_run.base_model_version,
         hparams={**search_run.hparams, **sampled}, timebox_s=search_run.timebox_s, max_jobs=search_run.max_jobs,
         candidate_every=min(12, search_run.max_jobs), rehearsal_dataset=search_run.rehearsal_dataset,
         parent_run_id=search_run.run_id, trial_number=number)
-    context.log.info(f"search {search_run.run_id}: trial {number} started as {trial.run_id} with {sampled}")
-    return True
 
 
 def finish_search(context: dg.SensorEvaluationContext, store: StateStore, search: Search,
                   search_run: TrainingRun) -> list:
     best = search.best()
-    trials = store.list_runs(parent_run_id=search_run.run_id, limit=None)
     if best is None:
         store.transition_run(search_run.run_id, ACTIVE, FAILED, "no trial completed all its jobs")
         return []
     number, hparams, dev_cer = best
-    winner = next(t for t in trials if t.trial_number == number)
+    winner = next(t for t in store.list_runs(parent_run_id=search_run.run_id, limit=None) if t.trial_number == number)
     reason = f"best trial {number} ({winner.run_id}): dev CER {dev_cer:.4f} with {hparams}"
-    if not store.transition_run(search_run.run_id, ACTIVE, COMPLETED, reason):
+    # One transaction: the trials become mergeable with the losers already discarded.
+    if not store.complete_search(search_run.run_id, winner.run_id, reason):
         return []
-    for t in trials:
-        if t.run_id != winner.run_id:
-            store.discard_unclaimed(t.run_id, f"trial {t.trial_number} lost the search to trial {number}")
     context.log.info(f"search {search_run.run_id} completed: {reason}")
     last = winner.last_finished_job if winner.last_finished_job is not None else 0
     return [dg.RunRequest(job_name=CANDIDATE_JOB, partition_key=winner.dialect,

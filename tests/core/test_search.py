@@ -207,3 +207,17 @@ def test_ask_refuses_samples_the_training_job_refuses(tmp_path):
     with pytest.raises(SearchSpaceError, match="refused by the training job: r: too small"):
         search.ask(validate=validate)
     assert search.summary()[0].state == "failed" and search.best() is None
+
+
+def test_running_trials_survive_a_restart_with_their_hparams(tmp_path):
+    """What the sensor reconciles after a crash between asking a trial and writing its run."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    search = Search.create(url, "c", SearchConfig(space=SPACE, trials=3, jobs=2, parallelism=2))
+    a, hparams_a = search.ask()
+    b, _ = search.ask()
+    search.finish(b, 0.3)
+    search.close()
+    with Search.open(url, "c") as again:  # a new process
+        assert again.running() == {a: hparams_a} and isinstance(again.running()[a]["r"], int)
+        assert again.has_trial(a) and again.has_trial(b) and not again.has_trial(7)
+        assert again.open_slots() == 1  # the running trial still holds its slot

@@ -243,6 +243,75 @@ def test_a_job_finishing_after_its_run_was_cancelled_is_discarded(store: StateSt
     assert store.get_run(run_id).last_finished_job is None
 
 
+def test_a_search_trial_that_did_not_complete_never_reaches_a_candidate(store: StateStore) -> None:
+    """A failed trial's job that succeeds after the search completed (its worker outlived the
+    verdict) stays out: only a completed trial of a completed search contributes."""
+    search = _run(store, kind="hyperparameter")
+    won, lost = (_run(store, parent_run_id=search, trial_number=n) for n in (0, 1))
+    _finished_job(store, won, 0)
+    assert store.transition_run(won, "active", "completed")
+    store.record_job_started(lost, 0)
+    assert store.transition_run(lost, "active", "failed", "job 0 lost its heartbeat")
+    assert store.transition_run(search, "active", "completed", "best trial 0")
+    _finished_job(store, lost, 0)  # the late success
+    assert [(a.run_id, a.job_index) for a in store.unclaimed_adapters("en-gb-scotland")] == [(won, 0)]
+
+
+def _wait_for_a_lock_wait(store: StateStore, timeout_s: float = 30.0) -> None:
+    """Until a session of this database waits on a lock (PostgreSQL)."""
+    import time
+
+    import sqlalchemy as sa
+
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with store.engine.connect() as conn:  # a new transaction each time: the view is a snapshot
+            if conn.execute(query).scalar():
+                return
+        assert time.monotonic() < deadline, "nobody ever waited for the lock"
+        time.sleep(0.05)
+
+
+@pytest.mark.postgres
+def test_a_job_completing_during_a_cancel_waits_for_it_and_is_discarded(postgres_url: str) -> None:
+    """Connection 1 cancels the run and holds its row; connection 2 (the worker) records the job's
+    success meanwhile: it must wait for the cancel and see it, not read the old 'active'."""
+    import sqlalchemy as sa
+
+    from mloc_dagster.core.state.schema import training_runs
+
+    store = StateStore(postgres_url)
+    run_id = _run(store)
+    store.record_job_started(run_id, 0)
+    cancelling, finished = threading.Event(), {}
+
+    def worker() -> None:
+        cancelling.wait(30)
+        finished["job"] = store.record_job_finished(run_id, 0, "succeeded", checkpoint_path="/ckpt/0", sha256="x")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        with store.engine.connect() as canceller, canceller.begin():
+            this_run = training_runs.c.run_id == run_id
+            canceller.execute(sa.select(training_runs.c.status).where(this_run).with_for_update())
+            canceller.execute(training_runs.update().where(this_run).values(status="cancelled",
+                                                                            status_reason="cancelled by user"))
+            cancelling.set()
+            _wait_for_a_lock_wait(store)
+            assert "job" not in finished  # still waiting for the cancel to commit
+    finally:
+        cancelling.set()
+        thread.join(60)
+    job = finished["job"]
+    assert job.status == "discarded" and "never merged" in (job.error or "")
+    assert store.get_run(run_id).last_finished_job is None  # type: ignore[union-attr]
+    assert store.unclaimed_adapters("en-gb-scotland") == []
+    store.close()
+
+
 def test_resume_starts_a_new_generation(store: StateStore) -> None:
     run_id = _run(store)
     assert store.get_run(run_id).generation == 0

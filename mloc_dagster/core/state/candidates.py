@@ -113,7 +113,9 @@ class CandidateStore(StoreEngine):
         "Since the last candidate" is tracked by claims rather than by timestamps, so an adapter
         finishing while a merge is running is neither lost nor merged twice, whatever the clocks say.
         A hyperparameter search's trials are held back until the search completed (its losing
-        trials are discarded then): no candidate merges a trial that is still being judged.
+        trials are discarded in the same transaction, ``complete_search``): no candidate merges a
+        trial that is still being judged, nor a loser; a trial run that did not complete (pruned,
+        failed) never contributes, even with a job that succeeded late.
         """
         search = training_runs.alias("search")
         query = (
@@ -121,7 +123,8 @@ class CandidateStore(StoreEngine):
                       training_jobs.c.adapter_sha256, training_jobs.c.checkpoint_path, training_jobs.c.base_model)
             .join(training_runs, training_runs.c.run_id == training_jobs.c.run_id)
             .outerjoin(search, search.c.run_id == training_runs.c.parent_run_id)
-            .where(sa.or_(training_runs.c.trial_number.is_(None), search.c.status == COMPLETED))
+            .where(sa.or_(training_runs.c.trial_number.is_(None),
+                          sa.and_(search.c.status == COMPLETED, training_runs.c.status == COMPLETED)))
             .where(sa.func.coalesce(training_runs.c.track, ASR) == track)
             .where(training_runs.c.dialect == dialect, training_jobs.c.status == SUCCEEDED,
                    training_jobs.c.candidate_id.is_(None), training_jobs.c.checkpoint_path.is_not(None))

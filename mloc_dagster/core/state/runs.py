@@ -20,6 +20,7 @@ from mloc_dagster.core.state.schema import (
     ACTIVE,
     ASR,
     CANCELLED,
+    COMPLETED,
     DISCARDED,
     DISTRIBUTED,
     FAILED,
@@ -275,6 +276,8 @@ class RunStore(StoreEngine):
         Unconditional on purpose: the worker knows its outcome better than a watchdog that only
         saw late heartbeats. A success also advances the run's ``last_finished_job`` -- unless the
         run was cancelled meanwhile: then the job is kept as ``discarded`` (recorded, never merged).
+        The run row is read ``FOR UPDATE`` (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already
+        serializes writers): a cancel in flight is waited for and seen, never overtaken.
         """
         if status not in (SUCCEEDED, FAILED):
             raise ValueError(f"a finished job is 'succeeded' or 'failed', not {status!r}")
@@ -282,8 +285,8 @@ class RunStore(StoreEngine):
             raise ValueError("a succeeded job must name its checkpoint_path")
         now = self._clock()
         with self._write() as conn:
-            run_status = conn.execute(sa.select(training_runs.c.status)
-                                      .where(training_runs.c.run_id == run_id)).scalar_one_or_none()
+            run_status = conn.execute(sa.select(training_runs.c.status).where(training_runs.c.run_id == run_id)
+                                      .with_for_update()).scalar_one_or_none()
             if status == SUCCEEDED and run_status == CANCELLED:
                 status = DISCARDED
                 error = "finished after its training run was cancelled: kept, never merged"
@@ -331,6 +334,25 @@ class RunStore(StoreEngine):
             return conn.execute(training_jobs.update().where(
                 training_jobs.c.run_id == run_id, training_jobs.c.status == SUCCEEDED,
                 training_jobs.c.candidate_id.is_(None)).values(status=DISCARDED, error=reason)).rowcount
+
+    def complete_search(self, search_run_id: str, winner_run_id: str, reason: str) -> bool:
+        """Complete a search and discard the other trials' unclaimed adapters in one transaction:
+        trials become mergeable at the commit that discards the losers. False: it was not active."""
+        runs = training_runs
+        with self._write() as conn:
+            won = conn.execute(runs.update().where(runs.c.run_id == search_run_id, runs.c.status == ACTIVE)
+                               .values(status=COMPLETED, status_reason=reason, updated_at=self._clock()))
+            if won.rowcount != 1:
+                return False
+            winner = conn.execute(sa.select(runs.c.trial_number).where(runs.c.run_id == winner_run_id)).scalar_one()
+            losers = conn.execute(sa.select(runs.c.run_id, runs.c.trial_number).where(
+                runs.c.parent_run_id == search_run_id, runs.c.run_id != winner_run_id)).all()
+            for loser in losers:
+                conn.execute(training_jobs.update().where(
+                    training_jobs.c.run_id == loser.run_id, training_jobs.c.status == SUCCEEDED,
+                    training_jobs.c.candidate_id.is_(None),
+                ).values(status=DISCARDED, error=f"trial {loser.trial_number} lost the search to trial {winner}"))
+        return True
 
     def get_job(self, run_id: str, job_index: int) -> TrainingJob | None:
         with self._read() as conn:
