@@ -4,6 +4,13 @@ The same GraphQL mutation the UI's "Re-execute" button sends (``launchRunReexecu
 in this process against the instance and the workspace: the new run is a child of the failed one
 (``dagster/parent_run_id``), with its config and tags, submitted through the instance's run
 coordinator (queued; the daemon launches it). Nothing is copied by hand.
+
+A training job of a chain whose retries were exhausted failed its training run; replaying that
+job re-activates the run (failed → active, the reason recorded: ``training_runs.reactivate_run``)
+right after the re-execution is queued, so the job starts on an active run and resumes from the
+run's last checkpoint, and the training chain, which sees it in flight, goes on after it.
+A replay that cannot continue its run (the run failed elsewhere, or was cancelled or completed)
+is refused before anything is launched.
 """
 
 from __future__ import annotations
@@ -30,14 +37,38 @@ mutation Replay($params: ReexecutionParams!) {
 """
 
 STRATEGIES = ("FROM_FAILURE", "ALL_STEPS", "FROM_ASSET_FAILURE")
+TRAINING_JOBS = ("train_adapter_job", "tts_train_adapter_job")
 
 
 class ReplayError(Exception):
     pass
 
 
-def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE") -> dict:
-    """Launch the re-execution of failed run ``run_id``; returns the new run (runId, status, jobName)."""
+def failed_chain_job(store, run) -> tuple[str, int] | None:
+    """(training run id, job index) when ``run`` is the job its training run failed on: the
+    replay re-activates the run. None for any other run; ReplayError when the job cannot start."""
+    from mloc_dagster.core.state import ACTIVE, FAILED, PAUSED
+
+    training_run_id, index = run.tags.get("mloc/run_id"), run.tags.get("mloc/job_index")
+    if run.job_name not in TRAINING_JOBS or not training_run_id or index is None or "mloc/slice" in run.tags:
+        return None
+    training = store.get_run(training_run_id)
+    if training is None or training.status in (ACTIVE, PAUSED):
+        return None  # the job starts (or refuses while paused) as any job of the chain
+    if training.status != FAILED:
+        raise ReplayError(f"training run {training_run_id} is {training.status}: job {index} would refuse to start; "
+                          "start a new run (`mloc run start --from ...`)")
+    job, nxt = store.get_job(training_run_id, int(index)), (
+        -1 if training.last_finished_job is None else training.last_finished_job) + 1
+    if job is None or job.status != FAILED or int(index) != nxt:
+        raise ReplayError(f"training run {training_run_id} failed ({training.status_reason}), not on job {index}: "
+                          "replaying it cannot continue the run")
+    return training_run_id, int(index)
+
+
+def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE", store=None) -> dict:
+    """Launch the re-execution of failed run ``run_id``; returns the new run (runId, status, jobName,
+    and ``reactivated``: the training run it re-activated, or None)."""
     import dagster as dg
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import WorkspaceFileTarget
@@ -56,6 +87,11 @@ def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE
                           "location to re-execute from; launch its job again instead")
     if not workspace.is_file():
         raise ReplayError(f"no workspace file {workspace}")
+    if store is None:
+        from mloc_dagster.core.state import StateStore, resolve_state_url
+
+        store = StateStore(resolve_state_url())
+    chained = failed_chain_job(store, run)
     with WorkspaceProcessContext(instance, WorkspaceFileTarget([str(workspace)])) as process_context:
         context = process_context.create_request_context()
         errors = {name: entry.load_error.message for name, entry in context.get_code_location_entries().items()
@@ -69,7 +105,23 @@ def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE
     answer = result.data["launchRunReexecution"]
     if answer["__typename"] != "LaunchRunSuccess":
         raise ReplayError(f"{answer['__typename']}: {answer.get('message', '')}")
-    return answer["run"]
+    return answer["run"] | {"reactivated": chained and reactivate(store, chained, run_id, answer["run"]["runId"])}
+
+
+def reactivate(store, chained: tuple[str, int], failed_id: str, new_id: str) -> str:
+    """Re-activate the training run after its job's re-execution was queued (queued first, so the
+    training chain, which then sees the job in flight, never requests it a second time). Should the
+    re-execution start before this (a queue faster than one database write), it refuses and the
+    chain requests the job again under a new run key."""
+    from mloc_dagster.training_runs import reactivate_run
+
+    training_run_id, index = chained
+    before = store.get_run(training_run_id).status_reason
+    reason = f"re-activated by `mloc run replay {failed_id}`: job {index} re-executed as {new_id} (it had failed: {before})"
+    if not reactivate_run(store, training_run_id, index, reason):
+        raise ReplayError(f"{new_id} was queued, but training run {training_run_id} is no longer failed: "
+                          f"{store.get_run(training_run_id).status}")
+    return training_run_id
 
 
 @contextlib.contextmanager
@@ -103,3 +155,6 @@ def replay_command(
     typer.echo(new["runId"])
     typer.echo(f"{new['jobName']} re-executed ({strategy}) as {new['runId']}: {new['status']}; the daemon launches it",
                err=True)
+    if new["reactivated"]:
+        typer.echo(f"training run {new['reactivated']} is active again; the job resumes from its last checkpoint",
+                   err=True)

@@ -16,6 +16,7 @@ from mloc_dagster.core.state import (
     ADAPTER_BRANCHES,
     ASR,
     CANCELLED,
+    FAILED,
     HYPERPARAMETER,
     PAUSED,
     PIPELINE,
@@ -180,6 +181,16 @@ def resume_run(store: StateStore, run_id: str) -> bool:
     for trial in store.list_runs(status=PAUSED, parent_run_id=run_id, limit=None) if resumed else []:
         store.transition_run(trial.run_id, PAUSED, ACTIVE, None)
     return resumed
+
+
+def reactivate_run(store: StateStore, run_id: str, job_index: int, reason: str) -> bool:
+    """A run that failed because job ``job_index`` exhausted its retries becomes active again (a
+    new generation, the reason recorded) and the job is queued: its replay (``mloc run replay``)
+    resumes it from the run's last checkpoint. False if the run is not failed (any more)."""
+    if not store.transition_run(run_id, FAILED, ACTIVE, reason):
+        return False
+    store.record_job_queued(run_id, job_index)
+    return True
 
 
 def cancel_run(instance: dg.DagsterInstance, store: StateStore, run_id: str) -> list[str]:

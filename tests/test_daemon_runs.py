@@ -62,10 +62,11 @@ def test_two_runs_on_one_dialect_share_candidates_exactly(registered_base, daemo
                                             limit=100).records
     gated = [g.asset_materialization.metadata["candidate_id"].value for g in gates]
     assert sorted(gated) == sorted(c.candidate_id for c in candidates)  # one report per candidate, its own
-    for c in candidates:
-        assert c.gate_decision in ("passed", "failed")
-    promoted = {p.candidate_id for p in store.list_promotions(DIALECT, limit=None)}
-    assert promoted == {c.candidate_id for c in candidates if c.gate_decision == "passed"}
+    # An untrained tiny base after 3 steps cannot reach the default CER limit (0.15): every gate
+    # decides "failed" (a verdict, so neither run was paused for it) and nothing is promoted.
+    assert all(g.asset_materialization.metadata["cer_candidate"].value > 0.15 for g in gates)
+    assert [c.gate_decision for c in candidates] == ["failed"] * len(candidates)
+    assert store.list_promotions(DIALECT, limit=None) == []
     for record in runs_of(instance, "candidate_job"):
         assert record.dagster_run.status == dg.DagsterRunStatus.SUCCESS or \
             store.candidate_of_dagster_run(record.dagster_run.run_id) is not None

@@ -13,7 +13,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.daemon import Daemon
+from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.training_runs import start_run
+from tests.daemon import Daemon, wait_for
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -78,3 +80,63 @@ def _replay_round_trip(mloc_home: Path) -> None:
     not_failed = mloc("run", "replay", ok.run_id)
     assert not_failed.returncode == 2 and "not FAILURE" in not_failed.stderr
     instance.dispose()
+
+
+@pytest.mark.slow
+def test_replay_of_an_exhausted_training_job_reactivates_its_run(registered_base, mloc_home: Path) -> None:
+    """Job 1 of a chain cannot save its checkpoint (a file where its directory goes) and exhausts
+    Dagster's run retries: the training run fails. Once the cause is gone, `mloc run replay` of
+    the last attempt re-activates the run; the replay resumes from job 0's checkpoint, the chain
+    launches no second copy of job 1, and the run completes."""
+    instance, _ = registered_base
+    config = mloc_home / "dagster" / "dagster.yaml"  # one retry instead of three: exhausted sooner
+    config.write_text(config.read_text().replace("max_retries: 3", "max_retries: 1"))
+    store = StateStore(resolve_state_url())
+    run = start_run(instance, store, "en-gb-scotland", jobs=2, candidate_every=2, timebox_s=30,
+                    hparams={"max_steps": 3, "batch_size": 4})
+    run_dir = mloc_home / "adapters" / "en-gb-scotland" / run.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "job-0001").write_text("in the way")
+    daemon = Daemon(mloc_home)
+    daemon.start()
+    try:
+        failed = wait_for(lambda: (r := store.get_run(run.run_id)).status == "failed" and r, 600,
+                          "job 1 to exhaust its retries", daemon)
+        assert "job 1 failed after 2 attempt(s): cannot write the checkpoint of job 1" in failed.status_reason
+        attempts = [r.dagster_run for r in instance.get_run_records(
+            dg.RunsFilter(job_name="train_adapter_job", tags={"mloc/run_id": run.run_id, "mloc/job_index": "1"}),
+            order_by="create_timestamp", ascending=True)]
+        assert [a.status for a in attempts] == [dg.DagsterRunStatus.FAILURE] * 2
+
+        (run_dir / "job-0001").unlink()  # the cause, fixed
+        result = mloc("run", "replay", attempts[-1].run_id)
+        assert result.returncode == 0, result.stderr
+        assert f"training run {run.run_id} is active again" in result.stderr
+        child = instance.get_run_by_id(result.stdout.strip())
+        assert child.parent_run_id == attempts[-1].run_id and child.tags["mloc/job_index"] == "1"
+        active = store.get_run(run.run_id)
+        assert active.status == "active" and active.generation == 1
+        assert active.status_reason.startswith(f"re-activated by `mloc run replay {attempts[-1].run_id}`: job 1 "
+                                               f"re-executed as {child.run_id} (it had failed: job 1 failed after 2")
+
+        wait_for(lambda: store.get_run(run.run_id).status == "completed" and _all_finished(instance), 600,
+                 "the replayed job, the candidate and the run's completion", daemon)
+        job1 = store.get_job(run.run_id, 1)
+        assert job1.status == "succeeded" and job1.dagster_run_id == child.run_id
+        assert len(instance.get_run_records(dg.RunsFilter(
+            job_name="train_adapter_job", tags={"mloc/run_id": run.run_id, "mloc/job_index": "1"}))) == 3  # no copy
+        resumed = json.loads((run_dir / "job-0001" / "result.json").read_text())
+        assert resumed["resumed_kind"] == "resume_from"
+        assert Path(resumed["resumed_from"]).resolve() == Path(store.get_job(run.run_id, 0).checkpoint_path).resolve()
+
+        # A replay that cannot continue its run is refused before anything is launched.
+        again = mloc("run", "replay", attempts[0].run_id)
+        assert again.returncode == 2 and f"training run {run.run_id} is completed" in again.stderr
+    finally:
+        daemon.stop()
+
+
+def _all_finished(instance: dg.DagsterInstance) -> bool:
+    return not instance.get_run_records(dg.RunsFilter(statuses=[
+        dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED]), limit=1)

@@ -40,7 +40,7 @@ from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.reputation import node_shares, reputation_from_gate
 from mloc_dagster.core.screening import markdown_table, reputation_updates
-from mloc_dagster.core.state import ASR, TTS, AdapterClaimConflict, AdapterRef, Candidate, StateStore
+from mloc_dagster.core.state import ASR, RELEASED, TTS, AdapterClaimConflict, AdapterRef, Candidate, StateStore
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -245,6 +245,9 @@ def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candida
                          "or name one in config candidate_id")
     if candidate.dialect != context.partition_key:
         raise dg.Failure(f"candidate {candidate.candidate_id} is for {candidate.dialect}, not {context.partition_key}")
+    if candidate.gate_decision == RELEASED:  # sensors/verdicts.py: its adapters may be in another candidate now
+        raise dg.Failure(f"candidate {candidate.candidate_id} was released ({(candidate.details or {}).get('released')}): "
+                         "it is never gated or promoted; its adapters go into the next candidate")
     return candidate
 
 

@@ -144,7 +144,7 @@ def tts_gate_report(context: dg.AssetExecutionContext, config: TtsGateConfig, ar
         try:
             spec = (JudgeSpec(judge_dir, settings.judge_version) if settings.judge_version
                     else JudgeSpec.pin(judge_dir))
-            judge = load_judge(spec, candidate.adapter_path, candidate.sha256, device=lease.torch_device)
+            judge = load_judge(spec, candidate.adapter_path, device=lease.torch_device)
         except (JudgeError, OSError) as exc:
             raise dg.Failure(f"TTS gate of {candidate.candidate_id}: {exc}") from exc
         report = judge_candidate(judge, candidate.base_model_path, candidate.adapter_path, candidate.dataset_version,

@@ -4,8 +4,13 @@ by a user's decision (``mloc run resume``).
 
 Identity: only candidates the run's own chain asked for count (``training_run_id``), and only
 those merged in the run's current generation -- after a resume the failed candidate that paused
-it is history, not a reason to pause again. A TTS run's last candidate is judged before the run
-may complete, so a failure at the end pauses the run too.
+it is history, not a reason to pause again.
+
+The stop-loss fails closed and stops the loss (``verdict_pending``): a TTS run's next training
+job is requested only once the candidate before it has a verdict (no job trains past a candidate
+nobody judged), and any run completes only once its last candidate has one. A candidate job that
+ended without a verdict (crashed or canceled before its gate spoke) never counts as one: the
+training chain pauses the run with the reason (``sensors/verdicts.py``).
 """
 
 import json
@@ -13,8 +18,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.assets.tts_candidates import tts_candidate_job
 from mloc_dagster.core.state import ACTIVE, PAUSED, TTS, Candidate, StateStore, TrainingRun
+from mloc_dagster.jobs import TRACK_JOBS
+from mloc_dagster.sensors.verdicts import has_verdict
 
 
 def gate_summary(candidate: Candidate) -> str:
@@ -31,14 +37,27 @@ IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dag
              dg.DagsterRunStatus.STARTED]
 
 
-def verdict_pending(context: dg.SensorEvaluationContext, run: TrainingRun, just_requested: bool) -> bool:
-    """A TTS run completes only once its last candidate's stop-loss has spoken (a failure pauses
-    it instead): True while that candidate job is requested or in flight."""
-    if run.track != TTS:
+def newest_candidate_run(instance: dg.DagsterInstance, run: TrainingRun) -> dg.DagsterRun | None:
+    """The newest Dagster run of the candidate job the run's chain asked for (a replay included)."""
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=TRACK_JOBS[run.track][2], tags={"mloc/run_id": run.run_id}),
+        limit=1, order_by="create_timestamp", ascending=False)
+    return records[0].dagster_run if records else None
+
+
+def verdict_pending(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                    just_requested: bool) -> bool:
+    """True while the candidate asked for after the run's last finished job has no verdict: it
+    was requested this tick, is in flight, or ended without one (then its failure pauses the run;
+    a resume requests it again)."""
+    if just_requested:
+        return True
+    newest = newest_candidate_run(context.instance, run)
+    if newest is None:
         return False
-    return just_requested or bool(context.instance.get_run_records(
-        dg.RunsFilter(job_name=tts_candidate_job.name, tags={"mloc/run_id": run.run_id}, statuses=IN_FLIGHT),
-        limit=1))
+    if not newest.is_finished:
+        return True
+    return newest.tags.get("mloc/job_index") == str(run.last_finished_job) and not has_verdict(store, newest)
 
 
 def apply_stop_loss(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun) -> bool:
@@ -46,8 +65,8 @@ def apply_stop_loss(context: dg.SensorEvaluationContext, store: StateStore, run:
     if run.track != TTS or run.status != ACTIVE:
         return False
     for candidate in store.list_candidates(run.dialect, limit=5, training_run_id=run.run_id):
-        if candidate.gate_decision is None:
-            continue  # merged, not judged yet
+        if candidate.gate_decision not in ("passed", "failed"):
+            continue  # merged, not judged yet (or released: never judged)
         if candidate.gate_decision != "failed" or (candidate.details or {}).get("run_generation") != run.generation:
             return False
         reason = (f"stop-loss: TTS candidate {candidate.candidate_id} failed its gate ({gate_summary(candidate)}); "

@@ -15,6 +15,12 @@ A job that ends badly is handled with Dagster's own signals:
 - a job that refused to start because its training run was paused or cancelled (tag
   ``mloc/refused``) needs nothing: resume re-requests it.
 
+Candidate jobs (``candidate_job``, ``tts_candidate_job``) are read too (``sensors/verdicts.py``):
+one that failed or was canceled before its gate spoke pauses its training run with the reason and
+releases its candidate's adapters; resume requests it again. A failed gate is a verdict, not a
+failure of the job. A run completes only once its last candidate has its verdict, and a TTS run's
+next job waits for the previous candidate's (``sensors/stop_loss.py``).
+
 A *distributed* run advances by rounds instead (``sensors/rounds.py``): each round is placed on
 the pool as slices, one Dagster run of the training job each, and closed by the round merge
 (``round_merge_job``), whose adapter is the run's job ``round``. A canceled slice or round merge
@@ -23,6 +29,8 @@ into the next one); a round merge that fails for good fails the run.
 
 A *TTS* run (track ``tts``) chains ``tts_train_adapter_job`` and ``tts_candidate_job`` the same
 way; when its candidate fails the stop-loss gate the run is paused (``sensors/stop_loss.py``).
+A training run that failed because a job exhausted its retries is re-activated by the replay of
+that job (``mloc run replay``); the chain then sees the replayed job in flight and goes on.
 
 A *hyperparameter* search (``sensors/search.py``) starts its trials as single runs and judges each
 finished job with its pruner before the trial's next job is requested. A *pipeline*
@@ -47,21 +55,32 @@ from mloc_dagster.core.state import (
     PAUSED,
     PIPELINE,
     SUCCEEDED,
+    TTS,
     StateStore,
     TrainingRun,
 )
-from mloc_dagster.jobs import CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, candidate_run_request, train_run_request
+from mloc_dagster.jobs import (
+    CANDIDATE_JOB,
+    CHAIN_JOBS,
+    ROUND_MERGE_JOB,
+    TRACK_JOBS,
+    TRAIN_JOB,
+    candidate_run_request,
+    train_run_request,
+)
 from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
-from mloc_dagster.sensors.stop_loss import apply_stop_loss, verdict_pending
-from mloc_dagster.sensors.verdicts import failure_reason, will_retry
+from mloc_dagster.sensors.stop_loss import IN_FLIGHT, apply_stop_loss, newest_candidate_run, verdict_pending
+from mloc_dagster.sensors.verdicts import failure_reason, handle_ended_candidate, has_verdict, will_retry
 
 FAILURE_BATCH = 100
 # Runs of these jobs that ended badly since the cursor's time are read every tick.
 FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures_after",
-                   TTS_TRAIN_JOB: "tts_failures_after"}
+                   TTS_TRAIN_JOB: "tts_failures_after", CANDIDATE_JOB: "candidate_failures_after",
+                   TRACK_JOBS[TTS][2]: "tts_candidate_failures_after"}
+CANDIDATE_JOBS = {CANDIDATE_JOB, TRACK_JOBS[TTS][2]}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 
 
@@ -114,15 +133,35 @@ def ended_badly(context: dg.SensorEvaluationContext, job_name: str, after: str |
         limit=FAILURE_BATCH, order_by="update_timestamp", ascending=True)
 
 
-def train_requested_in(store: StateStore, run: TrainingRun, entry: list[int]) -> int:
+def train_requested_in(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                       entry: list[int] | None) -> int:
     """The highest job index already requested in the run's current generation. After a resume,
-    a next job that is not in flight (it failed, was canceled or refused) is due again."""
-    generation, train_requested = entry[0], entry[1]
-    if generation == run.generation:
-        return train_requested
+    a next job that is not in flight (it failed, was canceled or refused) is due again; after a
+    replay re-activated the run (not in the cursor any more), the replayed job is in flight."""
+    if entry is not None and entry[0] == run.generation:
+        return entry[1]
     nxt = (-1 if run.last_finished_job is None else run.last_finished_job) + 1
     job = store.get_job(run.run_id, nxt)
-    return train_requested if job is not None and job.status not in (FAILED,) else nxt - 1
+    if entry is not None and job is not None and job.status != FAILED:
+        return entry[1]
+    in_flight = context.instance.get_run_records(dg.RunsFilter(
+        job_name=TRACK_JOBS[run.track][0], statuses=IN_FLIGHT,
+        tags={"mloc/run_id": run.run_id, "mloc/job_index": str(nxt)}), limit=1)
+    return nxt if in_flight else nxt - 1
+
+
+def candidate_requested_in(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                           entry: list[int] | None) -> int:
+    """The highest job index a candidate was requested after, in the run's current generation.
+    After a resume, a candidate job that ended without a verdict (it failed or was canceled
+    before its gate spoke) is due again."""
+    if entry is not None and entry[0] == run.generation:
+        return entry[2]
+    newest = newest_candidate_run(context.instance, run)
+    if newest is None:
+        return entry[2] if entry is not None else -1
+    index = int(newest.tags.get("mloc/job_index", "-1"))
+    return index - 1 if newest.is_finished and not has_verdict(store, newest) else index
 
 
 @dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=5,
@@ -138,10 +177,13 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
     live_ids = {r.run_id for r in store.list_runs(status=(ACTIVE, PAUSED), limit=None)}
 
     # 1. Jobs that ended badly. Those of runs no longer live cost one skipped record, nothing more.
+    # Every candidate job is read: an ungated candidate gives its adapters back, whoever asked for it.
     for job_name in FAILURE_CURSORS:
         for record in ended_badly(context, job_name, after[job_name]):
             after[job_name] = record.update_timestamp.isoformat()
-            if record.dagster_run.tags.get("mloc/run_id") in live_ids:
+            if job_name in CANDIDATE_JOBS:
+                handle_ended_candidate(context, store, record.dagster_run, live_ids)
+            elif record.dagster_run.tags.get("mloc/run_id") in live_ids:
                 handle_ended_job(context, store, record.dagster_run)
 
     # 2. Searches and pipelines first: a trial's finished job is judged before its next one is
@@ -157,16 +199,19 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
     for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
         if run.kind in (HYPERPARAMETER, PIPELINE):
             continue
-        entry = requested.get(run.run_id, [run.generation, -1, -1])
+        entry = requested.get(run.run_id)
         if apply_stop_loss(context, store, run):  # a TTS candidate failed its gate: no next job
-            requested[run.run_id] = entry
+            requested[run.run_id] = entry or [run.generation, -1, -1]
             continue
-        train_req, cand_req = train_requested_in(store, run, entry), entry[2]
+        train_req = train_requested_in(context, store, run, entry)
+        cand_req = asked = candidate_requested_in(context, store, run, entry)
         if run.distributed:  # rounds of slices instead of one job at a time
             run_requests += round_requests(context, store, run)
             train_req = run.max_jobs
         for due in next_due(run, train_req, cand_req):
             if due.kind == "train":
+                if run.track == TTS and verdict_pending(context, store, run, just_requested=cand_req != asked):
+                    continue  # a TTS run's next job waits for the stop-loss of the candidate before it
                 try:
                     request = train_run_request(run, due.job_index)
                 except InvalidHParams as exc:  # a row written around `mloc run start`: say so, once
@@ -178,8 +223,8 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
             elif due.kind == "candidate":
                 run_requests.append(candidate_run_request(run, due.job_index))
                 cand_req = due.job_index
-            elif verdict_pending(context, run, just_requested=cand_req != entry[2]):
-                pass  # a TTS run's last candidate is judged first: it pauses (stop-loss) or completes
+            elif verdict_pending(context, store, run, just_requested=cand_req != asked):
+                pass  # the last candidate is judged first: the run then completes or pauses
             elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
                 context.log.info(f"training run {run.run_id} completed")
         requested[run.run_id] = [run.generation, train_req, cand_req]

@@ -13,6 +13,7 @@ base TTS 0.44, working 0.44 (collapse 0.5), broken 0.86 (collapse 1.0).
 from __future__ import annotations
 
 import json
+import shutil
 
 import dagster as dg
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from mloc_dagster.core.state import StateStore, resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import TRACK_JOBS
-from mloc_dagster.training_runs import TrainingRunError, resume_run, start_run
+from mloc_dagster.training_runs import TrainingRunError, cancel_run, resume_run, start_run
 from tests.sensors.conftest import tick
 
 pytestmark = pytest.mark.slow  # a TTS base, two TTS runs, four syntheses of 8 sentences: ~5 min
@@ -86,21 +87,25 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
     assert store.production(DIALECT, "stable") is None  # the ASR track has no production from it
     assert store.get_run(run.run_id).status == "completed"
 
-    # Re-gating it with the candidate as its own judge is refused before anything is synthesized.
-    regate = defs.resolve_job_def(TTS_CANDIDATE_JOB).execute_in_process(
-        instance=instance, partition_key=DIALECT, raise_on_error=False, asset_selection=[dg.AssetKey("tts_gate_report")],
-        run_config={"ops": {"tts_gate_report": {"config": {
-            "candidate_id": good.candidate_id, "settings": {DIALECT: {"judge_dir": good.adapter_path}}}}}})
-    assert not regate.success
-    failure = [e for e in regate.all_events if e.event_type_value == "STEP_FAILURE"][0]
-    assert "is the candidate" in failure.step_failure_data.error.message
+    # Re-gating it with the candidate as its own judge is refused before anything is synthesized,
+    # under its own name or a copy's (the judge's pin and the candidate hashed the same way).
+    for judge_dir in (good.adapter_path, shutil.copytree(good.adapter_path, mloc_home / "judge-copy")):
+        regate = defs.resolve_job_def(TTS_CANDIDATE_JOB).execute_in_process(
+            instance=instance, partition_key=DIALECT, raise_on_error=False,
+            asset_selection=[dg.AssetKey("tts_gate_report")], run_config={"ops": {"tts_gate_report": {"config": {
+                "candidate_id": good.candidate_id, "settings": {DIALECT: {"judge_dir": str(judge_dir)}}}}}})
+        assert not regate.success
+        failure = [e for e in regate.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "is the candidate" in failure.step_failure_data.error.message
+    assert "under another name" in failure.step_failure_data.error.message
     assert store.get_candidate(good.candidate_id).gate_decision == "passed"  # unchanged
 
-    # A broken TTS run (mislabelled data): its first candidate fails the stop-loss; the chain
-    # pauses the run with the reason, requests nothing more, and a resume continues it.
+    # A broken TTS run (mislabelled data): its first candidate fails the stop-loss; job 1 waits for
+    # that verdict and never trains; the chain pauses the run with the reason, requests nothing
+    # more, and a resume continues it.
     bad = start_run(instance, store, DIALECT, jobs=3, candidate_every=1, timebox_s=600, hparams=BROKEN, track="tts")
     ran, cursor = drive(instance, store, ticks=2)
-    assert [name for name, _ in ran] == ["tts_train_adapter_job", TTS_CANDIDATE_JOB, "tts_train_adapter_job"], ran
+    assert [name for name, _ in ran] == ["tts_train_adapter_job", TTS_CANDIDATE_JOB], ran
     failed = store.list_candidates(DIALECT, training_run_id=bad.run_id)[0]
     print("broken:", {k: round(v, 3) for k, v in json.loads(open(failed.gate_report_path).read())["figures"].items()})
     assert failed.gate_decision == "failed"
@@ -111,12 +116,34 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
     assert "stop-loss" in paused.status_reason and failed.candidate_id in paused.status_reason
     assert "judge CER" in paused.status_reason
 
-    # The user's decision: the chain goes on (job 1's candidate and job 2), not paused again for
-    # the candidate that paused it.
+    # The user's decision: the chain goes on (job 1), not paused again for the candidate that paused it.
     assert resume_run(store, bad.run_id)
-    result, _ = tick(instance, store, cursor)
-    assert sorted(r.job_name for r in result.run_requests) == [TTS_CANDIDATE_JOB, "tts_train_adapter_job"]
+    result, cursor = tick(instance, store, cursor)
+    assert [(r.job_name, r.tags["mloc/job_index"]) for r in result.run_requests] == [("tts_train_adapter_job", "1")]
     assert store.get_run(bad.run_id).status == "active"
+    cancel_run(instance, store, bad.run_id)
+
+    # A TTS run whose gate crashes (the pinned judge changed): no verdict, so the run does not
+    # complete; it pauses with the reason and its candidate gives its adapter back. Once the judge
+    # is fixed, a resume merges and gates the adapter again, and the run completes.
+    (mloc_home / "tts_gate.json").write_text(json.dumps({DIALECT: GATE | {"judge_version": "0" * 64}}))
+    crash = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600, hparams=WORKING, track="tts")
+    ran, cursor = drive(instance, store, ticks=2, cursor=cursor)
+    assert ran == [("tts_train_adapter_job", True), (TTS_CANDIDATE_JOB, False)], ran
+    ran, cursor = drive(instance, store, ticks=1, cursor=cursor)
+    paused = store.get_run(crash.run_id)
+    assert ran == [] and paused.status == "paused", paused
+    [released] = store.list_candidates(DIALECT, training_run_id=crash.run_id)
+    assert released.gate_decision == "released" and "the gate pins 000000000000" in paused.status_reason
+    assert f"before the gate of {released.candidate_id} decided" in paused.status_reason
+    assert [r.run_id for r in store.unclaimed_adapters(DIALECT, track="tts")] == [crash.run_id]
+    (mloc_home / "tts_gate.json").write_text(json.dumps({DIALECT: GATE}))
+    assert resume_run(store, crash.run_id)
+    ran, cursor = drive(instance, store, ticks=2, cursor=cursor)
+    assert ran == [(TTS_CANDIDATE_JOB, True)], ran
+    regated = store.list_candidates(DIALECT, training_run_id=crash.run_id)[0]
+    assert regated.gate_decision == "passed" and regated.candidate_id != released.candidate_id
+    assert store.get_run(crash.run_id).status == "completed"
 
 
 def test_tts_runs_refuse_what_they_cannot_be(line_instance):

@@ -224,6 +224,30 @@ def test_unclaimed_adapters_and_claims(store: StateStore, clock: FakeClock) -> N
         store.set_gate_result("cand-nope", "passed", None)
 
 
+def test_an_ungated_candidate_releases_its_adapters_once_and_is_never_gated(store: StateStore) -> None:
+    run = _run(store)
+    for i in range(2):
+        _finished_job(store, run, i)
+    cand = store.record_candidate(dialect="en-gb-scotland", adapter_path="/cand/u", sha256="u1", trusted=True,
+                                  sources=store.unclaimed_adapters("en-gb-scotland", latest_per_run=True),
+                                  details={"method": "weighted_mean"})
+    assert store.unclaimed_adapters("en-gb-scotland") == []
+    assert store.release_claims(cand.candidate_id, "gate crashed") == 2  # the claimed ancestor too
+    assert [(r.run_id, r.job_index) for r in store.unclaimed_adapters("en-gb-scotland")] == [(run, 0), (run, 1)]
+    released = store.get_candidate(cand.candidate_id)
+    assert released.gate_decision == "released"
+    assert released.details == {"method": "weighted_mean", "released": "gate crashed"}
+    assert store.release_claims(cand.candidate_id, "again") is None  # once
+    with pytest.raises(ValueError, match="released"):
+        store.set_gate_result(cand.candidate_id, "passed", "/r.json")
+    # The next merge claims them; a gated candidate never gives its adapters back.
+    again = store.record_candidate(dialect="en-gb-scotland", adapter_path="/cand/v", sha256="v1", trusted=True,
+                                   sources=store.unclaimed_adapters("en-gb-scotland", latest_per_run=True))
+    store.set_gate_result(again.candidate_id, "failed", "/r.json")
+    assert store.release_claims(again.candidate_id, "late") is None
+    assert {j.candidate_id for j in store.jobs_for_run(run)} == {again.candidate_id}
+
+
 def test_adapters_are_claimed_per_base_model(store: StateStore) -> None:
     run_old, run_new = _run(store), _run(store)
     _finished_job(store, run_old, 0, base="base-old")

@@ -6,10 +6,14 @@ import uuid
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.state import StateStore
-from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
-from mloc_dagster.training_runs import cancel_run, pause_run, resume_run
+from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.definitions import defs
+from mloc_dagster.jobs import CANDIDATE_JOB, TRACK_JOBS, TRAIN_JOB
+from mloc_dagster.training_runs import cancel_run, pause_run, reactivate_run, resume_run
 from tests.sensors.conftest import tick
+
+DIALECT = "en-gb-scotland"
+TTS_TRAIN_JOB, _, TTS_CANDIDATE_JOB = TRACK_JOBS["tts"]
 
 
 @pytest.fixture()
@@ -74,10 +78,12 @@ def test_chain_success_path_candidates_and_completion(instance, store):
     result, cursor = tick(instance, store, cursor)
     assert sorted(keys(result)) == sorted([(CANDIDATE_JOB, f"{run.run_id}/candidate/1"), (TRAIN_JOB, f"{run.run_id}/2")])
     assert keys(tick(instance, store, cursor)[0]) == []
-    succeed(store, run, 2)  # the last job: a candidate, and the run completes
+    succeed(store, run, 2)  # the last job: a candidate, and the run completes once it has its verdict
     result, cursor = tick(instance, store, cursor)
     assert keys(result) == [(CANDIDATE_JOB, f"{run.run_id}/candidate/2")]
-    assert store.get_run(run.run_id).status == "completed"
+    assert store.get_run(run.run_id).status == "active"
+    result, cursor = tick(instance, store, cursor)  # (no Dagster run of it here: nothing to wait for)
+    assert keys(result) == [] and store.get_run(run.run_id).status == "completed"
     result, cursor = tick(instance, store, cursor)
     assert keys(result) == []
     assert json.loads(cursor)["requested"] == {}  # finished runs leave the cursor: it stays small
@@ -206,3 +212,155 @@ def test_several_runs_and_dialects(instance, store):
     result, _ = tick(instance, store, cursor)
     assert sorted(keys(result)) == sorted([(CANDIDATE_JOB, f"{b.run_id}/candidate/0"), (TRAIN_JOB, f"{b.run_id}/1")])
     assert {r.partition_key for r in result.run_requests} == {"en-gb-x-gbclan"}
+
+
+# -- every ended Dagster run of the line is read: candidate jobs, replays --------------------------
+
+
+@pytest.fixture()
+def line_store(instance):
+    """The store the assets see ($MLOC_HOME), on an instance that knows the dialect (and has no
+    base model: a candidate job executed on it fails for real)."""
+    instance.add_dynamic_partitions("dialect", [DIALECT])
+    return StateStore(resolve_state_url())
+
+
+def execute(instance, request, **kw):
+    """Execute a requested run for real, in process, with the request's tags."""
+    return defs.resolve_job_def(request.job_name).execute_in_process(
+        instance=instance, partition_key=request.partition_key, tags=request.tags, run_config=request.run_config,
+        raise_on_error=False, **kw)
+
+
+def step_error(result) -> str:
+    return result.get_step_failure_events()[0].step_failure_data.error.message
+
+
+def test_a_candidate_job_that_fails_pauses_the_run_and_resume_requests_it_again(instance, line_store):
+    store = line_store
+    run = new_run(store, jobs=2, every=2)
+    _, cursor = tick(instance, store)
+    succeed(store, run, 0)
+    _, cursor = tick(instance, store, cursor)
+    succeed(store, run, 1)
+    result, cursor = tick(instance, store, cursor)
+    [request] = result.run_requests  # the last job's candidate: the run waits for its verdict
+    assert request.job_name == CANDIDATE_JOB and store.get_run(run.run_id).status == "active"
+    failed = execute(instance, request)  # no base_model on this instance: the merge fails
+    assert not failed.success and "base_model has never been materialized" in step_error(failed)
+
+    result, cursor = tick(instance, store, cursor)
+    paused = store.get_run(run.run_id)
+    assert keys(result) == [] and paused.status == "paused", paused
+    assert paused.status_reason.startswith(
+        f"the candidate job after job 1 (Dagster run {failed.run_id[:8]}) failed (base_model has never been")
+    assert "before it recorded a candidate" in paused.status_reason
+    assert f"`mloc run resume {run.run_id}` continues the run" in paused.status_reason
+    assert keys(tick(instance, store, cursor)[0]) == []  # read once
+    assert resume_run(store, run.run_id)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(CANDIDATE_JOB, f"{run.run_id}/candidate/1/g1")]
+    assert store.get_run(run.run_id).status == "active"  # completes only once the candidate has a verdict
+
+
+def test_an_ungated_candidate_releases_its_adapters_and_is_never_gated(instance, line_store):
+    store = line_store
+    run = new_run(store, jobs=1, every=1)
+    _, cursor = tick(instance, store)
+    succeed(store, run, 0)
+    [request], cursor = (lambda r: (r[0].run_requests, r[1]))(tick(instance, store, cursor))
+    # The merge recorded its candidate under the Dagster run; then the gate crashes (no base model).
+    dagster_run_id = str(uuid.uuid4())
+    store.record_candidate(candidate_id="cand-ungated", dialect=DIALECT, adapter_path="/cand/u", sha256="u",
+                           trusted=True, sources=store.unclaimed_adapters(DIALECT), dagster_run_id=dagster_run_id,
+                           training_run_id=run.run_id)
+    gate = execute(instance, request, run_id=dagster_run_id, asset_selection=[dg.AssetKey("gate_report")])
+    assert not gate.success and store.unclaimed_adapters(DIALECT) == []
+
+    result, cursor = tick(instance, store, cursor)
+    paused = store.get_run(run.run_id)
+    assert keys(result) == [] and paused.status == "paused", paused
+    assert "before the gate of cand-ungated decided: it is released, its 1 adapter(s) go into the next " \
+           "candidate" in paused.status_reason and "merges and gates them again" in paused.status_reason
+    released = store.get_candidate("cand-ungated")
+    assert released.gate_decision == "released" and "never gated" in released.details["released"]
+    assert [(r.run_id, r.job_index) for r in store.unclaimed_adapters(DIALECT)] == [(run.run_id, 0)]
+    regate = defs.resolve_job_def(CANDIDATE_JOB).execute_in_process(
+        instance=instance, partition_key=DIALECT, raise_on_error=False, asset_selection=[dg.AssetKey("gate_report")],
+        run_config={"ops": {"gate_report": {"config": {"candidate_id": "cand-ungated"}}}})
+    assert "candidate cand-ungated was released" in step_error(regate)
+    assert resume_run(store, run.run_id)
+    result, _ = tick(instance, store, cursor)
+    assert keys(result) == [(CANDIDATE_JOB, f"{run.run_id}/candidate/0/g1")]
+
+
+def candidate_dagster_run(instance, run, job_name=CANDIDATE_JOB, status=dg.DagsterRunStatus.STARTED):
+    return instance.add_run(dg.DagsterRun(job_name=job_name, run_id=str(uuid.uuid4()), status=status,
+                                          tags={"mloc/run_id": run.run_id, "mloc/job_index": "0"}))
+
+
+def test_a_canceled_candidate_pauses_its_run_a_failed_gate_does_not(instance, store):
+    canceled, judged = new_run(store, jobs=1, every=1), new_run(store, jobs=1, every=1)
+    _, cursor = tick(instance, store)
+    succeed(store, canceled, 0)
+    succeed(store, judged, 0)
+    result, cursor = tick(instance, store, cursor)
+    assert [r.job_name for r in result.run_requests] == [CANDIDATE_JOB, CANDIDATE_JOB]
+    instance.report_run_canceled(candidate_dagster_run(instance, canceled), message="terminated in the UI")
+    # The gate decided "failed": its blocking checks fail the Dagster run. That is a verdict.
+    gated = candidate_dagster_run(instance, judged)
+    candidate = store.record_candidate(dialect=DIALECT, adapter_path="/c", sha256="c", trusted=True,
+                                       sources=[r for r in store.unclaimed_adapters(DIALECT)
+                                                if r.run_id == judged.run_id],
+                                       dagster_run_id=gated.run_id, training_run_id=judged.run_id)
+    store.set_gate_result(candidate.candidate_id, "failed", "/r.json")
+    instance.report_run_failed(gated)
+    result, cursor = tick(instance, store, cursor)
+    paused = store.get_run(canceled.run_id)
+    assert paused.status == "paused" and ") was canceled, before it recorded a candidate" in paused.status_reason
+    assert store.get_run(judged.run_id).status == "completed"
+    assert store.get_candidate(candidate.candidate_id).gate_decision == "failed"  # kept, with its adapters
+
+
+def test_a_tts_run_waits_for_the_stop_loss_before_its_next_job(instance, store):
+    run = store.create_run(dialect=DIALECT, dataset_version="/d", base_model_version="/m", timebox_s=60,
+                           max_jobs=2, candidate_every=1, track="tts")
+    _, cursor = tick(instance, store)
+    succeed(store, run, 0)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(TTS_CANDIDATE_JOB, f"{run.run_id}/candidate/0")]  # not job 1: it waits
+    judging = candidate_dagster_run(instance, run, TTS_CANDIDATE_JOB, dg.DagsterRunStatus.NOT_STARTED)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == []  # the stop-loss has not spoken yet
+    instance.report_dagster_event(dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_SUCCESS.value,
+                                                  job_name=TTS_CANDIDATE_JOB), run_id=judging.run_id)
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == [(TTS_TRAIN_JOB, f"{run.run_id}/1")]
+
+
+def test_a_replay_of_the_exhausted_job_reactivates_the_run_without_a_second_copy(instance, store):
+    run = new_run(store, jobs=3, every=3)
+    _, cursor = tick(instance, store)
+    succeed(store, run, 0)
+    _, cursor = tick(instance, store, cursor)
+    store.record_job_started(run.run_id, 1)
+    failed = None
+    for attempt in range(3):  # 1 + max_retries=2 attempts
+        failed = failed_dagster_run(instance, run, 1, retry_number=attempt, parent=failed)
+    _, cursor = tick(instance, store, cursor)
+    _, cursor = tick(instance, store, cursor)  # a failed run leaves the cursor
+    assert store.get_run(run.run_id).status == "failed" and run.run_id not in json.loads(cursor)["requested"]
+
+    # `mloc run replay`: Dagster's re-execution is queued, then the run is re-activated.
+    instance.add_run(dg.DagsterRun(job_name=TRAIN_JOB, run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.NOT_STARTED,
+                                   parent_run_id=failed.run_id, root_run_id=failed.run_id,
+                                   tags={"mloc/run_id": run.run_id, "mloc/job_index": "1"}))
+    assert reactivate_run(store, run.run_id, 1, f"re-activated: job 1 replayed (was {failed.run_id})")
+    active = store.get_run(run.run_id)
+    assert (active.status, active.generation) == ("active", 1) and "replayed" in active.status_reason
+    assert store.get_job(run.run_id, 1).status == "queued"
+    result, cursor = tick(instance, store, cursor)
+    assert keys(result) == []  # the replayed job is in flight: no second copy of it
+    succeed(store, run, 1)
+    assert keys(tick(instance, store, cursor)[0]) == [(TRAIN_JOB, f"{run.run_id}/2/g1")]
+    assert not reactivate_run(store, run.run_id, 1, "not failed")  # only a failed run

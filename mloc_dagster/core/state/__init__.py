@@ -16,6 +16,7 @@ A ``StateStore`` must not be shared across ``fork()``: build one per process.
 """
 
 from mloc_dagster.core.state.candidates import (
+    RELEASED,
     AdapterClaimConflict,
     AdapterRef,
     Candidate,
@@ -56,7 +57,8 @@ from mloc_dagster.core.state.schema import (
 
 __all__ = [
     "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED", "HYPERPARAMETER",
-    "JOB_STATUSES", "PAUSED", "PIPELINE", "QUEUED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES", "RUN_TRANSITIONS",
+    "JOB_STATUSES", "PAUSED", "PIPELINE", "QUEUED", "RELEASED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES",
+    "RUN_TRANSITIONS",
     "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "ASR", "TTS", "TRACKS", "PlannedSlice", "RoundSlice",
     "AdapterClaimConflict", "AdapterRef", "Candidate", "InvalidTransition", "NodeRecord", "Promotion",
     "StateStore", "TrainingJob", "TrainingRun", "UnknownRun", "newest_per_run", "resolve_state_url", "retry_transient",

@@ -5,6 +5,10 @@ outside any transaction, then claims exactly the adapters it merged and inserts 
 one transaction (``record_candidate``); if another merge claimed one of them meanwhile, nothing is
 written and ``AdapterClaimConflict`` says which, so the caller merges again without it. No adapter
 is ever in two candidates, and none is lost to a merge that failed half-way.
+
+A candidate whose gate never spoke (its job failed or was canceled after the merge) gives its
+adapters back (``release_claims``): they go into the next candidate, and the candidate is kept,
+marked ``released``, so nothing gates or promotes it any more.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from mloc_dagster.core.state.schema import (
     training_jobs,
     training_runs,
 )
+
+RELEASED = "released"  # gate_decision of a candidate whose gate never spoke: its claims went back
 
 
 class AdapterClaimConflict(RuntimeError):
@@ -70,7 +76,7 @@ class Candidate:
     sha256: str
     sources: tuple[AdapterRef, ...]
     trusted: bool
-    gate_decision: str | None  # None until the gate ran, then "passed" | "failed"
+    gate_decision: str | None  # None until the gate ran, then "passed" | "failed"; or RELEASED
     gate_report_path: str | None
     details: dict[str, Any] | None  # merge summary: method, truncation errors, clipped/rejected
     base_model: str | None = None  # hash; the candidate is gated and served on this base only
@@ -184,16 +190,38 @@ class CandidateStore(StoreEngine):
         return _candidate_from_row(values)
 
     def set_gate_result(self, candidate_id: str, decision: str, report_path: str | None) -> Candidate:
+        """Record the gate's decision; refused for a released candidate (its adapters may be in
+        another candidate by now)."""
         if decision not in ("passed", "failed"):
             raise ValueError(f"gate decision is 'passed' or 'failed', not {decision!r}")
         with self._write() as conn:
-            result = conn.execute(candidates.update().where(candidates.c.candidate_id == candidate_id)
-                                  .values(gate_decision=decision, gate_report_path=report_path))
+            result = conn.execute(candidates.update().where(
+                candidates.c.candidate_id == candidate_id,
+                sa.func.coalesce(candidates.c.gate_decision, "") != RELEASED,
+            ).values(gate_decision=decision, gate_report_path=report_path))
         if result.rowcount != 1:
-            raise KeyError(f"unknown candidate {candidate_id}")
+            if self.get_candidate(candidate_id) is None:
+                raise KeyError(f"unknown candidate {candidate_id}")
+            raise ValueError(f"candidate {candidate_id} was released (its gate never spoke; its adapters went "
+                             "back to the next candidate): it is never gated")
         cand = self.get_candidate(candidate_id)
         assert cand is not None
         return cand
+
+    def release_claims(self, candidate_id: str, reason: str) -> int | None:
+        """A candidate whose gate never spoke gives its adapters back, in one transaction: it is
+        marked ``released`` (the reason in ``details.released``) and its claimed adapters are
+        unclaimed, so the next candidate merges them. Returns how many adapters went back, or None
+        if the gate had already decided (nothing changed)."""
+        with self._write() as conn:
+            row = conn.execute(sa.select(candidates.c.details).where(
+                candidates.c.candidate_id == candidate_id, candidates.c.gate_decision.is_(None))).first()
+            if row is None:
+                return None
+            conn.execute(candidates.update().where(candidates.c.candidate_id == candidate_id).values(
+                gate_decision=RELEASED, details={**(row.details or {}), "released": reason}))
+            return conn.execute(training_jobs.update().where(training_jobs.c.candidate_id == candidate_id)
+                                .values(candidate_id=None)).rowcount
 
     def get_candidate(self, candidate_id: str) -> Candidate | None:
         return self._one_candidate(candidates.c.candidate_id == candidate_id)

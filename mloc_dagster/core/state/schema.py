@@ -21,13 +21,15 @@ ACTIVE, PAUSED, CANCELLED, COMPLETED, FAILED = "active", "paused", "cancelled", 
 RUN_STATUSES = (ACTIVE, PAUSED, CANCELLED, COMPLETED, FAILED)
 TERMINAL_RUN_STATUSES = frozenset({CANCELLED, COMPLETED, FAILED})
 # Which target states each state may move to. Terminal states are final: a cancelled run is not
-# resumed, a new run is started instead (its history stays readable).
+# resumed, a new run is started instead (its history stays readable). One exception: a run that
+# failed because a job exhausted its retries is re-activated by the replay of that job
+# (`mloc run replay`, training_runs.reactivate_run).
 RUN_TRANSITIONS: Mapping[str, frozenset[str]] = {
     ACTIVE: frozenset({PAUSED, CANCELLED, COMPLETED, FAILED}),
     PAUSED: frozenset({ACTIVE, CANCELLED, FAILED}),
     CANCELLED: frozenset(),
     COMPLETED: frozenset(),
-    FAILED: frozenset(),
+    FAILED: frozenset({ACTIVE}),
 }
 
 # A job that finishes after its training run was cancelled is kept (checkpoint, metrics) as

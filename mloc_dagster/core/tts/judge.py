@@ -94,23 +94,25 @@ class Judge:
     asr: BaseModel
 
 
-def check_not_candidate(spec: JudgeSpec, candidate_dir: str | Path, candidate_version: str | None = None) -> None:
+def check_not_candidate(spec: JudgeSpec, candidate_dir: str | Path) -> None:
     """Raise ``JudgeIsCandidate`` when the judge is the candidate: same directory or inside it,
-    same content hash, or a TTS model directory."""
+    the same content under another name (both sides hashed the same way, ``model_dir_hash``:
+    the judge's pin is compared with the candidate directory's hash, never with a file's), or a
+    TTS model directory."""
     judge, cand = Path(spec.model_dir).resolve(), Path(candidate_dir).resolve()
     if judge == cand or cand in judge.parents:
         raise JudgeIsCandidate(f"judge {spec.model_dir} is the candidate {candidate_dir}; "
                                "name a frozen ASR (the promoted base ASR or an ASR adapter)")
-    if candidate_version is not None and spec.version == candidate_version:
-        raise JudgeIsCandidate(f"judge version {spec.version[:12]} is the candidate's version")
+    if spec.version == model_dir_hash(cand):
+        raise JudgeIsCandidate(f"judge {spec.model_dir} (version {spec.version[:12]}) is the candidate "
+                               f"{candidate_dir} under another name; name a frozen ASR")
     if is_tts_model_dir(judge):
         raise JudgeIsCandidate(f"judge {spec.model_dir} is a TTS model, not an ASR")
 
 
-def load_judge(spec: JudgeSpec, candidate_dir: str | Path, candidate_version: str | None = None,
-               device: str = "cpu") -> Judge:
+def load_judge(spec: JudgeSpec, candidate_dir: str | Path, device: str = "cpu") -> Judge:
     """The frozen judge ASR, after checking it is not the candidate and is the pinned version."""
-    check_not_candidate(spec, candidate_dir, candidate_version)
+    check_not_candidate(spec, candidate_dir)
     actual = model_dir_hash(spec.model_dir)
     if actual != spec.version:
         raise JudgeMismatch(f"judge {spec.model_dir} has version {actual[:12]}, the gate pins {spec.version[:12]}; "
