@@ -31,13 +31,16 @@ finished job with its pruner before the trial's next job is requested. A *pipeli
 
 
 import json
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any, TypeVar
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import InvalidHParams
+from mloc_dagster.assets.hparams import InvalidHParams, validate_hparams
 from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
 from mloc_dagster.core.chain import next_due
+from mloc_dagster.core.pipeline import PipelineSpecError
 from mloc_dagster.core.state import (
     ACTIVE,
     COMPLETED,
@@ -63,6 +66,9 @@ FAILURE_BATCH = 100
 FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures_after",
                    TTS_TRAIN_JOB: "tts_failures_after"}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+PARENT_REQUESTS = {HYPERPARAMETER: search_requests, PIPELINE: pipeline_requests}
+DEFINITION_ERRORS = (InvalidHParams, PipelineSpecError)
+T = TypeVar("T")
 
 
 def handle_ended_job(context: dg.SensorEvaluationContext, store: StateStore, run: dg.DagsterRun) -> None:
@@ -125,6 +131,56 @@ def train_requested_in(store: StateStore, run: TrainingRun, entry: list[int]) ->
     return train_requested if job is not None and job.status not in (FAILED,) else nxt - 1
 
 
+def next_requests(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                  entry: list[int]) -> tuple[list[dg.RunRequest], list[int]]:
+    """The requests one run needs now, and its new cursor entry [generation, train, candidate]."""
+    if run.status == ACTIVE:
+        validate_hparams(run.hparams, run.track)  # a row written around `mloc run start`: before any placement
+    if apply_stop_loss(context, store, run):  # a TTS candidate failed its gate: no next job
+        return [], entry
+    requests = []
+    train_req, cand_req = train_requested_in(store, run, entry), entry[2]
+    if run.distributed:  # rounds of slices instead of one job at a time
+        requests += round_requests(context, store, run)
+        train_req = run.max_jobs
+    for due in next_due(run, train_req, cand_req):
+        if due.kind == "train":
+            request = train_run_request(run, due.job_index)
+            store.record_job_queued(run.run_id, due.job_index)
+            requests.append(request)
+            train_req = due.job_index
+        elif due.kind == "candidate":
+            requests.append(candidate_run_request(run, due.job_index))
+            cand_req = due.job_index
+        elif verdict_pending(context, run, just_requested=cand_req != entry[2]):
+            pass  # a TTS run's last candidate is judged first: it pauses (stop-loss) or completes
+        elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
+            context.log.info(f"training run {run.run_id} completed")
+    return requests, [run.generation, train_req, cand_req]
+
+
+def isolated(context: dg.SensorEvaluationContext, store: StateStore, run_id: str, fallback: T,
+             decide: Callable[..., T], *args: Any) -> T:
+    """One run's decision. An error in it ends at that run, with the reason, and the tick goes on:
+    an invalid stored definition (hparams, pipeline spec) fails the run, since the same row fails
+    the same way on every tick; anything else pauses it (and its trials or stages), nothing lost,
+    until a person has looked and resumes it."""
+    try:
+        return decide(*args)
+    except Exception as exc:  # noqa: BLE001 -- one run's error must never stop the others
+        if isinstance(exc, DEFINITION_ERRORS):
+            if store.transition_run(run_id, (ACTIVE, PAUSED), FAILED, f"invalid run: {exc}"[:2000]):
+                context.log.error(f"training run {run_id} failed: {exc}")
+            return fallback
+        reason = (f"the training chain could not decide on it ({type(exc).__name__}: {exc}); "
+                  f"`mloc run resume {run_id}` once fixed")[:2000]
+        if store.transition_run(run_id, ACTIVE, PAUSED, reason):
+            for child in store.list_runs(status=ACTIVE, parent_run_id=run_id, limit=None):
+                store.transition_run(child.run_id, ACTIVE, PAUSED, f"{run_id} was paused: {reason}"[:2000])
+        context.log.exception(f"training run {run_id} paused: {reason}")
+        return fallback
+
+
 @dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=5,
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="Requests the next timeboxed job of every active training run, and a candidate "
@@ -141,48 +197,25 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
     for job_name in FAILURE_CURSORS:
         for record in ended_badly(context, job_name, after[job_name]):
             after[job_name] = record.update_timestamp.isoformat()
-            if record.dagster_run.tags.get("mloc/run_id") in live_ids:
-                handle_ended_job(context, store, record.dagster_run)
+            if (run_id := record.dagster_run.tags.get("mloc/run_id")) in live_ids:
+                isolated(context, store, run_id, None, handle_ended_job, context, store, record.dagster_run)
 
     # 2. Searches and pipelines first: a trial's finished job is judged before its next one is
     # requested, a pipeline's next stage starts.
     run_requests = []
     for parent in store.list_runs(status=ACTIVE, limit=None):
-        if parent.kind == HYPERPARAMETER:
-            run_requests += search_requests(context, store, parent)
-        elif parent.kind == PIPELINE:
-            run_requests += pipeline_requests(context, store, parent)
+        if parent.kind in PARENT_REQUESTS:
+            run_requests += isolated(context, store, parent.run_id, [], PARENT_REQUESTS[parent.kind],
+                                     context, store, parent)
 
-    # 3. What each active run needs next.
+    # 3. What each active run needs next; an error deciding one run ends at that run.
     for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
         if run.kind in (HYPERPARAMETER, PIPELINE):
             continue
         entry = requested.get(run.run_id, [run.generation, -1, -1])
-        if apply_stop_loss(context, store, run):  # a TTS candidate failed its gate: no next job
-            requested[run.run_id] = entry
-            continue
-        train_req, cand_req = train_requested_in(store, run, entry), entry[2]
-        if run.distributed:  # rounds of slices instead of one job at a time
-            run_requests += round_requests(context, store, run)
-            train_req = run.max_jobs
-        for due in next_due(run, train_req, cand_req):
-            if due.kind == "train":
-                try:
-                    request = train_run_request(run, due.job_index)
-                except InvalidHParams as exc:  # a row written around `mloc run start`: say so, once
-                    store.transition_run(run.run_id, (ACTIVE, PAUSED), FAILED, str(exc))
-                    break
-                store.record_job_queued(run.run_id, due.job_index)
-                run_requests.append(request)
-                train_req = due.job_index
-            elif due.kind == "candidate":
-                run_requests.append(candidate_run_request(run, due.job_index))
-                cand_req = due.job_index
-            elif verdict_pending(context, run, just_requested=cand_req != entry[2]):
-                pass  # a TTS run's last candidate is judged first: it pauses (stop-loss) or completes
-            elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
-                context.log.info(f"training run {run.run_id} completed")
-        requested[run.run_id] = [run.generation, train_req, cand_req]
+        found, requested[run.run_id] = isolated(context, store, run.run_id, ([], entry), next_requests,
+                                                context, store, run, entry)
+        run_requests += found
 
     cursor = {**{key: after[job] for job, key in FAILURE_CURSORS.items()},
               "requested": {k: v for k, v in requested.items() if k in live_ids}}

@@ -206,3 +206,58 @@ def test_several_runs_and_dialects(instance, store):
     result, _ = tick(instance, store, cursor)
     assert sorted(keys(result)) == sorted([(CANDIDATE_JOB, f"{b.run_id}/candidate/0"), (TRAIN_JOB, f"{b.run_id}/1")])
     assert {r.partition_key for r in result.run_requests} == {"en-gb-x-gbclan"}
+
+
+BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it
+
+
+def write_around_start(store, run_id, **values):
+    """Change a stored run the way a hand edit or an older release could: past start_run's checks."""
+    from mloc_dagster.core.state.schema import training_runs
+
+    with store.engine.begin() as conn:
+        conn.execute(training_runs.update().where(training_runs.c.run_id == run_id).values(**values))
+
+
+def test_runs_that_cannot_be_advanced_fail_alone_and_the_others_advance_in_the_same_tick(instance, store):
+    good = new_run(store)
+    not_a_mapping = new_run(store)
+    write_around_start(store, not_a_mapping.run_id, hparams=[1])
+    store.record_job_throughput("node-a", BASE, 10.0, source="calibrate")  # a pool the round could be placed on
+    distributed = store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version=f"/models/{BASE}",
+                                   hparams={"r": "six"}, timebox_s=60, max_jobs=2, candidate_every=2,
+                                   kind="distributed", parallelism=1, round_samples=10)
+    stages = [{"name": "adapt", "kind": "training_run", "dialect": "en-gb-scotland", "jobs": "six"}]
+    six_jobs = store.create_run(dialect="en-gb-scotland", dataset_version="", base_model_version="", kind="pipeline",
+                                max_jobs=1, candidate_every=1, spec={"stages": stages})
+    bad_config = store.create_run(dialect="en-gb-scotland", dataset_version="", base_model_version="",
+                                  kind="pipeline", max_jobs=1, candidate_every=1, spec={"stages": [
+                                      {"name": "base", "kind": "base_model", "config": {"max_steps": "x"}}]})
+
+    result, cursor = tick(instance, store)
+    assert keys(result) == [(TRAIN_JOB, f"{good.run_id}/0")]
+    for run, why in ((not_a_mapping, "hparams must be a JSON object of name: value"),
+                     (distributed, "r: Input should be a valid integer"),
+                     (six_jobs, "stage adapt: jobs must be an integer >= 1, got 'six'"),
+                     (bad_config, "stage base: config: Invalid scalar at path root:ops:base_model:config:max_steps")):
+        failed = store.get_run(run.run_id)
+        assert failed.status == "failed" and why in failed.status_reason, (run.run_id, failed.status_reason)
+    assert store.round_slices(distributed.run_id, 0) == []  # refused before any placement took quota
+    assert store.get_node("node-a").jobs_today == 0
+    assert json.loads(cursor)["requested"][good.run_id] == [0, 0, -1]  # the cursor moved
+    again, cursor = tick(instance, store, cursor)
+    assert keys(again) == [] and list(json.loads(cursor)["requested"]) == [good.run_id]
+
+
+def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, store):
+    good, odd = new_run(store), new_run(store)
+    write_around_start(store, odd.run_id, track="video")  # no such track: nothing to decide with
+    result, cursor = tick(instance, store)
+    assert keys(result) == [(TRAIN_JOB, f"{good.run_id}/0")]
+    paused = store.get_run(odd.run_id)
+    assert paused.status == "paused" and "could not decide on it (KeyError: 'video')" in paused.status_reason
+    assert f"mloc run resume {odd.run_id}" in paused.status_reason
+    write_around_start(store, odd.run_id, track="asr")  # fixed: nothing was lost
+    assert resume_run(store, odd.run_id)
+    result, _ = tick(instance, store, cursor)
+    assert keys(result) == [(TRAIN_JOB, f"{odd.run_id}/0/g1")]
