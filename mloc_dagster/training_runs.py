@@ -112,6 +112,7 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         hparams = validate_hparams(hparams or {}, track)
     except InvalidHParams as exc:
         raise TrainingRunError(str(exc)) from exc
+    search = search_config(kind, space, trials, jobs, parallelism)  # every input checked: nothing started yet
     dataset = latest_metadata(instance, "dataset_version", dialect)
     if dataset is None:
         raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
@@ -124,7 +125,6 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
         hparams = warm_start_hparams(adapter_dir, hparams)
         label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
-    search = search_config(kind, space, trials, jobs, parallelism)  # bad input: nothing started
     try:
         run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
                                 hparams=pin_hparams(hparams, track), timebox_s=timebox_s, max_jobs=jobs,
