@@ -31,16 +31,13 @@ finished job with its pruner before the trial's next job is requested. A *pipeli
 
 
 import json
-from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
 
 import dagster as dg
 
-from mloc_dagster.assets.hparams import InvalidHParams, validate_hparams
+from mloc_dagster.assets.hparams import validate_hparams
 from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
 from mloc_dagster.core.chain import next_due
-from mloc_dagster.core.pipeline import PipelineSpecError
 from mloc_dagster.core.state import (
     ACTIVE,
     COMPLETED,
@@ -55,6 +52,7 @@ from mloc_dagster.core.state import (
 )
 from mloc_dagster.jobs import CHAIN_JOBS, ROUND_MERGE_JOB, TRAIN_JOB, candidate_run_request, train_run_request
 from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
@@ -67,8 +65,6 @@ FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures
                    TTS_TRAIN_JOB: "tts_failures_after"}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 PARENT_REQUESTS = {HYPERPARAMETER: search_requests, PIPELINE: pipeline_requests}
-DEFINITION_ERRORS = (InvalidHParams, PipelineSpecError)
-T = TypeVar("T")
 
 
 def handle_ended_job(context: dg.SensorEvaluationContext, store: StateStore, run: dg.DagsterRun) -> None:
@@ -157,28 +153,6 @@ def next_requests(context: dg.SensorEvaluationContext, store: StateStore, run: T
         elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
             context.log.info(f"training run {run.run_id} completed")
     return requests, [run.generation, train_req, cand_req]
-
-
-def isolated(context: dg.SensorEvaluationContext, store: StateStore, run_id: str, fallback: T,
-             decide: Callable[..., T], *args: Any) -> T:
-    """One run's decision. An error in it ends at that run, with the reason, and the tick goes on:
-    an invalid stored definition (hparams, pipeline spec) fails the run, since the same row fails
-    the same way on every tick; anything else pauses it (and its trials or stages), nothing lost,
-    until a person has looked and resumes it."""
-    try:
-        return decide(*args)
-    except Exception as exc:  # noqa: BLE001 -- one run's error must never stop the others
-        if isinstance(exc, DEFINITION_ERRORS):
-            if store.transition_run(run_id, (ACTIVE, PAUSED), FAILED, f"invalid run: {exc}"[:2000]):
-                context.log.error(f"training run {run_id} failed: {exc}")
-            return fallback
-        reason = (f"the training chain could not decide on it ({type(exc).__name__}: {exc}); "
-                  f"`mloc run resume {run_id}` once fixed")[:2000]
-        if store.transition_run(run_id, ACTIVE, PAUSED, reason):
-            for child in store.list_runs(status=ACTIVE, parent_run_id=run_id, limit=None):
-                store.transition_run(child.run_id, ACTIVE, PAUSED, f"{run_id} was paused: {reason}"[:2000])
-        context.log.exception(f"training run {run_id} paused: {reason}")
-        return fallback
 
 
 @dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=5,
