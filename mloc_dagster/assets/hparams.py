@@ -82,6 +82,7 @@ LIMITS = {"r": (">= 1", lambda v: v >= 1), "alpha": _ABOVE_0, "dropout": _FRACTI
           "batch_size": (">= 1", lambda v: v >= 1), "warmup_steps": _AT_LEAST_0, "seed": _AT_LEAST_0,
           "checkpoint_every_s": _ABOVE_0, "max_steps": _AT_LEAST_0, "rehearsal_fraction": _FRACTION,
           "distill_weight": _AT_LEAST_0, "train_limit": _AT_LEAST_0}
+TRACK_LIMITS = {ASR: LIMITS, TTS: {**LIMITS, "dropout": ("< 1 (< 0: the model's default)", lambda v: v < 1)}}
 
 
 def validate_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, Any]:
@@ -101,7 +102,8 @@ def validate_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, 
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
         raise InvalidHParams(f"ill-typed hparam(s): {problems}") from exc
     values = {k: getattr(checked, k) for k in hparams}
-    bad = [f"{k} must be {LIMITS[k][0]} (got {v!r})" for k, v in values.items() if k in LIMITS and not LIMITS[k][1](v)]
+    limits = TRACK_LIMITS[track]
+    bad = [f"{k} must be {limits[k][0]} (got {v!r})" for k, v in values.items() if k in limits and not limits[k][1](v)]
     if bad:
         raise InvalidHParams(f"hparam(s) out of range: {'; '.join(bad)}")
     return values

@@ -261,3 +261,16 @@ def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, s
     assert resume_run(store, odd.run_id)
     result, _ = tick(instance, store, cursor)
     assert keys(result) == [(TRAIN_JOB, f"{odd.run_id}/0/g1")]
+
+
+def test_each_track_with_every_default_pinned_passes_the_range_checks(instance, store):
+    """The checks that refuse a corrupt row accept what `mloc run start` stores (TTS dropout -1: the
+    model's default)."""
+    from mloc_dagster.assets.hparams import pin_hparams
+    from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
+
+    runs = {track: store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
+                                    hparams=pin_hparams({}, track), timebox_s=60, max_jobs=2, candidate_every=2,
+                                    track=track) for track in ("asr", "tts")}
+    result, _ = tick(instance, store)
+    assert sorted(keys(result)) == sorted([(TRAIN_JOB, f"{runs['asr'].run_id}/0"), (TTS_TRAIN_JOB, f"{runs['tts'].run_id}/0")])
