@@ -16,7 +16,7 @@ candidate merges its upstream training run's adapter. A stage that failed stops 
 the reason; when every stage succeeded the pipeline completes. Pausing, resuming and cancelling
 the pipeline apply to its training runs (``training_runs.py``). A spec that fails its checks here
 (one written around ``mloc run start``) fails its pipeline alone, with the reason
-(``training_chain.isolated``).
+(``sensors/isolation.py``).
 """
 
 import dagster as dg
