@@ -16,6 +16,7 @@ from mloc_dagster.core.state import (
     ADAPTER_BRANCHES,
     ASR,
     CANCELLED,
+    DISTRIBUTED,
     FAILED,
     HYPERPARAMETER,
     PAUSED,
@@ -63,13 +64,23 @@ def resolve_warm_start(store: StateStore, dialect: str, base_version: str, spec:
         raise TrainingRunError(f"--from {spec}: {candidate.candidate_id} was trained on base model "
                                f"{(candidate.base_model or 'unknown')[:12]}, the current base is {base_version[:12]}; "
                                "an adapter only continues on its own base")
-    return label, candidate.candidate_id, Path(candidate.adapter_path)
+    adapter_dir = Path(candidate.adapter_path)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise TrainingRunError(f"--from {spec}: the adapter of {candidate.candidate_id} is gone from {adapter_dir} "
+                               "(removed from disk); pick another (`mloc candidate list`)")
+    return label, candidate.candidate_id, adapter_dir
 
 
 def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
     """A warm start continues the adapter's own LoRA shape (rank, alpha, target modules)."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    shape = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "target_modules": sorted(cfg["target_modules"])}
+    path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+        shape = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]),
+                 "target_modules": sorted(map(str, cfg["target_modules"]))}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise TrainingRunError(f"--from: {path} cannot be read as a LoRA config (r, lora_alpha, target_modules): "
+                               f"{type(exc).__name__}: {exc}") from exc
     clash = {k: hparams[k] for k in shape if k in hparams and hparams[k] != shape[k]}
     if clash:
         raise TrainingRunError(f"hparams {clash} differ from the warm-start adapter's {shape}; leave them out")
@@ -96,10 +107,13 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         raise TrainingRunError(f"--track {track!r}: one of {', '.join(TRACKS)}")
     if track == TTS and (kind != SINGLE or init_from):
         raise TrainingRunError("a tts run is of kind single, from the TTS base (no --kind, no --from)")
+    check_run_params(kind, jobs=jobs, candidate_every=candidate_every, timebox_s=timebox_s,
+                     parallelism=parallelism, round_samples=round_samples, trials=trials)
     try:
         hparams = validate_hparams(hparams or {}, track)
     except InvalidHParams as exc:
         raise TrainingRunError(str(exc)) from exc
+    search = search_config(kind, space, trials, jobs, parallelism)  # every input checked: nothing started yet
     dataset = latest_metadata(instance, "dataset_version", dialect)
     if dataset is None:
         raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
@@ -112,7 +126,6 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
         hparams = warm_start_hparams(adapter_dir, hparams)
         label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
-    search = search_config(kind, space, trials, jobs, parallelism)  # bad input: nothing started
     try:
         run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
                                 hparams=pin_hparams(hparams, track), timebox_s=timebox_s, max_jobs=jobs,
@@ -133,22 +146,36 @@ def start_pipeline(instance: dg.DagsterInstance, store: StateStore, spec) -> Tra
     """A pipeline run from a spec (dict, JSON/YAML text or file; ``core/pipeline.py``), checked
     before anything starts; the training_chain_sensor starts its first stage on its next tick."""
     from mloc_dagster.core.pipeline import PipelineSpecError, load_spec, spec_json
+    from mloc_dagster.sensors.pipeline import check_stage
 
     try:
         stages = load_spec(spec)
+        for s in stages:
+            check_stage(s)
     except (PipelineSpecError, OSError) as exc:
         raise TrainingRunError(f"pipeline spec: {exc}") from exc
     training = [s for s in stages if s.kind == "training_run"]
-    for s in training:
-        if not is_valid_dialect(s.fields["dialect"]):
-            raise TrainingRunError(f"stage {s.name}: {s.fields['dialect']!r}: dialect keys are lowercase [a-z0-9-]")
-        try:
-            validate_hparams(s.fields.get("hparams") or {})
-        except InvalidHParams as exc:
-            raise TrainingRunError(f"stage {s.name}: {exc}") from exc
     dialect = training[0].fields["dialect"] if training else "en-us"
     return store.create_run(dialect=dialect, dataset_version="", base_model_version="", kind=PIPELINE,
                             max_jobs=len(stages), candidate_every=1, spec=spec_json(stages))
+
+
+def check_run_params(kind: str, **values: Any) -> None:
+    """The numbers of a run, each named as `mloc run start` and the launchpad call it, checked
+    before anything is created."""
+    if kind not in (SINGLE, DISTRIBUTED, HYPERPARAMETER):
+        raise TrainingRunError(f"--kind {kind!r}: one of {SINGLE}, {DISTRIBUTED}, {HYPERPARAMETER} "
+                               "(a pipeline starts from its --spec)")
+    lows = {"jobs": 1, "candidate_every": 1, "timebox_s": 1, "parallelism": 1, "round_samples": 0, "trials": 0}
+    if kind == DISTRIBUTED:
+        lows["round_samples"] = values["parallelism"] if isinstance(values["parallelism"], int) else 1
+    if kind == HYPERPARAMETER:
+        lows["trials"] = 1
+    for name, low in lows.items():
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            why = " (one sample per slice at least: >= parallelism)" if name == "round_samples" and low > 0 else ""
+            raise TrainingRunError(f"{name} must be an integer >= {low}{why}, got {value!r}")
 
 
 def search_config(kind: str, space: str | dict | None, trials: int, jobs: int, parallelism: int):

@@ -50,6 +50,60 @@ def test_run_start_errors_are_clear(mloc_home):
     assert proc.returncode != 0 and "not valid JSON" in proc.stdout + proc.stderr
 
 
+TRAINING_STAGE = {"name": "adapt", "kind": "training_run", "dialect": "en-029"}
+PIPELINE_REFUSALS = [
+    ({**TRAINING_STAGE, "jobs": 0}, "stage adapt: jobs must be an integer >= 1, got 0"),
+    ({**TRAINING_STAGE, "jobs": "six"}, "stage adapt: jobs must be an integer >= 1, got 'six'"),
+    ({"name": "base", "kind": "base_model", "config": {"max_steps": "x"}},
+     "stage base: config: Invalid scalar at path root:ops:base_model:config:max_steps"),
+]
+
+
+def test_run_start_refusals_name_the_field_and_create_nothing(mloc_home, postgres_url, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLOC_DATABASE_URL", postgres_url)
+    with dg.DagsterInstance.get():
+        pass
+    refusals = [
+        (["--hparams", "[1]"], "hparams must be a JSON object of name: value"),
+        (["--hparams", '{"r": 0, "dropout": 1.5}'], "r must be >= 1 (got 0); dropout must be within [0, 1) (got 1.5)"),
+        (["--jobs", "0"], "jobs must be an integer >= 1, got 0"),
+        (["--kind", "distributed", "--parallelism", "0"], "parallelism must be an integer >= 1, got 0"),
+        (["--kind", "distributed", "--parallelism", "4", "--round-samples", "3"], "round_samples must be an integer >= 4"),
+        (["--kind", "hyperparameter", "--trials", "0", "--space", '{"lr": [0.001, 0.01]}'],
+         "trials must be an integer >= 1, got 0"),
+        (["--kind", "hyperparameter", "--space", '{"r": [0, 8]}'], "r: 0 is not a valid value for the training job"),
+    ]
+    for args, message in refusals:
+        proc = mloc("run", "start", "--dialect", "en-029", *args, check=False)
+        out = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+        assert proc.returncode == 1 and message in out and "Traceback" not in out, (args, out)
+    for i, (stage, message) in enumerate(PIPELINE_REFUSALS):
+        spec = tmp_path / f"spec{i}.json"
+        spec.write_text(json.dumps({"stages": [stage]}))
+        proc = mloc("run", "start", "--kind", "pipeline", "--spec", str(spec), check=False)
+        out = " ".join((proc.stdout + proc.stderr).split())
+        assert proc.returncode == 1 and f"pipeline spec: {message}" in out and "Traceback" not in out, out
+    from mloc_dagster.core.state import StateStore
+
+    assert StateStore(postgres_url).list_runs() == []  # a refusal creates nothing
+
+
+def test_warm_start_from_a_removed_candidate_is_refused(registered_base, tmp_path):
+    from mloc_dagster.assets.lineage import latest_metadata
+    from mloc_dagster.core.state import StateStore, resolve_state_url
+
+    instance, _ = registered_base
+    store = StateStore(resolve_state_url())
+    gone = tmp_path / "removed-adapter"
+    candidate = store.record_candidate(dialect="en-gb-scotland", adapter_path=str(gone), sha256="0" * 64, sources=[],
+                                       trusted=True, base_model=latest_metadata(instance, "base_model")["version"])
+    proc = mloc("run", "start", "--dialect", "en-gb-scotland", "--from", candidate.candidate_id, check=False)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 1 and "Traceback" not in out + proc.stderr
+    assert f"--from {candidate.candidate_id}: the adapter of {candidate.candidate_id} is gone from {gone}" in out
+    assert store.list_runs() == []
+
+
 def test_corpus_synth_and_dialect_commands(mloc_home):
     mloc("corpus", "synth", "--dialects", "en-029", "--utterances", "6", "--speakers", "3")
     assert (mloc_home / "incoming" / "en-029" / "synth-s0-n6" / "manifest.jsonl").is_file()

@@ -28,6 +28,7 @@ So one low-reputation node no longer demotes everyone else's work to experimenta
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,8 @@ import dagster as dg
 from mloc_dagster.assets.adapters import adapter_checkpoint
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
-from mloc_dagster.core.gates import GateThresholds, evaluate_gates, score
+from mloc_dagster.core.gate_config import load_thresholds
+from mloc_dagster.core.gates import GateConfigError, GateThresholds, evaluate_gates, score
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.reputation import node_shares, reputation_from_gate
 from mloc_dagster.core.screening import markdown_table, reputation_updates
@@ -252,13 +254,26 @@ def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candida
 
 
 def thresholds_for(dialect: str, config: GateConfig, artifacts: ArtifactStore) -> GateThresholds:
-    gates_file = artifacts.paths.home / GATES_FILE
-    from_file = json.loads(gates_file.read_text()).get(dialect, {}) if gates_file.is_file() else {}
-    try:
-        return GateThresholds.from_mapping(
-            {"bootstrap_samples": config.bootstrap_samples, **from_file, **config.thresholds.get(dialect, {})})
-    except ValueError as exc:
-        raise dg.Failure(f"invalid gate thresholds for {dialect} ({gates_file} or run config): {exc}") from exc
+    return load_thresholds(artifacts.paths.home / GATES_FILE, dialect, {"bootstrap_samples": config.bootstrap_samples},
+                           config.thresholds.get(dialect, {}))
+
+
+def config_refusal(store: StateStore, candidate: Candidate, checks: Sequence[str], reason: str,
+                   path: Path) -> dg.MaterializeResult:
+    """A gate whose own configuration is broken judges nothing: every check fails with the
+    reason (so promotion is blocked and the run's chain hears of it), nobody's reputation moves,
+    and the candidate can be re-gated once the file is fixed (config ``candidate_id``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gates = [{"name": name, "passed": False, "value": None, "limit": None, "floor": None,
+              "description": f"gate configuration: {reason}"} for name in checks]
+    path.write_text(json.dumps({"candidate_id": candidate.candidate_id, "decision": "failed",
+                                "config_error": reason, "gates": gates}, indent=2))
+    store.set_gate_result(candidate.candidate_id, "failed", str(path))
+    return dg.MaterializeResult(
+        metadata={"candidate_id": candidate.candidate_id, "decision": "failed", "config_error": reason,
+                  "path": dg.MetadataValue.path(str(path))},
+        check_results=[dg.AssetCheckResult(check_name=name, passed=False, metadata={"reason": reason})
+                       for name in checks])
 
 
 def companion_of(store: StateStore, candidate: Candidate) -> Candidate | None:
@@ -286,12 +301,16 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     dialect = context.partition_key
     store = state.store()
     candidate = gate_candidate(context, store, config.candidate_id)
+    try:
+        thresholds = thresholds_for(dialect, config, artifacts)
+    except GateConfigError as exc:
+        return config_refusal(store, candidate, GATES, str(exc),
+                              artifacts.paths.reports / dialect / f"{candidate.candidate_id}.json")
     base = require_metadata(context.instance, "base_model")
     dataset_path = candidate.dataset_version or require_metadata(context.instance, "dataset_version", dialect)["path"]
     base_dataset = require_metadata(context.instance, "dataset_version", base["base_dialect"])
     production = store.production(dialect, "stable")
     stale = production is not None and production.base_model != candidate.base_model
-    thresholds = thresholds_for(dialect, config, artifacts)
 
     with gpu.lease("EVAL", context) as lease:
         recognize = Recognizer(candidate.base_model_path or base["path"], artifacts.paths.home / "features",

@@ -74,10 +74,24 @@ class InvalidHParams(ValueError):
     pass
 
 
+# What a job can train with, checked when a run starts rather than in its first job.
+_AT_LEAST_0 = (">= 0", lambda v: v >= 0)
+_ABOVE_0 = ("> 0", lambda v: v > 0)
+_FRACTION = ("within [0, 1)", lambda v: 0 <= v < 1)
+LIMITS = {"r": (">= 1", lambda v: v >= 1), "alpha": _ABOVE_0, "dropout": _FRACTION, "lr": _ABOVE_0,
+          "batch_size": (">= 1", lambda v: v >= 1), "warmup_steps": _AT_LEAST_0, "seed": _AT_LEAST_0,
+          "checkpoint_every_s": _ABOVE_0, "max_steps": _AT_LEAST_0, "rehearsal_fraction": _FRACTION,
+          "distill_weight": _AT_LEAST_0, "train_limit": _AT_LEAST_0}
+TRACK_LIMITS = {ASR: LIMITS, TTS: {**LIMITS, "dropout": ("< 1 (< 0: the model's default)", lambda v: v < 1)}}
+
+
 def validate_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, Any]:
     """The hparams as the training job will receive them (ints stay ints, lists lists); an unknown
-    or ill-typed key is an ``InvalidHParams`` naming it and what is allowed."""
+    or ill-typed key, or a value out of range, is an ``InvalidHParams`` naming it and what is allowed."""
     keys = hparam_keys(track)
+    if not isinstance(hparams, Mapping):
+        raise InvalidHParams(f"hparams must be a JSON object of name: value, e.g. {{\"lr\": 0.002, \"r\": 8}}; "
+                             f"got {hparams!r}")
     unknown = sorted(set(hparams) - set(keys))
     if unknown:
         what = "hparam(s)" if track == ASR else f"{track} hparam(s)"
@@ -87,7 +101,12 @@ def validate_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, 
     except pydantic.ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
         raise InvalidHParams(f"ill-typed hparam(s): {problems}") from exc
-    return {k: getattr(checked, k) for k in hparams}
+    values = {k: getattr(checked, k) for k in hparams}
+    limits = TRACK_LIMITS[track]
+    bad = [f"{k} must be {limits[k][0]} (got {v!r})" for k, v in values.items() if k in limits and not limits[k][1](v)]
+    if bad:
+        raise InvalidHParams(f"hparam(s) out of range: {'; '.join(bad)}")
+    return values
 
 
 def pin_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, Any]:

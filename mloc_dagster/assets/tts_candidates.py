@@ -16,10 +16,11 @@ candidate (``core.tts.judge.load_judge`` refuses it). Two blocking checks:
 The report puts floor, base TTS and candidate side by side, with the mel-cepstral distortion
 (after DTW) of base TTS and candidate against the real recordings, and links a few wav samples.
 A failed gate stops the promotion; the training chain then pauses the TTS run that asked for the
-candidate and says why (``sensors/stop_loss.py``): it resumes only by a user's decision.
+candidate and says why (``sensors/stop_loss.py``): it resumes only by a user's decision. A broken
+``tts_gate.json`` (or run config) judges nothing: both checks fail with the reason, so the run
+pauses with it too.
 """
 
-import json
 from typing import Any
 
 import dagster as dg
@@ -28,12 +29,15 @@ import pydantic
 from mloc_dagster.assets.candidates import (
     MIN_TRUSTED_REPUTATION,
     already_merged,
+    config_refusal,
     gate_candidate,
     pinned_inputs,
     root_run_id,
 )
 from mloc_dagster.assets.tts_training import aligner_of, tts_adapter_checkpoint
 from mloc_dagster.core.candidates import merge_candidate
+from mloc_dagster.core.gate_config import dialect_settings
+from mloc_dagster.core.gates import GateConfigError
 from mloc_dagster.core.state import TTS, AdapterClaimConflict
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -116,12 +120,17 @@ def tts_candidate(context: dg.AssetExecutionContext, config: TtsMergeConfig, art
 
 
 def gate_settings(dialect: str, config: TtsGateConfig, artifacts: ArtifactStore) -> TtsGateSettings:
+    """A malformed file, entry or value is a ``GateConfigError`` naming the file (or run config) and key."""
     path = artifacts.paths.home / TTS_GATE_FILE
-    from_file = json.loads(path.read_text()).get(dialect, {}) if path.is_file() else {}
-    try:
-        return TtsGateSettings.model_validate({**from_file, **config.settings.get(dialect, {})})
-    except pydantic.ValidationError as exc:
-        raise dg.Failure(f"invalid TTS gate settings for {dialect} ({path} or run config): {exc}") from exc
+    from_file = dialect_settings(path, dialect)
+    for where, settings in ((f"{path}: key {dialect!r}", from_file),
+                            (f"TTS gate run config for {dialect}", {**from_file, **config.settings.get(dialect, {})})):
+        try:
+            checked = TtsGateSettings.model_validate(settings)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
+            raise GateConfigError(f"{where}: {problems}") from exc
+    return checked
 
 
 @dg.asset(partitions_def=dialect_partitions, deps=[tts_candidate], group_name="tts", kinds={"pytorch"}, pool="gpu",
@@ -137,9 +146,12 @@ def tts_gate_report(context: dg.AssetExecutionContext, config: TtsGateConfig, ar
 
     dialect, store = context.partition_key, state.store()
     candidate = gate_candidate(context, store, config.candidate_id, TTS)
-    settings = gate_settings(dialect, config, artifacts)
-    judge_dir = settings.judge_dir or str(aligner_of(candidate.base_model_path, artifacts.paths.models))
     out = artifacts.paths.reports / "tts" / dialect / candidate.candidate_id
+    try:
+        settings = gate_settings(dialect, config, artifacts)
+    except GateConfigError as exc:
+        return config_refusal(store, candidate, TTS_GATES, str(exc), out / "report.json")
+    judge_dir = settings.judge_dir or str(aligner_of(candidate.base_model_path, artifacts.paths.models))
     with gpu.lease("EVAL", context) as lease:
         try:
             spec = (JudgeSpec(judge_dir, settings.judge_version) if settings.judge_version

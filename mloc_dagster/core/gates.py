@@ -65,6 +65,14 @@ _TOLERANCE = 1e-12
 _EPS = 1e-9
 
 
+class GateConfigError(ValueError):
+    """A gate configuration the user must fix: the message names the file (or run config) and key."""
+
+
+_INT_THRESHOLDS = {"bootstrap_samples", "seed", "min_test_speakers"}
+_OPTIONAL_THRESHOLDS = {"max_cer_rel_base", "max_wer_rel_base"}
+
+
 @dataclass(frozen=True)
 class GateThresholds:
     max_cer: float = 0.15
@@ -96,13 +104,25 @@ class GateThresholds:
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None) -> GateThresholds:
-        """Defaults with per-dialect overrides; an unknown key is an error (likely a typo)."""
+        """Defaults with per-dialect overrides; an unknown key (likely a typo) or a value of the
+        wrong type is a ``GateConfigError`` naming the key."""
+        if not isinstance(overrides, Mapping | None):
+            raise GateConfigError(f"expected an object of threshold: value, got {overrides!r}")
         overrides = dict(overrides or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown gate thresholds {unknown}; known: {sorted(known)}")
-        return cls(**overrides)
+            raise GateConfigError(f"unknown gate thresholds {unknown}; known: {sorted(known)}")
+        for key, value in overrides.items():
+            if value is None and key in _OPTIONAL_THRESHOLDS:
+                continue
+            integer = key in _INT_THRESHOLDS
+            if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+                raise GateConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        try:
+            return cls(**overrides)
+        except ValueError as exc:
+            raise GateConfigError(str(exc)) from exc
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,11 @@ all of them succeeded; a failed stage stops the pipeline with the reason.
 
 Bad input is a ``PipelineSpecError`` naming the stage and field, raised before anything starts:
 not a mapping with a non-empty ``stages`` list, a duplicate or malformed name, an unknown kind or
-field, ``after`` naming an unknown stage, a cycle, a ``candidate`` without exactly one upstream
-``training_run``, a ``training_run`` without a dialect.
+field, a field of the wrong type or out of range (``jobs`` and ``timebox_s`` integers >= 1,
+``candidate_every`` within 1..12, ``hparams`` and ``config`` mappings), ``after`` naming an
+unknown stage, a cycle, a ``candidate`` without exactly one upstream ``training_run``, a
+``training_run`` without a dialect. What only the Dagster layer knows (dialect keys, hparams, a
+stage's run config) is checked there too, before anything starts (``sensors/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ _FIELDS = {
     "candidate": {"name", "kind", "after", "config"},
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _int_within(low: int, high: int | None = None):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+# What each field must hold: a spec that passes here cannot stop the pipeline (or the sensor) later.
+_VALUES = {
+    "dialect": ("a dialect key (a string)", lambda v: isinstance(v, str)),
+    "jobs": ("an integer >= 1", _int_within(1)),
+    "timebox_s": ("an integer number of seconds >= 1", _int_within(1)),
+    "candidate_every": ("an integer within 1..12", _int_within(1, 12)),
+    "hparams": ("a mapping of hparam: value", lambda v: isinstance(v, dict)),
+    "config": ("a mapping (the stage's run config)", lambda v: isinstance(v, dict)),
+}
 
 
 class PipelineSpecError(ValueError):
@@ -92,8 +110,11 @@ def _stage(i: int, item: Any, previous: str | None) -> Stage:
         after = [after]
     if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
         raise PipelineSpecError(f"stage {name}: after must be a list of stage names, got {after!r}")
-    if kind == "training_run" and not isinstance(item.get("dialect"), str):
+    if kind == "training_run" and "dialect" not in item:
         raise PipelineSpecError(f"stage {name}: a training_run needs a dialect")
+    for key, value in item.items():
+        if key in _VALUES and not _VALUES[key][1](value):
+            raise PipelineSpecError(f"stage {name}: {key} must be {_VALUES[key][0]}, got {value!r}")
     return Stage(name, kind, tuple(after), {k: v for k, v in item.items() if k not in ("name", "kind", "after")})
 
 

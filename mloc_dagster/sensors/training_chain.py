@@ -43,7 +43,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import InvalidHParams
+from mloc_dagster.assets.hparams import validate_hparams
 from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
 from mloc_dagster.core.chain import next_due
 from mloc_dagster.core.state import (
@@ -69,6 +69,7 @@ from mloc_dagster.jobs import (
     train_run_request,
 )
 from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
@@ -82,6 +83,7 @@ FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures
                    TRACK_JOBS[TTS][2]: "tts_candidate_failures_after"}
 CANDIDATE_JOBS = {CANDIDATE_JOB, TRACK_JOBS[TTS][2]}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+PARENT_REQUESTS = {HYPERPARAMETER: search_requests, PIPELINE: pipeline_requests}
 
 
 def handle_ended_job(context: dg.SensorEvaluationContext, store: StateStore, run: dg.DagsterRun) -> None:
@@ -164,6 +166,37 @@ def candidate_requested_in(context: dg.SensorEvaluationContext, store: StateStor
     return index - 1 if newest.is_finished and not has_verdict(store, newest) else index
 
 
+def next_requests(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
+                  entry: list[int] | None) -> tuple[list[dg.RunRequest], list[int]]:
+    """The requests one run needs now, and its new cursor entry [generation, train, candidate]."""
+    if run.status == ACTIVE:
+        validate_hparams(run.hparams, run.track)  # a row written around `mloc run start`: before any placement
+    if apply_stop_loss(context, store, run):  # a TTS candidate failed its gate: no next job
+        return [], entry or [run.generation, -1, -1]
+    requests = []
+    train_req = train_requested_in(context, store, run, entry)
+    cand_req = asked = candidate_requested_in(context, store, run, entry)
+    if run.distributed:  # rounds of slices instead of one job at a time
+        requests += round_requests(context, store, run)
+        train_req = run.max_jobs
+    for due in next_due(run, train_req, cand_req):
+        if due.kind == "train":
+            if run.track == TTS and verdict_pending(context, store, run, just_requested=cand_req != asked):
+                continue  # a TTS run's next job waits for the stop-loss of the candidate before it
+            request = train_run_request(run, due.job_index)
+            store.record_job_queued(run.run_id, due.job_index)
+            requests.append(request)
+            train_req = due.job_index
+        elif due.kind == "candidate":
+            requests.append(candidate_run_request(run, due.job_index))
+            cand_req = due.job_index
+        elif verdict_pending(context, store, run, just_requested=cand_req != asked):
+            pass  # the last candidate is judged first: the run then completes or pauses
+        elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
+            context.log.info(f"training run {run.run_id} completed")
+    return requests, [run.generation, train_req, cand_req]
+
+
 @dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=5,
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="Requests the next timeboxed job of every active training run, and a candidate "
@@ -181,53 +214,30 @@ def training_chain_sensor(context: dg.SensorEvaluationContext, state: StateStore
     for job_name in FAILURE_CURSORS:
         for record in ended_badly(context, job_name, after[job_name]):
             after[job_name] = record.update_timestamp.isoformat()
+            run_id = record.dagster_run.tags.get("mloc/run_id")
             if job_name in CANDIDATE_JOBS:
-                handle_ended_candidate(context, store, record.dagster_run, live_ids)
-            elif record.dagster_run.tags.get("mloc/run_id") in live_ids:
-                handle_ended_job(context, store, record.dagster_run)
+                isolated(context, store, run_id, None, handle_ended_candidate,
+                         context, store, record.dagster_run, live_ids)
+            elif run_id in live_ids:
+                isolated(context, store, run_id, None, handle_ended_job, context, store, record.dagster_run)
 
     # 2. Searches and pipelines first: a trial's finished job is judged before its next one is
     # requested, a pipeline's next stage starts.
     run_requests = []
     for parent in store.list_runs(status=ACTIVE, limit=None):
-        if parent.kind == HYPERPARAMETER:
-            run_requests += search_requests(context, store, parent)
-        elif parent.kind == PIPELINE:
-            run_requests += pipeline_requests(context, store, parent)
+        if parent.kind in PARENT_REQUESTS:
+            run_requests += isolated(context, store, parent.run_id, [], PARENT_REQUESTS[parent.kind],
+                                     context, store, parent)
 
-    # 3. What each active run needs next.
+    # 3. What each active run needs next; an error deciding one run ends at that run.
     for run in store.list_runs(status=(ACTIVE, PAUSED), limit=None):
         if run.kind in (HYPERPARAMETER, PIPELINE):
             continue
         entry = requested.get(run.run_id)
-        if apply_stop_loss(context, store, run):  # a TTS candidate failed its gate: no next job
-            requested[run.run_id] = entry or [run.generation, -1, -1]
-            continue
-        train_req = train_requested_in(context, store, run, entry)
-        cand_req = asked = candidate_requested_in(context, store, run, entry)
-        if run.distributed:  # rounds of slices instead of one job at a time
-            run_requests += round_requests(context, store, run)
-            train_req = run.max_jobs
-        for due in next_due(run, train_req, cand_req):
-            if due.kind == "train":
-                if run.track == TTS and verdict_pending(context, store, run, just_requested=cand_req != asked):
-                    continue  # a TTS run's next job waits for the stop-loss of the candidate before it
-                try:
-                    request = train_run_request(run, due.job_index)
-                except InvalidHParams as exc:  # a row written around `mloc run start`: say so, once
-                    store.transition_run(run.run_id, (ACTIVE, PAUSED), FAILED, str(exc))
-                    break
-                store.record_job_queued(run.run_id, due.job_index)
-                run_requests.append(request)
-                train_req = due.job_index
-            elif due.kind == "candidate":
-                run_requests.append(candidate_run_request(run, due.job_index))
-                cand_req = due.job_index
-            elif verdict_pending(context, store, run, just_requested=cand_req != asked):
-                pass  # the last candidate is judged first: the run then completes or pauses
-            elif store.transition_run(run.run_id, ACTIVE, COMPLETED, f"all {run.max_jobs} jobs succeeded"):
-                context.log.info(f"training run {run.run_id} completed")
-        requested[run.run_id] = [run.generation, train_req, cand_req]
+        found, requested[run.run_id] = isolated(context, store, run.run_id,
+                                                ([], entry or [run.generation, -1, -1]), next_requests,
+                                                context, store, run, entry)
+        run_requests += found
 
     cursor = {**{key: after[job] for job, key in FAILURE_CURSORS.items()},
               "requested": {k: v for k, v in requested.items() if k in live_ids}}

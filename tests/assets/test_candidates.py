@@ -234,3 +234,35 @@ def test_a_new_base_model_lists_the_production_adapters_it_makes_stale(line, lin
 
     stale = latest_metadata(line_instance, "base_model")["stale_production_adapters"]
     assert f"{DIALECT} stable: {store.production(DIALECT).candidate_id}" in stale
+
+
+@pytest.mark.parametrize("asset, file, content, message", [
+    ("gate_report", "gates.json", "{not json", "gates.json: not valid JSON"),
+    ("gate_report", "gates.json", json.dumps({DIALECT: {"max_cer": "low"}}),
+     f"gates.json: key '{DIALECT}': max_cer must be a number, got 'low'"),
+    ("tts_gate_report", "tts_gate.json", json.dumps({DIALECT: {"sentences": "many"}}),
+     f"tts_gate.json: key '{DIALECT}': sentences: Input should be a valid integer"),
+])
+def test_a_broken_gate_config_fails_the_gate_checks_with_the_reason(mloc_home, asset, file, content, message):
+    import dagster as dg
+
+    from mloc_dagster.core.state import TTS
+    from mloc_dagster.partitions import dialect_partitions
+
+    (mloc_home / file).write_text(content)
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(dialect_partitions.name, [DIALECT])
+    store = StateStore(resolve_state_url())
+    track = TTS if asset.startswith("tts") else "asr"
+    candidate = store.record_candidate(dialect=DIALECT, adapter_path=str(mloc_home / "never-read"), sha256="0" * 64,
+                                       sources=[], trusted=True, track=track)
+    result = defs.resolve_job_def("tts_candidate_job" if track == TTS else "candidate_job").execute_in_process(
+        instance=instance, partition_key=DIALECT, raise_on_error=False, asset_selection=[dg.AssetKey(asset)],
+        run_config={"ops": {asset: {"config": {"candidate_id": candidate.candidate_id}}}})
+    checks = [e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(checks) == (2 if track == TTS else 4) and not any(c.passed for c in checks)
+    assert all(message in c.metadata["reason"].value for c in checks)
+    gate = metadata(result, asset)  # the asset materialized: a report that judged nothing
+    assert gate["decision"] == "failed" and message in gate["config_error"]
+    assert store.get_candidate(candidate.candidate_id).gate_decision == "failed"
+    instance.dispose()

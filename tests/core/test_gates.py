@@ -8,8 +8,10 @@ import random
 import jiwer
 import pytest
 
+from mloc_dagster.core.gate_config import load_thresholds
 from mloc_dagster.core.gates import (
     GATE_NAMES,
+    GateConfigError,
     GateReport,
     GateThresholds,
     UttResult,
@@ -157,6 +159,32 @@ def test_thresholds_from_config() -> None:
         GateThresholds(min_p_better=1.5)
     with pytest.raises(ValueError):
         GateThresholds(bootstrap_samples=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "gates.json: not valid JSON"),
+    ('["max_cer", 0.2]', 'gates.json: expected an object {"<dialect>": {"<setting>": value}}'),
+    ('{"en-029": 0.2}', "gates.json: key 'en-029': expected an object of settings, got 0.2"),
+    ('{"en-029": {"max_cer": "low"}}', "gates.json: key 'en-029': max_cer must be a number, got 'low'"),
+    ('{"en-029": {"bootstrap_samples": 2.5}}', "gates.json: key 'en-029': bootstrap_samples must be an integer"),
+    ('{"en-029": {"max_cer": true}}', "max_cer must be a number, got True"),
+    ('{"en-029": {"min_p_better": 2}}', "gates.json: key 'en-029': min_p_better must be within [0, 1], got 2"),
+])
+def test_a_malformed_gates_file_names_the_file_and_key(tmp_path, content, message) -> None:
+    (tmp_path / "gates.json").write_text(content)
+    with pytest.raises(GateConfigError) as refused:
+        load_thresholds(tmp_path / "gates.json", "en-029", {}, {})
+    assert message in str(refused.value)
+
+
+def test_thresholds_run_config_over_the_file_over_the_defaults(tmp_path) -> None:
+    path = tmp_path / "gates.json"
+    assert load_thresholds(path, "en-029", {"bootstrap_samples": 500}, {}) == GateThresholds(bootstrap_samples=500)
+    path.write_text(json.dumps({"en-029": {"max_cer": 0.3, "bootstrap_samples": 100}, "en-us": {"max_cer": "x"}}))
+    t = load_thresholds(path, "en-029", {"bootstrap_samples": 500}, {"max_wer": 0.4})
+    assert (t.max_cer, t.max_wer, t.bootstrap_samples) == (0.3, 0.4, 100)  # another dialect's entry is not read
+    with pytest.raises(GateConfigError, match="gate run config for en-029: max_wer must be a number, got 'high'"):
+        load_thresholds(path, "en-029", {}, {"max_wer": "high"})
 
 
 def test_bootstrap_is_deterministic_for_a_seed() -> None:

@@ -98,6 +98,18 @@ def test_a_failed_stage_stops_the_pipeline_and_pause_applies_to_its_runs(registe
     ({"stages": [{"name": "a", "kind": "training_run", "dialect": "x", "hparams": {"lora_r": 8}}]},
      "stage a: unknown hparam"),
     ({"stages": [{"name": "A b", "kind": "base_model"}]}, "name must be lowercase"),
+    ({"stages": [{"name": "a", "kind": "training_run", "dialect": "x", "jobs": 0}]},
+     "stage a: jobs must be an integer >= 1, got 0"),
+    ({"stages": [{"name": "a", "kind": "training_run", "dialect": "x", "timebox_s": "1h"}]},
+     r"stage a: timebox_s must be an integer number of seconds >= 1, got '1h'"),
+    ({"stages": [{"name": "a", "kind": "training_run", "dialect": "x", "candidate_every": 13}]},
+     r"stage a: candidate_every must be an integer within 1\.\.12, got 13"),
+    ({"stages": [{"name": "a", "kind": "training_run", "dialect": "x", "hparams": {"lr": 0}}]},
+     r"stage a: hparam\(s\) out of range: lr must be > 0"),
+    ({"stages": [{"name": "a", "kind": "training_run", "dialect": "X_1"}]}, "stage a: dialect 'X_1'"),
+    ({"stages": [{"name": "a", "kind": "training_run", "dialect": "x"},
+                 {"name": "c", "kind": "candidate", "config": {"gate_report": {"config": {"bootstrap_samples": "x"}}}}]},
+     "stage c: config: Invalid scalar at path root:ops:gate_report:config:bootstrap_samples"),
 ])
 def test_a_bad_spec_starts_nothing(mloc_home, bad, message):
     store = StateStore(resolve_state_url())

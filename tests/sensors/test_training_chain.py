@@ -364,3 +364,71 @@ def test_a_replay_of_the_exhausted_job_reactivates_the_run_without_a_second_copy
     succeed(store, run, 1)
     assert keys(tick(instance, store, cursor)[0]) == [(TRAIN_JOB, f"{run.run_id}/2/g1")]
     assert not reactivate_run(store, run.run_id, 1, "not failed")  # only a failed run
+
+
+BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it
+
+
+def write_around_start(store, run_id, **values):
+    """Change a stored run the way a hand edit or an older release could: past start_run's checks."""
+    from mloc_dagster.core.state.schema import training_runs
+
+    with store.engine.begin() as conn:
+        conn.execute(training_runs.update().where(training_runs.c.run_id == run_id).values(**values))
+
+
+def test_runs_that_cannot_be_advanced_fail_alone_and_the_others_advance_in_the_same_tick(instance, store):
+    good = new_run(store)
+    not_a_mapping = new_run(store)
+    write_around_start(store, not_a_mapping.run_id, hparams=[1])
+    store.record_job_throughput("node-a", BASE, 10.0, source="calibrate")  # a pool the round could be placed on
+    distributed = store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version=f"/models/{BASE}",
+                                   hparams={"r": "six"}, timebox_s=60, max_jobs=2, candidate_every=2,
+                                   kind="distributed", parallelism=1, round_samples=10)
+    stages = [{"name": "adapt", "kind": "training_run", "dialect": "en-gb-scotland", "jobs": "six"}]
+    six_jobs = store.create_run(dialect="en-gb-scotland", dataset_version="", base_model_version="", kind="pipeline",
+                                max_jobs=1, candidate_every=1, spec={"stages": stages})
+    bad_config = store.create_run(dialect="en-gb-scotland", dataset_version="", base_model_version="",
+                                  kind="pipeline", max_jobs=1, candidate_every=1, spec={"stages": [
+                                      {"name": "base", "kind": "base_model", "config": {"max_steps": "x"}}]})
+
+    result, cursor = tick(instance, store)
+    assert keys(result) == [(TRAIN_JOB, f"{good.run_id}/0")]
+    for run, why in ((not_a_mapping, "hparams must be a JSON object of name: value"),
+                     (distributed, "r: Input should be a valid integer"),
+                     (six_jobs, "stage adapt: jobs must be an integer >= 1, got 'six'"),
+                     (bad_config, "stage base: config: Invalid scalar at path root:ops:base_model:config:max_steps")):
+        failed = store.get_run(run.run_id)
+        assert failed.status == "failed" and why in failed.status_reason, (run.run_id, failed.status_reason)
+    assert store.round_slices(distributed.run_id, 0) == []  # refused before any placement took quota
+    assert store.get_node("node-a").jobs_today == 0
+    assert json.loads(cursor)["requested"][good.run_id] == [0, 0, -1]  # the cursor moved
+    again, cursor = tick(instance, store, cursor)
+    assert keys(again) == [] and list(json.loads(cursor)["requested"]) == [good.run_id]
+
+
+def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, store):
+    good, odd = new_run(store), new_run(store)
+    write_around_start(store, odd.run_id, track="video")  # no such track: nothing to decide with
+    result, cursor = tick(instance, store)
+    assert keys(result) == [(TRAIN_JOB, f"{good.run_id}/0")]
+    paused = store.get_run(odd.run_id)
+    assert paused.status == "paused" and "could not decide on it (KeyError: 'video')" in paused.status_reason
+    assert f"mloc run resume {odd.run_id}" in paused.status_reason
+    write_around_start(store, odd.run_id, track="asr")  # fixed: nothing was lost
+    assert resume_run(store, odd.run_id)
+    result, _ = tick(instance, store, cursor)
+    assert keys(result) == [(TRAIN_JOB, f"{odd.run_id}/0/g1")]
+
+
+def test_each_track_with_every_default_pinned_passes_the_range_checks(instance, store):
+    """The checks that refuse a corrupt row accept what `mloc run start` stores (TTS dropout -1: the
+    model's default)."""
+    from mloc_dagster.assets.hparams import pin_hparams
+    from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
+
+    runs = {track: store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
+                                    hparams=pin_hparams({}, track), timebox_s=60, max_jobs=2, candidate_every=2,
+                                    track=track) for track in ("asr", "tts")}
+    result, _ = tick(instance, store)
+    assert sorted(keys(result)) == sorted([(TRAIN_JOB, f"{runs['asr'].run_id}/0"), (TTS_TRAIN_JOB, f"{runs['tts'].run_id}/0")])

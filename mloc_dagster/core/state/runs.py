@@ -383,7 +383,9 @@ class RunStore(StoreEngine):
 def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
     return TrainingRun(
         run_id=row["run_id"], dialect=row["dialect"], dataset_version=row["dataset_version"],
-        base_model_version=row["base_model_version"], hparams=dict(row["hparams"] or {}),
+        base_model_version=row["base_model_version"],
+        # A corrupt row is read as it is: the chain refuses that run alone (validate_hparams).
+        hparams=dict(row["hparams"]) if isinstance(row["hparams"], Mapping) else row["hparams"] or {},
         timebox_s=int(row["timebox_s"]), max_jobs=int(row["max_jobs"]), candidate_every=int(row["candidate_every"]),
         status=row["status"], status_reason=row["status_reason"], last_finished_job=row["last_finished_job"],
         created_at=row["created_at"], updated_at=row["updated_at"], init_from=row.get("init_from"),
