@@ -75,7 +75,6 @@ def test_a_slice_that_starts_slowly_keeps_beating_and_is_not_replaced(mloc_home,
     from mloc_dagster.assets.training_step import TrainingStep
     from mloc_dagster.partitions import dialect_partitions
     from mloc_dagster.resources.gpu import GpuArbiter
-    from mloc_dagster.resources.state import StateStoreResource
     from tests.sensors.conftest import tick
 
     monkeypatch.setattr("mloc_dagster.assets.training_step.KEEPALIVE_EVERY_S", 0.1)
@@ -89,7 +88,7 @@ def test_a_slice_that_starts_slowly_keeps_beating_and_is_not_replaced(mloc_home,
     seen = {}
 
     @dg.asset(partitions_def=dialect_partitions)
-    def slow_start(context: dg.AssetExecutionContext, state: StateStoreResource, gpu: GpuArbiter) -> None:
+    def slow_start(context: dg.AssetExecutionContext, gpu: GpuArbiter) -> None:
         step = TrainingStep.open(context, store, store.get_run(run.run_id), 0, 0, tmp_path / "adapters")
 
         def start_up(lease, started_at):
@@ -103,7 +102,6 @@ def test_a_slice_that_starts_slowly_keeps_beating_and_is_not_replaced(mloc_home,
         instance.add_dynamic_partitions(dialect_partitions.name, [DIALECT])
         assert tick(instance, store)[0].run_requests  # round 0 placed: one slice, on node-a
         result = dg.materialize([slow_start], instance=instance, partition_key=DIALECT, resources={
-            "state": StateStoreResource(url=store.url),
             "gpu": GpuArbiter(simulated_devices=1, state_dir=str(tmp_path / "gpu"))})
     assert result.success
     assert [(s.node_id, s.status) for s in seen["slices"]] == [("node-a", "running")]  # not replaced
