@@ -202,8 +202,9 @@ def pause_run(store: StateStore, run_id: str) -> bool:
 
 
 def resume_run(store: StateStore, run_id: str) -> bool:
-    """The next job resumes from the last checkpoint (a new generation of run keys: a job that was
-    canceled or refused while paused is requested again); a search resumes its trials."""
+    """The next job resumes from the last checkpoint (a new generation of run keys: a job, a
+    distributed run's queued slices or its round merge that were canceled or refused while paused
+    are requested again); a search resumes its trials."""
     resumed = store.transition_run(run_id, PAUSED, ACTIVE, None)
     for trial in store.list_runs(status=PAUSED, parent_run_id=run_id, limit=None) if resumed else []:
         store.transition_run(trial.run_id, PAUSED, ACTIVE, None)

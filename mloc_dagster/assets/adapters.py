@@ -71,6 +71,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version, out_dir=unit.out,
             resume_from=unit.resume_from, init_adapter=unit.init_adapter,
             segments=unit.segments, throttle=unit.throttle, on_train_start=unit.training_started,
+            on_train_end=unit.training_ended,
             timebox_s=config.timebox_s, checkpoint_every_s=config.checkpoint_every_s,
             hparams=AdapterHParams(r=hp.r, alpha=hp.alpha, dropout=hp.dropout,
                                    target_modules=hp.target_modules or None, lr=hp.lr,

@@ -3,7 +3,12 @@
 ``TrainingStep`` is one run of a training job seen from Dagster: it refuses to start when its
 training run is not active (and tells Dagster not to retry), moves the ``dagster/max_runtime``
 backstop, beats the run's and the node's heartbeats, and judges and records the result (a
-stopped job, a job that trained no step, the node's measured throughput). ``adapter_checkpoint``
+stopped job, a job that trained no step, the node's measured throughput).
+
+Heartbeats cover the whole job, not only its steps: from the call to ``train`` a keep-alive
+thread beats every ``KEEPALIVE_EVERY_S`` while the job waits for its device, loads the model,
+extracts features, evaluates and saves, so a slow start or a long evaluation never looks like a
+dead node (the training loop's own heartbeat still decides whether to stop). ``adapter_checkpoint``
 (ASR) and ``tts_adapter_checkpoint`` (TTS) call it around their own training function, so the
 rules live once.
 """
@@ -12,6 +17,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +31,7 @@ from mloc_dagster.core.state import ACTIVE, StateStore, TrainingRun, retry_trans
 # dagster/max_runtime = (wait for the device) + timebox + this margin: only a backstop.
 TIMEBOX_MARGIN_S = int(os.environ.get("MLOC_TIMEBOX_MARGIN_S", "120"))
 NODE_BEAT_EVERY_S = 30.0  # the node registry's "last seen"
+KEEPALIVE_EVERY_S = 10.0  # well under the silent-slice (60 s) and dead-job (90 s) limits
 
 
 def node_id() -> str:
@@ -112,9 +119,33 @@ class TrainingStep:
             self.stopped_by = "stopped"
         return alive
 
+    def keep_alive(self, stop: threading.Event) -> None:
+        """Beat until ``stop`` is set or the unit is no longer running (then the loop's own
+        heartbeat, or the job's end, tells the job what to do)."""
+        while not stop.wait(KEEPALIVE_EVERY_S):
+            try:
+                if not self.unit.beat(dict(self.last)):
+                    return
+                if time.monotonic() - self._node_beat > NODE_BEAT_EVERY_S:
+                    self._node_beat = time.monotonic()
+                    self.store.heartbeat_node(self.node)
+            except Exception as exc:  # the database is away: the next beat tries again
+                self.context.log.warning(f"keep-alive heartbeat not recorded ({type(exc).__name__})")
+
     def train(self, gpu: Any, timebox_s: int, train: Callable[[Any, float], Any]) -> Any:
         """Wait for a device (bounded by the arbiter's TRAIN ``max_wait_s``, not by the backstop),
-        start the timebox once it is ours, and call ``train(lease, timebox start)``."""
+        start the timebox once it is ours, and call ``train(lease, timebox start)``; heartbeats
+        go on throughout (``keep_alive``)."""
+        stop = threading.Event()
+        beating = threading.Thread(target=self.keep_alive, args=(stop,), daemon=True, name="mloc-keepalive")
+        beating.start()
+        try:
+            return self._train(gpu, timebox_s, train)
+        finally:
+            stop.set()
+            beating.join(timeout=5)
+
+    def _train(self, gpu: Any, timebox_s: int, train: Callable[[Any, float], Any]) -> Any:
         set_backstop(self.context, gpu.arbiter.policy_for("TRAIN").max_wait_s + timebox_s)
         with gpu.lease("TRAIN", self.context) as lease:
             if not lease.runnable:

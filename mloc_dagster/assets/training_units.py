@@ -6,7 +6,7 @@
   the run's sample stream, starting from round ``k-1``'s merged adapter (the run's job ``k-1``),
   on the node it was placed on (``mloc/node``), and is recorded in the round's slices.
 
-Both give the asset the same few verbs (start, beat, training started, succeeded, failed), so
+Both give the asset the same few verbs (start, beat, training started and ended, succeeded, failed), so
 ``adapter_checkpoint`` reads as one story whichever it trains.
 """
 
@@ -71,6 +71,9 @@ class ChainJob:
     def training_started(self) -> None:
         pass
 
+    def training_ended(self) -> None:
+        pass
+
     def failed(self, error: str) -> None:
         self.store.record_job_finished(self.run.run_id, self.job_index, "failed", error=error[:500])
 
@@ -121,6 +124,9 @@ class SliceJob:
 
     def training_started(self) -> None:
         self.store.slice_training_started(self.run.run_id, self.round_index, self.slice_index)
+
+    def training_ended(self) -> None:
+        self.store.slice_training_ended(self.run.run_id, self.round_index, self.slice_index)
 
     def failed(self, error: str) -> None:
         self.store.record_slice_finished(self.run.run_id, self.round_index, self.slice_index, "failed",

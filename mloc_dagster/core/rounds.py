@@ -10,14 +10,18 @@ Pure decisions over the state store's records (no Dagster); the training-chain s
   the round's samples, sized by node throughput) onto those stream ranges: one slice per node.
   Every slice starts from the previous round's merged adapter (round 0: the run's warm start or
   a fresh LoRA).
-- **Stragglers.** A slice that started training has until ``train_started_at + expected_s +
-  STRAGGLER_GRACE_S`` (15 s), its expected time coming from the node's measured throughput. Once
-  the other slices are in, a slice past that deadline is dropped from the round (its samples go
-  into the next round, its node's throughput estimate drops to what it managed). A slice still
-  waiting for its node (Dagster's queue, the per-node limit, a shared device) is waited for: on
-  real nodes the slices start together, so the round waits "the longest expected slice + 15 s".
-  A slice whose node stops heartbeating for ``silent_after_s`` is *replaced*: its samples are
-  placed on another node as a new slice of the same round.
+- **Stragglers.** The deadline counts *training* only: a slice that started training has until
+  ``train_started_at + expected_s + STRAGGLER_GRACE_S`` (15 s) to end its last step, its expected
+  time coming from the node's measured throughput. Once the other slices are in, a slice still
+  training past that deadline is dropped from the round (its samples go into the next round, its
+  node's throughput estimate drops to what it managed). A slice whose training ended
+  (``train_ended_at``) is never late: its own evaluation and save are waited for. A slice still
+  waiting for its node (Dagster's queue, the per-node limit, a shared device, its start-up) is
+  waited for too: on real nodes the slices start together, so the round waits "the longest
+  expected slice + 15 s". Liveness is the heartbeat's business, not the deadline's: the job beats
+  from its start to its end (start-up and evaluation included), and a slice whose node stops
+  heartbeating for ``silent_after_s`` is *replaced*: its samples are placed on another node as a
+  new slice of the same round.
 """
 
 from __future__ import annotations
@@ -92,13 +96,20 @@ def slice_deadline(s: RoundSlice, grace_s: float = STRAGGLER_GRACE_S) -> datetim
     return s.train_started_at + timedelta(seconds=s.expected_s + grace_s)
 
 
+def is_late(s: RoundSlice, now: datetime, grace_s: float = STRAGGLER_GRACE_S) -> bool:
+    """In flight, still training, and past its deadline. Start-up (no first step yet) and the
+    slice's own evaluation and save (training ended) never make it late."""
+    deadline = slice_deadline(s, grace_s)
+    return s.in_flight and s.train_ended_at is None and deadline is not None and now > deadline
+
+
 def round_state(slices: Sequence[RoundSlice], now: datetime, grace_s: float = STRAGGLER_GRACE_S) -> RoundState:
-    """A slice still waiting for its node (Dagster's queue, the per-node limit, the device) is
-    waited for; one that started training is late once past ``slice_deadline``. The round is
-    ready when every slice is in or late, and at least one is in."""
+    """A slice still waiting for its node (Dagster's queue, the per-node limit, the device, its
+    start-up) or finishing (evaluation, save) is waited for; one still training is late once past
+    ``slice_deadline``. The round is ready when every slice is in or late, and at least one is in."""
     deadlines = [d for s in slices if (d := slice_deadline(s, grace_s)) is not None]
     in_flight = [s for s in slices if s.status in (QUEUED, RUNNING)]
-    late = [s for s in in_flight if (d := slice_deadline(s, grace_s)) is not None and now > d]
+    late = [s for s in in_flight if is_late(s, now, grace_s)]
     succeeded = sum(s.status == SUCCEEDED for s in slices)
     deadline = max(deadlines, default=None)
     if not in_flight:

@@ -68,6 +68,7 @@ class AdapterJobSpec:
     segments: list[tuple[int, int]] | None = None
     throttle: float = 1.0  # >1 makes every step that much slower: a simulated slow node (tests, benches)
     on_train_start: Callable[[], None] | None = None  # called once, just before the first step
+    on_train_end: Callable[[], None] | None = None  # called once, after the last step (before evaluation and save)
     feature_cache_dir: str | Path | None = None
     # The base dialect's dataset version: mixed into training (hparams.rehearsal_fraction) so the
     # adapter does not forget the base dialect (the gate limits base-dialect regression).

@@ -308,6 +308,8 @@ class _AdapterJob:
             elif spec.progress is not None and now - self.last_progress_t >= spec.progress_every_s:
                 self.progress("step")
         self.stop_reason = reason
+        if spec.on_train_end is not None:
+            spec.on_train_end()
 
     def checkpoint(self) -> None:
         self.losses.flush()

@@ -6,13 +6,20 @@ Every tick, for an active distributed run, the round after the last merged one:
    throughput-proportional ranges, a day's quota taken from every node that gets a slice) and
    request one run of the training job per slice. No node available: the run pauses with the
    reason (register or calibrate nodes, then resume).
-2. placed: a slice whose node stopped heartbeating is re-placed on another node; when every
-   slice is in, or the round's deadline (longest expected slice + 15 s) passed, the late slices
-   are dropped (their node's throughput estimate drops to what they managed) and the round merge
-   is requested. A round in which no slice succeeded fails the run.
+2. placed: a slice whose node stopped heartbeating (the job beats from its start to its end,
+   start-up and evaluation included) is re-placed on another node; when every slice is in, or
+   the round's deadline (longest expected slice + 15 s, counting training only) passed, the
+   slices still training are dropped (their node's throughput estimate drops to what they
+   managed) and the round merge is requested. A round in which no slice succeeded fails the run.
 
-Run keys (``<run_id>/<round>/<slice>``, ``<run_id>/<round>/merge``) make every repeated decision
-harmless; Dagster's queue, per-node concurrency and retries do the rest.
+A canceled slice goes back to ``queued`` and pauses the run (``handle_ended_slice``); after
+``mloc run resume`` it is requested again, like a canceled round merge, under the next
+generation's run key -- unless a Dagster run of it is still queued or running, which then trains
+it. So a round whose slices were all canceled is placed again, never failed.
+
+Run keys (``<run_id>/<round>/<slice>``, ``<run_id>/<round>/merge``, ``/g<N>`` after the N-th
+resume) make every repeated decision harmless; Dagster's queue, per-node concurrency and retries
+do the rest.
 """
 
 import os
@@ -36,8 +43,9 @@ from mloc_dagster.core.state import (
     TrainingRun,
 )
 from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
-from mloc_dagster.jobs import round_merge_request, slice_run_request
+from mloc_dagster.jobs import TRAIN_JOB, round_merge_request, slice_run_request
 from mloc_dagster.sensors.verdicts import will_retry
+from mloc_dagster.training_runs import IN_FLIGHT
 
 SILENT_AFTER_S = float(os.environ.get("MLOC_SLICE_SILENT_S", "60"))
 
@@ -49,7 +57,9 @@ def round_requests(context: dg.SensorEvaluationContext, store: StateStore, run: 
     slices = store.round_slices(run.run_id, k) or place_round(context, store, run, k)
     if not slices:
         return []
-    requests = [slice_run_request(run, s) for s in slices if s.status == QUEUED]
+    queued = [s for s in slices if s.status == QUEUED]
+    running = slices_in_flight(context.instance, run, k) if queued else set()
+    requests = [slice_run_request(run, s) for s in queued if s.slice_index not in running]
     requests += [slice_run_request(run, s) for s in replace_silent(context, store, run, k)]
     now = datetime.now(UTC)
     state = round_state([still_trying(context.instance, s) for s in store.round_slices(run.run_id, k)], now)
@@ -115,6 +125,14 @@ def replace_silent(context: dg.SensorEvaluationContext, store: StateStore, run: 
     return placed
 
 
+def slices_in_flight(instance: dg.DagsterInstance, run: TrainingRun, k: int) -> set[int]:
+    """Slices of round ``k`` with a Dagster run queued or running (one bounded query): after a
+    resume that run trains the slice, a new request would train it twice."""
+    records = instance.get_run_records(dg.RunsFilter(
+        job_name=TRAIN_JOB, statuses=IN_FLIGHT, tags={"mloc/run_id": run.run_id, "mloc/round": str(k)}))
+    return {int(r.dagster_run.tags["mloc/slice"]) for r in records if "mloc/slice" in r.dagster_run.tags}
+
+
 def still_trying(instance: dg.DagsterInstance, s: RoundSlice) -> RoundSlice:
     """A failed slice whose Dagster run will be retried is still in flight."""
     if s.status != FAILED or not s.dagster_run_id:
@@ -127,7 +145,8 @@ def drop_late(context: dg.SensorEvaluationContext, store: StateStore, run: Train
               deadline: datetime | None, now: datetime) -> None:
     """Merge without it (its samples go into the next round); its node is slower than we thought."""
     if not store.end_slice(run.run_id, s.round_index, s.slice_index, DROPPED,
-                           f"late: not in by the round's deadline {deadline:%H:%M:%S} (expected {s.expected_s:.0f} s)"):
+                           f"late: still training at the round's deadline {deadline:%H:%M:%S} "
+                           f"(expected {s.expected_s:.0f} s)", still_training=True):
         return
     base = base_model_hash(run.base_model_version)
     record = store.find_node(s.node_id)

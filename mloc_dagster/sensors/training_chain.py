@@ -24,8 +24,8 @@ next job waits for the previous candidate's (``sensors/stop_loss.py``).
 A *distributed* run advances by rounds instead (``sensors/rounds.py``): each round is placed on
 the pool as slices, one Dagster run of the training job each, and closed by the round merge
 (``round_merge_job``), whose adapter is the run's job ``round``. A canceled slice or round merge
-pauses the run like a canceled job; a slice that fails for good leaves its round (its samples go
-into the next one); a round merge that fails for good fails the run.
+pauses the run like a canceled job and is requested again on resume; a slice that fails for good
+leaves its round (its samples go into the next one); a round merge that fails for good fails the run.
 
 A *TTS* run (track ``tts``) chains ``tts_train_adapter_job`` and ``tts_candidate_job`` the same
 way; when its candidate fails the stop-loss gate the run is paused (``sensors/stop_loss.py``).
@@ -114,14 +114,17 @@ def handle_ended_job(context: dg.SensorEvaluationContext, store: StateStore, run
 
 
 def handle_ended_slice(context: dg.SensorEvaluationContext, store: StateStore, run: dg.DagsterRun) -> None:
-    """A canceled slice pauses its run, like a canceled job; a slice that failed for good leaves
-    the round (its samples go into the next round)."""
+    """A canceled slice goes back to queued and pauses its run, like a canceled job: `mloc run
+    resume` requests it again under a new run key (its round is never failed for it). A slice
+    that failed for good leaves the round (its samples go into the next round)."""
     run_id, k, index = run.tags["mloc/run_id"], int(run.tags["mloc/round"]), int(run.tags["mloc/slice"])
     if run.tags.get("mloc/refused"):
         return
     if run.status == dg.DagsterRunStatus.CANCELED:
-        store.end_slice(run_id, k, index, DROPPED, f"Dagster run {run.run_id} canceled")
-        reason = f"round {k} slice {index}'s Dagster run {run.run_id[:8]} was canceled"
+        if not store.requeue_slice(run_id, k, index, f"Dagster run {run.run_id} canceled: requested again on resume"):
+            return  # it finished, or its round dropped or replaced it, first: nothing to continue
+        reason = (f"round {k} slice {index}'s Dagster run {run.run_id[:8]} was canceled; "
+                  f"`mloc run resume {run_id}` requests it again")
         if store.transition_run(run_id, ACTIVE, PAUSED, reason):
             context.log.warning(f"training run {run_id} paused: {reason}")
     elif not will_retry(context.instance, run):

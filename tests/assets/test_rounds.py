@@ -61,3 +61,49 @@ def test_a_round_of_strangers_fails_with_the_reason(line, line_instance):
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "no slice came in that belongs to the round" in failure.step_failure_data.error.message
     assert store.get_job(run.run_id, 0) is None
+
+
+def test_a_slice_that_starts_slowly_keeps_beating_and_is_not_replaced(mloc_home, tmp_path, monkeypatch):
+    """A real run of a real TrainingStep: while its "start-up" (after the device lease, where the
+    model loads and features are extracted) outlasts the silent-node limit, the real sensor, ticked
+    mid-start-up, sees a live slice. On main the slice was only beaten by the training loop."""
+    import threading
+    import time
+
+    import dagster as dg
+
+    from mloc_dagster.assets.training_step import TrainingStep
+    from mloc_dagster.partitions import dialect_partitions
+    from mloc_dagster.resources.gpu import GpuArbiter
+    from tests.sensors.conftest import tick
+
+    monkeypatch.setattr("mloc_dagster.assets.training_step.KEEPALIVE_EVERY_S", 0.1)
+    monkeypatch.setattr("mloc_dagster.sensors.rounds.SILENT_AFTER_S", 1.0)
+    base = "ab" * 32
+    store = StateStore(resolve_state_url())
+    for node, speed in (("node-a", 20.0), ("node-b", 10.0)):  # node-b could take the slice over
+        store.record_job_throughput(node, base, speed, source="calibrate")
+    run = store.create_run(dialect=DIALECT, dataset_version="/d", base_model_version=f"/models/{base}",
+                           kind="distributed", parallelism=1, round_samples=40, max_jobs=1)
+    seen = {}
+
+    @dg.asset(partitions_def=dialect_partitions)
+    def slow_start(context: dg.AssetExecutionContext, gpu: GpuArbiter) -> None:
+        step = TrainingStep.open(context, store, store.get_run(run.run_id), 0, 0, tmp_path / "adapters")
+
+        def start_up(lease, started_at):
+            time.sleep(3 * 1.0)  # three times the silent limit, no training step yet
+            seen["tick"] = tick(context.instance, store)[0]
+            seen["slices"] = store.round_slices(run.run_id, 0)
+
+        step.train(gpu, 60, start_up)
+
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(dialect_partitions.name, [DIALECT])
+        assert tick(instance, store)[0].run_requests  # round 0 placed: one slice, on node-a
+        result = dg.materialize([slow_start], instance=instance, partition_key=DIALECT, resources={
+            "gpu": GpuArbiter(simulated_devices=1, state_dir=str(tmp_path / "gpu"))})
+    assert result.success
+    assert [(s.node_id, s.status) for s in seen["slices"]] == [("node-a", "running")]  # not replaced
+    assert seen["tick"].run_requests == []
+    assert "mloc-keepalive" not in {t.name for t in threading.enumerate()}  # the beats end with the job

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from mloc_dagster.core.placement import NodeSpeed, place
-from mloc_dagster.core.rounds import plan_slices, round_segments, round_state, split_segments
+from mloc_dagster.core.rounds import is_late, plan_slices, round_segments, round_state, split_segments
 from mloc_dagster.core.state import DROPPED, FAILED, QUEUED, REPLACED, RUNNING, SUCCEEDED, PlannedSlice
 
 
@@ -98,3 +98,49 @@ def test_a_silent_slice_is_found_and_can_be_replaced(store, clock):
     assert RUNNING not in {s.status for s in store.round_slices(run.run_id, 0)}
     with pytest.raises(ValueError, match="'dropped' or 'replaced'"):
         store.end_slice(run.run_id, 0, 1, SUCCEEDED, "no")
+
+
+def test_the_deadline_counts_training_only_a_slow_start_and_a_long_evaluation_are_waited_for(store, clock):
+    run = _run(store)
+    planned = [PlannedSlice(0, "a", [[0, 30]], 30.0), PlannedSlice(1, "b", [[30, 60]], 30.0),
+               PlannedSlice(2, "c", [[60, 90]], 30.0)]
+    store.place_slices(run.run_id, 0, planned)
+    for i in range(3):
+        store.record_slice_started(run.run_id, 0, i, dagster_run_id=f"d{i}")
+    store.slice_training_started(run.run_id, 0, 0)
+    store.slice_training_started(run.run_id, 0, 1)  # "c" is still loading its model: no first step
+    clock.advance(30)
+    store.slice_training_ended(run.run_id, 0, 1)  # "b" trained in time, now evaluates and saves
+    store.record_slice_finished(run.run_id, 0, 0, SUCCEEDED, checkpoint_path="/a", sha256="x")
+    clock.advance(300)  # far past every deadline (30 s + 15 s): "b" evaluates, "c" starts slowly
+    slices = store.round_slices(run.run_id, 0)
+    state = round_state(slices, clock())
+    assert not state.ready and state.late == ()
+    assert not is_late(slices[1], clock()) and not is_late(slices[2], clock())
+    # Even a sensor that read "b" as still training a moment ago cannot drop it now.
+    assert not store.end_slice(run.run_id, 0, 1, DROPPED, "late", still_training=True)
+    # Once "c" trains, its own deadline counts from its first step.
+    store.slice_training_started(run.run_id, 0, 2)
+    clock.advance(46)
+    slices = store.round_slices(run.run_id, 0)
+    assert is_late(slices[2], clock()) and not is_late(slices[1], clock())
+    store.record_slice_finished(run.run_id, 0, 1, SUCCEEDED, checkpoint_path="/b", sha256="y")
+    state = round_state(store.round_slices(run.run_id, 0), clock())
+    assert state.ready and [s.slice_index for s in state.late] == [2]
+    assert store.end_slice(run.run_id, 0, 2, DROPPED, "late", still_training=True)
+
+
+def test_a_canceled_slice_goes_back_to_queued_unless_it_ended_first(store, clock):
+    run = _run(store)
+    store.place_slices(run.run_id, 0, [PlannedSlice(0, "a", [[0, 45]], 30.0), PlannedSlice(1, "b", [[45, 90]], 30.0)])
+    for i in (0, 1):
+        store.record_slice_started(run.run_id, 0, i, dagster_run_id=f"d{i}")
+    store.slice_training_started(run.run_id, 0, 0)
+    assert store.requeue_slice(run.run_id, 0, 0, "Dagster run d0 canceled")
+    again = store.get_slice(run.run_id, 0, 0)
+    assert (again.status, again.train_started_at, again.outcome) == (QUEUED, None, "Dagster run d0 canceled")
+    assert not round_state(store.round_slices(run.run_id, 0), clock()).ready  # waited for, never failed
+    store.record_slice_finished(run.run_id, 0, 1, SUCCEEDED, checkpoint_path="/b", sha256="y")
+    assert not store.requeue_slice(run.run_id, 0, 1, "canceled too late")  # it succeeded first
+    assert store.get_slice(run.run_id, 0, 1).status == SUCCEEDED
+    assert store.record_slice_started(run.run_id, 0, 0, dagster_run_id="d0-again")  # the resumed request trains it

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mloc_dagster.core.sample_stream import SampleStream, check_segments, segment_cursor
-from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
+from mloc_dagster.core.training import RESULT_JSON, AdapterHParams, AdapterJobSpec, train_adapter
 
 HP = {"r": 4, "alpha": 8.0, "batch_size": 8, "warmup_steps": 0, "seed": 3}
 
@@ -33,13 +33,16 @@ def test_segment_cursor_walks_segments_in_order():
 
 def test_a_slice_trains_exactly_its_segments_and_a_throttle_slows_it(pretrained_base, corpus, tmp_path):
     base, _ = pretrained_base
-    started = []
+    started, ended = [], []
     spec = dict(base_model_dir=base, dataset_version_path=corpus.scottish, timebox_s=600,
                 feature_cache_dir=corpus.feature_cache, hparams=AdapterHParams(**HP))
-    fast = train_adapter(AdapterJobSpec(out_dir=tmp_path / "fast", segments=[(0, 20), (64, 76)],
-                                        on_train_start=lambda: started.append(1), **spec))
+    fast = train_adapter(AdapterJobSpec(
+        out_dir=tmp_path / "fast", segments=[(0, 20), (64, 76)], on_train_start=lambda: started.append(1),
+        # training is over, evaluation and the save are still to come: the round's deadline stops here
+        on_train_end=lambda: ended.append((tmp_path / "fast" / RESULT_JSON).exists()), **spec))
     assert (fast.samples, fast.steps, fast.stop_reason) == (32, 3 + 2, "slice_done")
     assert started == [1]
+    assert ended == [False]  # once, before the result was written
     slow = train_adapter(AdapterJobSpec(out_dir=tmp_path / "slow", segments=[(0, 20), (64, 76)], throttle=3.0,
                                         **spec))
     assert slow.samples == 32 and slow.samples_per_s < 0.6 * fast.samples_per_s

@@ -3,14 +3,16 @@ throughput, per-node tags, quotas, stragglers, silent nodes and the round merge 
 Slices are driven through the store here; tests/test_daemon_distributed.py trains them for real."""
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.state import DROPPED, REPLACED, StateStore
+from mloc_dagster.core.state import DROPPED, QUEUED, REPLACED, RUNNING, StateStore
 from mloc_dagster.jobs import ROUND_MERGE_JOB, TRAIN_JOB
 from mloc_dagster.k8s import K8S_CONFIG_TAG, NODE_LABEL
+from mloc_dagster.training_runs import resume_run
 from tests.sensors.conftest import tick
 
 BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it
@@ -132,3 +134,90 @@ def test_a_round_takes_eight_or_more_slices(instance, store):
     assert {s.node_id for s in placed} == {f"node-{i:02d}" for i in range(2, 10)}  # the eight fastest
     assert sum(s.samples for s in placed) == 800
     assert len({r.run_key for r in result.run_requests}) == 8
+
+
+def test_a_slice_that_finished_training_is_not_dropped_while_it_evaluates(instance, store):
+    pool(store, {"node-a": 10.0, "node-b": 10.0})
+    run = new_run(store, parallelism=2, round_samples=100)
+    _, cursor = tick(instance, store)
+    a, b = store.round_slices(run.run_id, 0)
+    for s in (a, b):
+        store.record_slice_started(run.run_id, 0, s.slice_index, dagster_run_id="d")
+    # Both started training 30 s ago (expected 5 s, deadline 20 s after); "b" ended its last step
+    # within its deadline and has been evaluating and saving since: slow, healthy, heartbeating.
+    started = StateStore(store.url, clock=lambda: datetime.now(UTC) - timedelta(seconds=30))
+    for s in (a, b):
+        started.slice_training_started(run.run_id, 0, s.slice_index)
+    StateStore(store.url, clock=lambda: datetime.now(UTC) - timedelta(seconds=12)).slice_training_ended(
+        run.run_id, 0, b.slice_index)
+    store.heartbeat_slice(run.run_id, 0, b.slice_index, {"samples": 50})
+    store.record_slice_finished(run.run_id, 0, a.slice_index, "succeeded", checkpoint_path="/a")
+    result, cursor = tick(instance, store, cursor)
+    assert result.run_requests == []  # no merge without it
+    assert store.get_slice(run.run_id, 0, b.slice_index).status == RUNNING
+    assert store.get_node("node-b").samples_per_s(BASE) == 10.0  # its throughput is not cut
+    store.record_slice_finished(run.run_id, 0, b.slice_index, "succeeded", checkpoint_path="/b")
+    result, _ = tick(instance, store, cursor)
+    assert [r.job_name for r in result.run_requests] == [ROUND_MERGE_JOB]
+
+
+def dagster_run_of(instance, run, job_name, status, **tags):
+    return instance.add_run(dg.DagsterRun(job_name=job_name, run_id=str(uuid.uuid4()), status=status,
+                                          tags={"mloc/run_id": run.run_id, **tags}))
+
+
+def test_canceled_slices_are_requested_again_on_resume_and_their_round_is_never_failed(instance, store):
+    pool(store, {"node-a": 10.0, "node-b": 10.0})
+    run = new_run(store, parallelism=2, round_samples=100)
+    _, cursor = tick(instance, store)
+    for s in store.round_slices(run.run_id, 0):  # both slices canceled: 0 successes in the round
+        store.record_slice_started(run.run_id, 0, s.slice_index, dagster_run_id="d")
+        canceled = dagster_run_of(instance, run, TRAIN_JOB, dg.DagsterRunStatus.STARTED,
+                                  **{"mloc/round": "0", "mloc/slice": str(s.slice_index)})
+        instance.report_run_canceled(canceled, message="terminated in the UI")
+    result, cursor = tick(instance, store, cursor)
+    paused = store.get_run(run.run_id)
+    assert result.run_requests == [] and paused.status == "paused" and "was canceled" in paused.status_reason
+    assert [s.status for s in store.round_slices(run.run_id, 0)] == [QUEUED, QUEUED]
+
+    assert resume_run(store, run.run_id)
+    result, cursor = tick(instance, store, cursor)
+    assert store.get_run(run.run_id).status == "active"
+    assert sorted(r.run_key for r in result.run_requests) == [f"{run.run_id}/0/0/g1", f"{run.run_id}/0/1/g1"]
+    assert [s.node_id for s in store.round_slices(run.run_id, 0)] == ["node-a", "node-b"]  # the same placement
+    assert all(store.get_node(n).jobs_today == 1 for n in ("node-a", "node-b"))  # its quota, not taken twice
+    again = tick(instance, store, cursor)[0]  # the same keys: Dagster launches each once
+    assert sorted(r.run_key for r in again.run_requests) == [f"{run.run_id}/0/0/g1", f"{run.run_id}/0/1/g1"]
+
+
+def test_a_canceled_round_merge_is_requested_again_on_resume(instance, store):
+    pool(store, {"node-a": 10.0})
+    run = new_run(store, parallelism=1, round_samples=40)
+    _, cursor = tick(instance, store)
+    store.record_slice_started(run.run_id, 0, 0, dagster_run_id="d")
+    store.record_slice_finished(run.run_id, 0, 0, "succeeded", checkpoint_path="/s0")
+    result, cursor = tick(instance, store, cursor)
+    assert [r.run_key for r in result.run_requests] == [f"{run.run_id}/0/merge"]
+    canceled = dagster_run_of(instance, run, ROUND_MERGE_JOB, dg.DagsterRunStatus.STARTED, **{"mloc/round": "0"})
+    instance.report_run_canceled(canceled, message="terminated in the UI")
+    result, cursor = tick(instance, store, cursor)
+    assert result.run_requests == [] and store.get_run(run.run_id).status == "paused"
+    assert resume_run(store, run.run_id)
+    result, _ = tick(instance, store, cursor)
+    assert [(r.job_name, r.run_key) for r in result.run_requests] == [(ROUND_MERGE_JOB, f"{run.run_id}/0/merge/g1")]
+
+
+def test_after_a_resume_a_slice_still_queued_in_dagster_is_not_requested_twice(instance, store):
+    pool(store, {"node-a": 10.0, "node-b": 10.0})
+    run = new_run(store, parallelism=2, round_samples=100)
+    _, cursor = tick(instance, store)
+    # Slice 0's run is not launched yet (its node is busy); slice 1's run was canceled.
+    dagster_run_of(instance, run, TRAIN_JOB, dg.DagsterRunStatus.NOT_STARTED, **{"mloc/round": "0", "mloc/slice": "0"})
+    canceled = dagster_run_of(instance, run, TRAIN_JOB, dg.DagsterRunStatus.STARTED,
+                              **{"mloc/round": "0", "mloc/slice": "1"})
+    instance.report_run_canceled(canceled, message="terminated in the UI")
+    _, cursor = tick(instance, store, cursor)
+    assert store.get_run(run.run_id).status == "paused"
+    assert resume_run(store, run.run_id)
+    result, _ = tick(instance, store, cursor)
+    assert [r.run_key for r in result.run_requests] == [f"{run.run_id}/0/1/g1"]  # slice 0's queued run trains it

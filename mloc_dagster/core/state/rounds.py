@@ -44,6 +44,7 @@ class RoundSlice:
     queued_at: datetime | None
     started_at: datetime | None
     train_started_at: datetime | None
+    train_ended_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
 
@@ -100,13 +101,20 @@ class RoundStore(StoreEngine):
             result = conn.execute(round_slices.update().where(
                 *_key(run_id, round_index, slice_index), round_slices.c.status.in_([QUEUED, RUNNING, FAILED]))
                 .values(status=RUNNING, attempts=round_slices.c.attempts + 1, dagster_run_id=dagster_run_id,
-                        started_at=now, heartbeat_at=now, train_started_at=None, error=None, finished_at=None))
+                        started_at=now, heartbeat_at=now, train_started_at=None, train_ended_at=None, error=None,
+                        finished_at=None))
         return result.rowcount == 1
 
     def slice_training_started(self, run_id: str, round_index: int, slice_index: int) -> None:
         with self._write() as conn:
             conn.execute(round_slices.update().where(*_key(run_id, round_index, slice_index))
                          .values(train_started_at=self._clock(), heartbeat_at=self._clock()))
+
+    def slice_training_ended(self, run_id: str, round_index: int, slice_index: int) -> None:
+        """The last step is done: its evaluation and save follow, and the slice is no longer late."""
+        with self._write() as conn:
+            conn.execute(round_slices.update().where(*_key(run_id, round_index, slice_index))
+                         .values(train_ended_at=self._clock(), heartbeat_at=self._clock()))
 
     def heartbeat_slice(self, run_id: str, round_index: int, slice_index: int,
                         progress: Mapping[str, Any] | None = None) -> bool:
@@ -139,15 +147,28 @@ class RoundStore(StoreEngine):
             raise KeyError(f"slice {run_id}/{round_index}/{slice_index} was never placed")
         return found
 
-    def end_slice(self, run_id: str, round_index: int, slice_index: int, status: str, reason: str) -> bool:
+    def end_slice(self, run_id: str, round_index: int, slice_index: int, status: str, reason: str, *,
+                  still_training: bool = False) -> bool:
         """Compare-and-set a slice that is still queued, running (or failed) to ``dropped`` or
-        ``replaced`` with the reason; False if it finished first."""
+        ``replaced`` with the reason; False if it finished first (with ``still_training``: or its
+        training ended first, so a late drop never takes a slice that is evaluating or saving)."""
         if status not in (DROPPED, REPLACED):
             raise ValueError(f"end_slice sets 'dropped' or 'replaced', not {status!r}")
+        cond = [round_slices.c.train_ended_at.is_(None)] if still_training else []
+        with self._write() as conn:
+            result = conn.execute(round_slices.update().where(
+                *_key(run_id, round_index, slice_index), round_slices.c.status.in_([QUEUED, RUNNING, FAILED]), *cond)
+                .values(status=status, outcome=reason, finished_at=self._clock()))
+        return result.rowcount == 1
+
+    def requeue_slice(self, run_id: str, round_index: int, slice_index: int, reason: str) -> bool:
+        """Compare-and-set a slice that is still queued, running or failed back to ``queued`` with
+        the reason (its Dagster run was canceled: the next generation of run keys requests it
+        again); False if it finished, or the round dropped or replaced it, first."""
         with self._write() as conn:
             result = conn.execute(round_slices.update().where(
                 *_key(run_id, round_index, slice_index), round_slices.c.status.in_([QUEUED, RUNNING, FAILED]))
-                .values(status=status, outcome=reason, finished_at=self._clock()))
+                .values(status=QUEUED, outcome=reason, train_started_at=None, train_ended_at=None))
         return result.rowcount == 1
 
     def set_slice_outcome(self, run_id: str, round_index: int, slice_index: int, outcome: str) -> None:

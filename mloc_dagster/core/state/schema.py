@@ -163,6 +163,7 @@ round_slices = sa.Table(
     sa.Column("queued_at", _UtcDateTime),
     sa.Column("started_at", _UtcDateTime),
     sa.Column("train_started_at", _UtcDateTime),  # first step: the slice's expected time counts from here
+    sa.Column("train_ended_at", _UtcDateTime),  # last step: evaluation and save follow, never late from here
     sa.Column("heartbeat_at", _UtcDateTime),
     sa.Column("finished_at", _UtcDateTime),
 )
