@@ -14,6 +14,7 @@ def export_command(
 ) -> None:
     """Export mloc's results (schema: docs/operations.md#export); prints the export's directory."""
     from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state.engine import StateStoreUnavailable
     from mloc_dagster.export import ExportError, export
 
     dialects: list[str] = []
@@ -24,7 +25,11 @@ def export_command(
 
         with DagsterInstance.get() as instance:
             dialects = list(instance.get_dynamic_partitions(dialect_partitions.name))
-    store = StateStore(resolve_state_url())
+    try:
+        store = StateStore(resolve_state_url())
+    except StateStoreUnavailable as exc:  # its message shows the URL without the password
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     try:
         target = export(store, out, fmt.lower(), dialects)
     except ExportError as exc:

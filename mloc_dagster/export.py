@@ -3,9 +3,10 @@ and the node registry.
 
 One call writes one versioned directory ``<out>/mloc-export-<UTC time>/`` with a file per table
 (``<table>.parquet`` or ``<table>.json``, a JSON array of objects) and ``manifest.json``: the
-export's schema version, when and from which state store it was taken, and per table its row count
-and columns with their types. The schema is ``TABLES`` below (docs/operations.md prints it); a
-column is added at the end of its table and the schema version goes up when one changes meaning.
+export's schema version, when and from which state store it was taken (its URL without the
+password, ``core/redact.py``), and per table its row count and columns with their types. The
+schema is ``TABLES`` below (docs/operations.md prints it); a column is added at the end of its
+table and the schema version goes up when one changes meaning.
 Read-only over the state store's public read methods; no Dagster import.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mloc_dagster.core.redact import redact_url
 from mloc_dagster.core.state import StateStore
 
 SCHEMA_VERSION = 1
@@ -175,7 +177,7 @@ def export(store: StateStore, out: str | os.PathLike[str], fmt: str = "parquet",
         raise ExportError(f"cannot create {target}: {exc.strerror or exc}") from exc
     rows = collect(store, dialects)
     manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "format": fmt, "created_at": now.isoformat(),
-                                "state_store": store.url if hasattr(store, "url") else None, "tables": {}}
+                                "state_store": redact_url(store.url), "tables": {}}
     try:
         for name, schema in TABLES.items():
             table = pa.Table.from_pylist(rows[name], schema=schema)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mloc_dagster.cli import app
@@ -80,3 +84,52 @@ def test_bad_input_is_a_clear_error(mloc_home: Path, tmp_path: Path) -> None:
     assert "cannot create" in result.output and "Not a directory" in result.output
     result = runner.invoke(app, ["export", "--format", "csv", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "format must be one of parquet, json" in result.output
+
+
+@pytest.mark.postgres
+def test_the_database_password_never_leaves_an_export(mloc_home: Path, tmp_path: Path, pg_server, postgres_url,
+                                                      monkeypatch, caplog) -> None:
+    """The real CLI on a real Postgres, logged in as a role with a password: the password is in
+    MLOC_DATABASE_URL only, never in the export, its manifest, the output or the logs."""
+    database = sa.engine.make_url(postgres_url).database
+    role, password = f"mloc_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    admin = sa.create_engine(postgres_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        conn.execute(sa.text(f'ALTER DATABASE "{database}" OWNER TO {role}'))
+        conn.execute(sa.text(f"GRANT ALL ON SCHEMA public TO {role}"))
+    url = f"postgresql+psycopg2://{role}:{password}@{pg_server.host}:{pg_server.port}/{database}"
+    monkeypatch.setenv("MLOC_DATABASE_URL", url)
+    caplog.set_level(logging.DEBUG)
+    try:
+        make_state(mloc_home).close()
+        runner = CliRunner()
+        outputs = []
+        for fmt in ("parquet", "json"):
+            result = runner.invoke(app, ["export", "--format", fmt, "--out", str(tmp_path / "exports")])
+            assert result.exit_code == 0, result.output
+            outputs.append(result.output)
+            manifest = json.loads((Path(result.output.strip()) / "manifest.json").read_text())
+            assert manifest["state_store"] == \
+                f"postgresql+psycopg2://{role}:***@{pg_server.host}:{pg_server.port}/{database}"
+            assert manifest["tables"]["runs"]["rows"] == 1  # it did read the store, as that role
+        files = [p for p in (tmp_path / "exports").rglob("*") if p.is_file()]
+        assert len(files) == 2 * (len(TABLES) + 1)
+        assert not [p for p in files if password.encode() in p.read_bytes()]
+        assert password not in "".join(outputs) and password not in caplog.text
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{database}" OWNER TO {pg_server.user}'))
+            conn.execute(sa.text(f"REASSIGN OWNED BY {role} TO {pg_server.user}"))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+
+
+def test_an_unreachable_store_is_a_clear_error_without_its_password(mloc_home: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setenv("MLOC_DATABASE_URL", "postgresql+psycopg2://mloc:hunter2@127.0.0.1:1/mloc")
+    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "exports")])
+    assert result.exit_code == 2, result.output
+    assert "cannot open the state store postgresql+psycopg2://mloc:***@127.0.0.1:1/mloc" in result.output
+    assert "hunter2" not in result.output and not (tmp_path / "exports").exists()

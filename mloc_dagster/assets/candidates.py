@@ -40,6 +40,7 @@ from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gate_config import load_thresholds
 from mloc_dagster.core.gates import GateConfigError, GateThresholds, evaluate_gates, score
 from mloc_dagster.core.merge import MergeResult
+from mloc_dagster.core.publish import publish_copy, unique_id
 from mloc_dagster.core.reputation import node_shares, reputation_from_gate
 from mloc_dagster.core.screening import markdown_table, reputation_updates
 from mloc_dagster.core.state import ASR, RELEASED, TTS, AdapterClaimConflict, AdapterRef, Candidate, StateStore
@@ -96,7 +97,7 @@ def merge_refs(refs: list[AdapterRef], reputation: dict[str, float], out: Path, 
     try:
         return merge_candidate([r.path for r in refs], [reputation[r.key] for r in refs], out, method=config.method,
                                reference=config.reference_adapter or None,
-                               node_of={r.path: r.node_id for r in refs})
+                               node_of={r.path: r.node_id for r in refs}, overwrite=False)
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
 
@@ -122,7 +123,8 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
     if (done := store.candidate_of_dagster_run(root)) is not None:
         raise dg.Failure(f"this run already merged {done.candidate_id}; launch a new candidate_job for new adapters")
     pinned = pinned_inputs(context, store, dialect)
-    candidate_id, companion_id = f"cand-{root[:8]}", f"cand-{root[:8]}-exp"
+    candidate_id = unique_id("cand")  # never another candidate's name: its directory is never overwritten
+    companion_id = f"{candidate_id}-exp"
     out = artifacts.paths.candidates / dialect / candidate_id
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
         unclaimed = store.unclaimed_adapters(dialect, latest_per_run=True)
@@ -155,6 +157,7 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
             break
         except AdapterClaimConflict as exc:  # another merge took some of them first: merge the rest
             context.log.warning(f"attempt {attempt}: {exc}")
+            discard_unrecorded(out, out.with_name(companion_id))
     else:
         raise dg.Failure(f"adapters kept being claimed by concurrent merges ({CLAIM_ATTEMPTS} attempts)")
     if companion is not None:
@@ -404,12 +407,21 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
     )
 
 
-def promote(artifacts: ArtifactStore, store: StateStore, dialect: str, branch: str, candidate: Candidate) -> Path:
-    out = artifacts.paths.adapters / "production" / dialect / branch / candidate.candidate_id
-    if not out.exists():
-        shutil.copytree(candidate.adapter_path, out)
+def promote(artifacts: ArtifactStore, store: StateStore, dialect: str, branch: str, candidate: Candidate,
+            track: str = ASR) -> Path:
+    """Publish the candidate's adapter under production (whole or not at all; a half copy left by a
+    crash is rebuilt, core/publish.py) and record the promotion."""
+    parts = ("tts",) if track == TTS else ()
+    out = publish_copy(candidate.adapter_path,
+                       artifacts.paths.adapters.joinpath("production", *parts, dialect, branch, candidate.candidate_id))
     store.record_promotion(dialect, branch, candidate.candidate_id)
     return out
+
+
+def discard_unrecorded(*paths: Path) -> None:
+    """Directories merged by an attempt whose candidate was never recorded: nothing refers to them."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 candidate_job = dg.define_asset_job(

@@ -1,7 +1,6 @@
 """base_model: a registered local checkpoint, or the tiny CTC model pre-trained on the base dialect."""
 
 
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -34,7 +33,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                gpu: GpuArbiter, state: StateStoreResource) -> dg.MaterializeResult:
     from mloc_dagster.core.evaluate import error_rates, transcribe
     from mloc_dagster.core.features import load_features
-    from mloc_dagster.core.model import load_base_model, model_dir_hash, publish_model_dir
+    from mloc_dagster.core.model import load_base_model, model_dir_hash
+    from mloc_dagster.core.publish import publish_copy, publish_version
 
     dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
     models = artifacts.paths.models / "base"
@@ -42,9 +42,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
         if config.checkpoint_dir:
             source = Path(config.checkpoint_dir)
             version = model_dir_hash(source)
-            out = models / version
-            if not out.exists():
-                shutil.copytree(source, out)
+            out = publish_copy(source, models / version, version)  # a half copy left by a crash is rebuilt
             train_metrics = {}
         else:
             from mloc_dagster.core.training import pretrain_base
@@ -55,7 +53,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
                                           seed=config.seed, device=lease.torch_device,
                                           feature_cache_dir=artifacts.paths.home / "features",
                                           log=context.log.info)
-            version, out = publish_model_dir(tmp, models)
+            version, out = publish_version(tmp, models)
         bm = load_base_model(out, lease.torch_device)
         # Pre-training evaluates dev and test itself; a registered checkpoint is evaluated here.
         scores = {k: train_metrics[k] for k in ("dev_cer", "dev_wer", "test_cer", "test_wer") if k in train_metrics}

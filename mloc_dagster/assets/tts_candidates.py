@@ -30,14 +30,17 @@ from mloc_dagster.assets.candidates import (
     MIN_TRUSTED_REPUTATION,
     already_merged,
     config_refusal,
+    discard_unrecorded,
     gate_candidate,
     pinned_inputs,
+    promote,
     root_run_id,
 )
 from mloc_dagster.assets.tts_training import aligner_of, tts_adapter_checkpoint
 from mloc_dagster.core.candidates import merge_candidate
 from mloc_dagster.core.gate_config import dialect_settings
 from mloc_dagster.core.gates import GateConfigError
+from mloc_dagster.core.publish import unique_id
 from mloc_dagster.core.state import TTS, AdapterClaimConflict
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -84,7 +87,7 @@ def tts_candidate(context: dg.AssetExecutionContext, config: TtsMergeConfig, art
     pinned = pinned_inputs(context, store, dialect, TTS)
     base_hash, training_run_id = pinned["base_model"], pinned["training_run_id"]
     generation = store.get_run(training_run_id).generation if training_run_id else 0
-    candidate_id = f"tts-{root[:8]}"
+    candidate_id = unique_id("tts")  # never another candidate's name: its directory is never overwritten
     out = artifacts.paths.candidates / "tts" / dialect / candidate_id
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
         refs = store.unclaimed_adapters(dialect, base_model=base_hash, latest_per_run=True, track=TTS)
@@ -97,7 +100,8 @@ def tts_candidate(context: dg.AssetExecutionContext, config: TtsMergeConfig, art
         with gpu.lease("MERGE", context) as lease:
             try:
                 result, sha = merge_candidate([r.path for r in refs], [reputation[r.key] for r in refs], out,
-                                              method=config.method, node_of={r.path: r.node_id for r in refs})
+                                              method=config.method, node_of={r.path: r.node_id for r in refs},
+                                              overwrite=False)
             except ValueError as exc:
                 raise dg.Failure(str(exc)) from exc
         trusted = all(v >= MIN_TRUSTED_REPUTATION for v in reputation.values())
@@ -109,6 +113,7 @@ def tts_candidate(context: dg.AssetExecutionContext, config: TtsMergeConfig, art
             break
         except AdapterClaimConflict as exc:
             context.log.warning(f"attempt {attempt}: {exc}")
+            discard_unrecorded(out)
     else:
         raise dg.Failure(f"TTS adapters kept being claimed by concurrent merges ({CLAIM_ATTEMPTS} attempts)")
     yield dg.MaterializeResult(
@@ -189,17 +194,12 @@ def tts_gate_report(context: dg.AssetExecutionContext, config: TtsGateConfig, ar
                       "branch stable (experimental when a source node is below the trust bar).")
 def tts_production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
                            state: StateStoreResource) -> dg.MaterializeResult:
-    import shutil
-
     dialect, store = context.partition_key, state.store()
     candidate = gate_candidate(context, store, track=TTS)
     if candidate.gate_decision != "passed":
         raise dg.Failure(f"TTS candidate {candidate.candidate_id} has not passed its gate ({candidate.gate_decision})")
     branch = "stable" if candidate.trusted else "experimental"
-    out = artifacts.paths.adapters / "production" / "tts" / dialect / branch / candidate.candidate_id
-    if not out.exists():
-        shutil.copytree(candidate.adapter_path, out)
-    store.record_promotion(dialect, branch, candidate.candidate_id)
+    out = promote(artifacts, store, dialect, branch, candidate, TTS)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(candidate.sha256),
         metadata={"branch": branch, "track": TTS, "candidate_id": candidate.candidate_id,

@@ -70,7 +70,7 @@ def aligner_of(tts_dir: str | Path, models: Path) -> Path:
 )
 def tts_base_model(context: dg.AssetExecutionContext, config: TtsBaseModelConfig, artifacts: ArtifactStore,
                    gpu: GpuArbiter) -> dg.MaterializeResult:
-    from mloc_dagster.core.model import publish_model_dir
+    from mloc_dagster.core.publish import publish_version
     from mloc_dagster.core.tts.pretrain import pretrain_tts_base
 
     dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
@@ -83,7 +83,7 @@ def tts_base_model(context: dg.AssetExecutionContext, config: TtsBaseModelConfig
             max_steps=config.max_steps or None, train_limit=config.train_limit or None, lr=config.lr,
             batch_size=config.batch_size, warmup_steps=config.warmup_steps, schedule=config.schedule,
             log=context.log.info, model_config=dropout_config(config.dropout))
-    version, out = publish_model_dir(tmp, models)
+    version, out = publish_version(tmp, models)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={"version": version, "aligner": aligner["version"], "base_dialect": config.base_dialect,

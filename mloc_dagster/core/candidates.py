@@ -74,7 +74,8 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
                     start_adapter: str | os.PathLike[str] | None = None,
                     node_of: Mapping[str, str | None] | None = None,
                     samples: Sequence[int] | None = None,
-                    rule: ScreeningRule = DEFAULT_SCREENING, **merge_kw) -> tuple[MergeResult, str]:
+                    rule: ScreeningRule = DEFAULT_SCREENING, overwrite: bool = True,
+                    **merge_kw) -> tuple[MergeResult, str]:
     """Screen and merge the adapters of ``adapter_dirs`` (training checkpoints) into ``out_dir``;
     returns (result, sha256 of the written adapter).
 
@@ -83,7 +84,9 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
     score; ``start_adapter``: what the adapters were trained from (the previous round's merged
     adapter), None: nothing (ΔW_start = 0); ``node_of``: source path → node id (default: each
     checkpoint's result.json); ``samples``: the samples placed on each adapter (the norm bound is
-    per √sample; default: each job's reported total_samples). Screening rules: ``core/screening.py``. ``result.summary()``
+    per √sample; default: each job's reported total_samples); ``overwrite``: replace an existing
+    ``out_dir`` (a round's own output, rewritten by its retry), False: refuse it (``FileExistsError``;
+    a candidate's id is unique). Screening rules: ``core/screening.py``. ``result.summary()``
     carries the per-source table under ``"screening"``; refused adapters stay on disk. Raises
     ``ValueError`` when no adapter is accepted, or when ``reference`` / ``start_adapter`` cannot
     be read."""
@@ -105,7 +108,7 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
                              samples=dict(zip(map(str, adapter_dirs), samples, strict=True)) if samples else {})
         result = screen_and_merge(adapters, [weight_of[a.source] for a in adapters], inputs, method=method,
                                   refused=rejected, node_of=node_of, rule=rule, **merge_kw)
-    return result, save_adapter(result, out_dir, overwrite=True)
+    return result, save_adapter(result, out_dir, overwrite=overwrite)
 
 
 class Recognizer:

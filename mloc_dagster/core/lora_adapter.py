@@ -19,8 +19,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Any, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from mloc_dagster.core.publish import publish_dir
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -387,26 +387,11 @@ def save_adapter(
         tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.lora_a[module].detach().contiguous().cpu()
         tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.lora_b[module].detach().contiguous().cpu()
 
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target, then rename: readers never see a half-written adapter.
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(tmp / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
             json.dump(final_config, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # core/publish.py: readers never see a half-written adapter; a taken name is refused.
+    publish_dir(out, write, replace=overwrite)
     return adapter_sha256(out)

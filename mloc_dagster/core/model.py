@@ -28,9 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +42,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import logging as hf_logging
 
 from mloc_dagster.core.features import default_feature_extractor
+from mloc_dagster.core.publish import publish_dir
 
 MODEL_TYPE = "mloc-tiny-ctc"
 VOCAB_FILE = "vocab.json"
@@ -332,25 +330,18 @@ def quiet_progress_bars():
 
 
 def save_base_model(bm: BaseModel, out_dir: str | Path, extra: dict[str, object] | None = None) -> Path:
-    """Write model + tokenizer + feature extractor config atomically (temp dir, fsync, rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    """Write model + tokenizer + feature extractor config, published atomically (``core/publish.py``);
+    an existing ``out_dir`` is replaced."""
+
+    def write(tmp: Path) -> None:
         with quiet_progress_bars():
             bm.model.save_pretrained(tmp)
         bm.tokenizer.save_pretrained(tmp)
         bm.feature_extractor.save_pretrained(tmp)
         if extra is not None:
             (tmp / "training.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str) + "\n")
-        fsync_tree(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return publish_dir(out_dir, write, replace=True)
 
 
 def load_base_model(path: str | Path, device: str | torch.device = "cpu") -> BaseModel:
@@ -413,18 +404,6 @@ def model_dir_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def publish_model_dir(tmp: Path, parent: Path) -> tuple[str, Path]:
-    """Move a freshly written model directory to ``parent/<content hash>`` (the existing one is
-    kept when that version is there already); returns (version, directory)."""
-    version = model_dir_hash(tmp)
-    out = parent / version
-    if out.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(out)
-    return version, out
-
-
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -432,14 +411,3 @@ def file_sha256(path: str | Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

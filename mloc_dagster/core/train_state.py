@@ -22,10 +22,8 @@ renamed into place, so a reader sees a complete checkpoint or none::
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -40,7 +38,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from mloc_dagster.core.checkpoints import RESULT_JSON, TRAIN_STATE_JSON, TRAIN_STATE_TENSORS
-from mloc_dagster.core.model import fsync_tree
+from mloc_dagster.core.publish import publish_dir
 from mloc_dagster.core.sample_stream import SampleStream
 
 STATE_FORMAT = 1
@@ -184,28 +182,14 @@ def _default(hparams, name: str):
 
 
 def write_dir_atomically(dest: Path, write: Callable[[Path], None]) -> float:
-    """Write into a hidden temp dir beside ``dest``, fsync, rename. Returns seconds taken."""
+    """Publish what ``write`` writes as ``dest`` (``core/publish.py``: temp dir, fsync, rename);
+    only a stale copy of the same step can be there, and it is replaced. Returns seconds taken."""
     t = time.perf_counter()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        write(tmp)
-        fsync_tree(tmp)
-        if dest.exists():  # only a stale copy of the same step can be here; replace it
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-        fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish_dir(dest, write, replace=True)
     except SafetensorError as exc:
         # safetensors reports ENOSPC/EFBIG as its own error type; callers handle OSError.
-        shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"cannot write {dest}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return time.perf_counter() - t
 
 

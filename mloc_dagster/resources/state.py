@@ -16,7 +16,9 @@ def open_store(url: str) -> StateStore:
 class StateStoreResource(dg.ConfigurableResource):
     """SQLite under MLOC_HOME by default; any SQLAlchemy URL (Postgres in production)."""
 
-    url: str = ""  # empty: $MLOC_DATABASE_URL, else sqlite:///$MLOC_HOME/state.db
+    # Empty: $MLOC_DATABASE_URL, else sqlite:///$MLOC_HOME/state.db. A URL with a password belongs in
+    # the environment (or dg.EnvVar), never in run config, which the UI shows as it is.
+    url: str = ""
 
     def store(self) -> StateStore:
         return open_store(self.url or resolve_state_url())

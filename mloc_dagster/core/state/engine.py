@@ -21,6 +21,7 @@ from typing import Any, Self
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from mloc_dagster.core.redact import redact, redact_url
 from mloc_dagster.core.state.schema import SCHEMA_LOCK_KEY, create_or_migrate
 
 
@@ -31,6 +32,10 @@ def resolve_state_url(mloc_home: str | os.PathLike[str] | None = None) -> str:
         return url
     home = Path(mloc_home if mloc_home is not None else os.environ.get("MLOC_HOME", ".mloc"))
     return f"sqlite:///{home.resolve() / 'state.db'}"
+
+
+class StateStoreUnavailable(RuntimeError):
+    """The state store cannot be opened (bad URL, database unreachable, refused login)."""
 
 
 def utcnow() -> datetime:
@@ -49,8 +54,18 @@ class StoreEngine:
 
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0, clock: Callable[[], datetime] = utcnow,
                  echo: bool = False) -> None:
-        self.url = url
+        self.url = url  # may carry the password: show it only as redact_url(url)
         self._clock = clock
+        try:
+            self._open(url, busy_timeout_s, echo)
+        except (sa.exc.SQLAlchemyError, ValueError) as exc:
+            if hasattr(self, "_engine"):
+                self._engine.dispose()
+            # Not chained: the driver's own message is shown only redacted.
+            raise StateStoreUnavailable(f"cannot open the state store {redact_url(url)}: {redact(str(exc))}") \
+                from None
+
+    def _open(self, url: str, busy_timeout_s: float, echo: bool) -> None:
         parsed = sa.engine.make_url(url)
         self._is_sqlite = parsed.get_backend_name() == "sqlite"
         if self._is_sqlite:
@@ -80,7 +95,7 @@ class StoreEngine:
         self.close()
 
     def __repr__(self) -> str:
-        return f"StateStore({self._engine.url.render_as_string(hide_password=True)!r})"
+        return f"StateStore({redact_url(self.url)!r})"
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
