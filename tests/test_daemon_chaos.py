@@ -38,6 +38,13 @@ def worker_processes(job, dagster_home: str) -> list[psutil.Process]:
         return []
 
 
+def all_gone(procs: list[psutil.Process]) -> bool:
+    try:
+        return not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.NoSuchProcess:
+        return all_gone([p for p in procs if p.is_running()])
+
+
 def training_job(store: StateStore, run_id: str):
     """A job of the run that is training right now (it has reported a step)."""
     for job in store.jobs_for_run(run_id):
@@ -74,8 +81,7 @@ def test_a_chained_run_survives_random_sigkills_of_daemon_and_workers(registered
                 proc.kill()
             kills.append(("worker", job.job_index, len(victims)))
             # the next kill waits for training to start again (a retry or the next job)
-            wait_for(lambda: not [p for p in victims if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-                     30, "the killed workers to be gone", daemon)
+            wait_for(lambda gone=victims: all_gone(gone), 30, "the killed workers to be gone", daemon)
 
         def settled():
             current = store.get_run(run.run_id)
