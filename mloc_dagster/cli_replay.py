@@ -58,9 +58,9 @@ def failed_chain_job(store, run) -> tuple[str, int] | None:
     if training.status != FAILED:
         raise ReplayError(f"training run {training_run_id} is {training.status}: job {index} would refuse to start; "
                           "start a new run (`mloc run start --from ...`)")
-    job, nxt = store.get_job(training_run_id, int(index)), (
-        -1 if training.last_finished_job is None else training.last_finished_job) + 1
-    if job is None or job.status != FAILED or int(index) != nxt:
+    last = -1 if training.last_finished_job is None else training.last_finished_job
+    job = store.get_job(training_run_id, int(index))
+    if job is None or job.status != FAILED or int(index) != last + 1:
         raise ReplayError(f"training run {training_run_id} failed ({training.status_reason}), not on job {index}: "
                           "replaying it cannot continue the run")
     return training_run_id, int(index)

@@ -100,7 +100,7 @@ def test_replay_of_an_exhausted_training_job_reactivates_its_run(registered_base
     daemon = Daemon(mloc_home)
     daemon.start()
     try:
-        failed = wait_for(lambda: (r := store.get_run(run.run_id)).status == "failed" and r, 600,
+        failed = wait_for(lambda: (r := store.get_run(run.run_id)).status == "failed" and r, 1200,
                           "job 1 to exhaust its retries", daemon)
         assert "job 1 failed after 2 attempt(s): cannot write the checkpoint of job 1" in failed.status_reason
         attempts = [r.dagster_run for r in instance.get_run_records(
@@ -119,7 +119,7 @@ def test_replay_of_an_exhausted_training_job_reactivates_its_run(registered_base
         assert active.status_reason.startswith(f"re-activated by `mloc run replay {attempts[-1].run_id}`: job 1 "
                                                f"re-executed as {child.run_id} (it had failed: job 1 failed after 2")
 
-        wait_for(lambda: store.get_run(run.run_id).status == "completed" and _all_finished(instance), 600,
+        wait_for(lambda: store.get_run(run.run_id).status == "completed" and _all_finished(instance), 1200,
                  "the replayed job, the candidate and the run's completion", daemon)
         job1 = store.get_job(run.run_id, 1)
         assert job1.status == "succeeded" and job1.dagster_run_id == child.run_id
