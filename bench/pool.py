@@ -47,11 +47,12 @@ from rich.table import Table  # noqa: E402
 
 from bench.pool_nodes import BEHAVIOURS, TRAINS, forge, shuffled_copy  # noqa: E402
 from bench.report import report  # noqa: E402
+from mloc_dagster.core.adapter_format import read_node_result  # noqa: E402
 from mloc_dagster.core.candidates import Recognizer, load_trusted, merge_candidate  # noqa: E402
 from mloc_dagster.core.gates import score  # noqa: E402
 from mloc_dagster.core.placement import NodeSpeed, optimal_makespan, place  # noqa: E402
 from mloc_dagster.core.reputation import TRUST_BAR  # noqa: E402
-from mloc_dagster.core.screening import read_job_result, reputation_updates, train_reference_update  # noqa: E402
+from mloc_dagster.core.screening import reputation_updates, train_reference_update  # noqa: E402
 from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter  # noqa: E402
 
 console = Console(width=150)
@@ -118,16 +119,16 @@ def hand_in(sim: Sim, pool: Pool, r: int, shards: dict, out: Path) -> tuple[dict
             dirs[node] = sim.train(data, pool.start, [(r * sim.n + s.start, r * sim.n + s.stop)],
                                    out / f"{node}-trained", node)
     trained = dict(dirs)
-    start, _ = load_trusted(pool.start, "start")
-    honest = [load_trusted(dirs[n], "slice")[0] for n, b in zip(sim.nodes, pool.behaviours) if b == "honest"
+    start = load_trusted(pool.start, "start")
+    honest = [load_trusted(dirs[n], "slice") for n, b in zip(sim.nodes, pool.behaviours) if b == "honest"
               and n in dirs]
-    cers = sorted(read_job_result(dirs[n])["dev_cer"] for n, b in zip(sim.nodes, pool.behaviours)
+    cers = sorted(read_node_result(dirs[n])["dev_cer"] for n, b in zip(sim.nodes, pool.behaviours)
                   if b == "honest" and n in dirs)
     for j, (node, behaviour) in enumerate(zip(sim.nodes, pool.behaviours, strict=True)):
         if node not in shards or behaviour in ("honest", "shuffle"):
             continue
-        own = load_trusted(dirs[node], "slice")[0] if behaviour == "scale" else None
-        cer = read_job_result(dirs[node])["dev_cer"] if behaviour == "scale" else cers[len(cers) // 2]
+        own = load_trusted(dirs[node], "slice") if behaviour == "scale" else None
+        cer = read_node_result(dirs[node])["dev_cer"] if behaviour == "scale" else cers[len(cers) // 2]
         dirs[node] = forge(behaviour, out / f"{node}-{behaviour}", start=start, own=own, honest=honest,
                            dev_cer=cer, node_id=node, k=sim.k, seed=sim.seed * 1000 + r * 10 + j,
                            template=honest[0].config)
@@ -141,7 +142,7 @@ def makespan(sim: Sim, shards: dict, trained: dict[str, Path]) -> tuple[float, f
     speed = dict(zip(sim.nodes, sim.speeds, strict=True))
     times, samples, seconds = [], 0, 0.0
     for node, d in trained.items():
-        res = read_job_result(d)
+        res = read_node_result(d)
         if res.get("stop_reason") == "slice_done":
             times.append(res["train_seconds"] * fastest / speed[node])
             samples, seconds = samples + res["samples"], seconds + res["train_seconds"]
@@ -173,7 +174,7 @@ def run_round(sim: Sim, pool: Pool, r: int) -> dict:
     total = sum(row["weight"] for row in rows) or 1.0
     by_node = {row["node_id"]: row for row in rows}
     record = {"round": r + 1, "pool": pool.name, "dev_cer": sim.dev_cer(pool.start),
-              "reference_dev_cer": read_job_result(ref).get("dev_cer"), "makespan_s": span, "optimum_s": best,
+              "reference_dev_cer": read_node_result(ref, required=False).get("dev_cer"), "makespan_s": span, "optimum_s": best,
               "screened": pool.screened,
               "nodes": {n: {"behaviour": b, "samples": shards[n].samples if n in shards else 0,
                             "cosine": by_node.get(n, {}).get("cosine"), "norm": by_node.get(n, {}).get("norm"),

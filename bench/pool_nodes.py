@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mloc_dagster.core.adapter_format import RESULT_JSON
 from mloc_dagster.core.datasets import SHARD_SCHEMA, DatasetVersion
 from mloc_dagster.core.features import cache_path, default_feature_extractor
 from mloc_dagster.core.lora_adapter import Adapter, save_adapter
-from mloc_dagster.core.screening import RESULT_JSON, update_norm, updates
+from mloc_dagster.core.screening import update_norm, updates
 
 BEHAVIOURS = ("honest", "shuffle", "noise", "scale", "freeride")
 TRAINS = {"honest", "shuffle", "scale"}
@@ -95,7 +96,8 @@ def _terms(adapter: Adapter, c: float = 1.0) -> tuple[float, dict, dict, float]:
 def forge(behaviour: str, out: Path, *, start: Adapter | None, own: Adapter | None, honest: list[Adapter],
           dev_cer: float, node_id: str, k: float, seed: int, template: dict[str, Any]) -> Path:
     """The adapter an attacking node hands in (see the module docstring), reporting ``dev_cer``."""
-    report = {"node_id": node_id, "dev_cer": dev_cer}
+    # A complete report, as a real node's would be (an honest slice's, with its own node and dev CER).
+    report = {**honest[0].result, "node_id": node_id, "dev_cer": dev_cer}
     if behaviour == "freeride":
         if start is not None:
             return write_terms(out, [_terms(start)], template, report)

@@ -41,7 +41,7 @@ from rich.table import Table
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.checkpoints import validate_checkpoint_dir
+from mloc_dagster.core.adapter_format import read_adapter_dir
 from mloc_dagster.core.corpus import synth_dialect
 from mloc_dagster.core.datasets import build_version, find_batches
 from mloc_dagster.core.evaluate import error_rates, transcribe
@@ -129,7 +129,7 @@ def test_cer(base_dir: Path, adapter: Path | None, dataset: Path, cache: Path) -
     bm = load_base_model(base_dir)
     model = bm.model
     if adapter is not None:
-        validate_checkpoint_dir(adapter, base_model=model)
+        read_adapter_dir(adapter, base_model=model)
         model = PeftModel.from_pretrained(model, adapter).eval()
     with cpu_threads(auto_cpu_threads(model, "cpu")):
         rates = error_rates(transcribe(model, bm.tokenizer, load_features(dataset, "test", bm.feature_extractor, cache)))

@@ -2,7 +2,6 @@
 `start_training_run` job of the UI launchpad."""
 
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import dagster as dg
 from mloc_dagster.assets.adapters import rehearsal_dataset
 from mloc_dagster.assets.hparams import HPARAM_KEYS, InvalidHParams, pin_hparams, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
+from mloc_dagster.core.adapter_format import InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.state import (
     ACTIVE,
     ADAPTER_BRANCHES,
@@ -72,15 +72,13 @@ def resolve_warm_start(store: StateStore, dialect: str, base_version: str, spec:
 
 
 def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
-    """A warm start continues the adapter's own LoRA shape (rank, alpha, target modules)."""
-    path = adapter_dir / "adapter_config.json"
+    """A warm start continues the adapter's own LoRA shape (rank, alpha, target modules); the
+    adapter must pass what a node may hand in (``core/adapter_format.py``), else nothing starts."""
     try:
-        cfg = json.loads(path.read_text())
-        shape = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]),
-                 "target_modules": sorted(map(str, cfg["target_modules"]))}
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise TrainingRunError(f"--from: {path} cannot be read as a LoRA config (r, lora_alpha, target_modules): "
-                               f"{type(exc).__name__}: {exc}") from exc
+        cfg = read_adapter_dir(adapter_dir).config
+    except InvalidAdapter as exc:
+        raise TrainingRunError(f"--from: {exc}") from exc
+    shape = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "target_modules": sorted(cfg["target_modules"])}
     clash = {k: hparams[k] for k in shape if k in hparams and hparams[k] != shape[k]}
     if clash:
         raise TrainingRunError(f"hparams {clash} differ from the warm-start adapter's {shape}; leave them out")

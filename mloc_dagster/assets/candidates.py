@@ -36,6 +36,7 @@ import dagster as dg
 
 from mloc_dagster.assets.adapters import adapter_checkpoint
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
+from mloc_dagster.core.adapter_format import InvalidAdapter, read_node_result
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gate_config import load_thresholds
 from mloc_dagster.core.gates import GateConfigError, GateThresholds, evaluate_gates, score
@@ -219,8 +220,11 @@ def learning_curves(candidate: Candidate) -> str:
     """Each source run's dev CER per job (from its checkpoint's result.json), as markdown."""
     lines = ["| run | job | samples seen | dev CER |", "|---|---|---|---|"]
     for src in candidate.sources:
-        result = Path(src.path) / "result.json"
-        curve = json.loads(result.read_text()).get("learning_curve") or [] if result.is_file() else []
+        try:
+            curve = read_node_result(src.path, required=False).get("learning_curve") or []
+        except InvalidAdapter as exc:  # the gate reports on; what is wrong with the file is said here
+            lines.append(f"| {src.run_id} | {src.job_index} | – | {exc.reason} |")
+            continue
         lines += [f"| {src.run_id} | {p.get('job_index')} | {p.get('total_samples', '')} | "
                   f"{float(p.get('dev_cer', float('nan'))):.4f} |" for p in curve]
     return "\n".join(lines) if len(lines) > 2 else "no learning curve recorded"

@@ -11,12 +11,10 @@ node's reputation moves by the documented rule (``core/reputation.py``), and the
 the materialization's metadata.
 """
 
-import json
-from pathlib import Path
-
 import dagster as dg
 
 from mloc_dagster.assets.adapters import adapter_checkpoint, run_rehearsal
+from mloc_dagster.core.adapter_format import InvalidAdapter, read_node_result
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import score
 from mloc_dagster.core.rounds import base_model_hash
@@ -39,11 +37,12 @@ class RoundMergeConfig(dg.Config):
 
 
 def slice_mismatch(s: RoundSlice, run: TrainingRun, base_hash: str) -> str | None:
-    """Why a slice's checkpoint is not an adapter of this round (bad input), or None."""
-    result_file = Path(s.checkpoint_path or "") / "result.json"
-    if not result_file.is_file():
-        return f"no result.json in {s.checkpoint_path}"
-    result = json.loads(result_file.read_text())
+    """Why a slice's checkpoint is not an adapter of this round (bad input, a malformed result.json
+    included: ``core/adapter_format.py``), or None."""
+    try:
+        result = read_node_result(s.checkpoint_path or "")
+    except InvalidAdapter as exc:
+        return exc.reason
     if (result.get("run_id"), result.get("job_index")) != (run.run_id, s.round_index):
         return f"adapter of run {result.get('run_id')} round {result.get('job_index')}, not {run.run_id} round {s.round_index}"
     if result.get("base_model_hash") != base_hash:

@@ -8,65 +8,30 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from mloc_dagster.core.checkpoints import CheckpointError, validate_checkpoint_dir
+from mloc_dagster.core.adapter_format import InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.features import load_features
 from mloc_dagster.core.gates import UttResult
-from mloc_dagster.core.lora_adapter import Adapter, InvalidAdapter, Rejection, load_adapter, save_adapter
+from mloc_dagster.core.lora_adapter import Adapter, load_adapter, load_adapters, save_adapter
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.model import load_base_model
-from mloc_dagster.core.screening import (
-    DEFAULT_SCREENING,
-    MergeInputs,
-    ScreeningRule,
-    read_job_result,
-    screen_and_merge,
-)
-
-PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+from mloc_dagster.core.screening import DEFAULT_SCREENING, MergeInputs, ScreeningRule, screen_and_merge
 
 
-def stage_adapters(checkpoint_dirs: Sequence[str], staging: Path) -> tuple[dict[str, str], list[Rejection]]:
-    """A training checkpoint holds the adapter plus its training state. Validate the whole
-    directory (no pickles, finite tensors, allowed config), then stage exactly the two peft files
-    merging may read, so merge.load_adapter sees only what a node is allowed to submit.
-    Returns {staged dir: checkpoint dir} and the refused checkpoints."""
-    staged, refused = {}, []
-    for i, d in enumerate(checkpoint_dirs):
-        try:
-            validate_checkpoint_dir(d)
-        except CheckpointError as exc:
-            refused.append(Rejection(str(d), str(exc)))
-            continue
-        dest = staging / f"{i:04d}"
-        dest.mkdir(parents=True)
-        for name in PEFT_FILES:
-            shutil.copyfile(Path(d) / name, dest / name)
-        staged[str(dest)] = str(d)
-    return staged, refused
-
-
-def load_trusted(adapter_dir: str | os.PathLike[str] | None, what: str) -> tuple[Adapter | None, dict]:
+def load_trusted(adapter_dir: str | os.PathLike[str] | None, what: str) -> Adapter | None:
     """The start or reference adapter of a screened merge (a training checkpoint or a plain peft
-    directory) and its job result. These come from the server, so a bad one is the caller's
-    error: ``ValueError`` naming it."""
+    directory), validated like any node's. These come from the server, so a bad one is the
+    caller's error: ``ValueError`` naming it."""
     if adapter_dir is None:
-        return None, {}
+        return None
     try:
-        validate_checkpoint_dir(adapter_dir)
-        with tempfile.TemporaryDirectory(prefix="mloc-trusted-") as tmp:
-            for name in PEFT_FILES:
-                shutil.copyfile(Path(adapter_dir) / name, Path(tmp) / name)
-            adapter = load_adapter(tmp, label=str(adapter_dir))
-    except (CheckpointError, InvalidAdapter) as exc:
+        return load_adapter(adapter_dir, label=str(adapter_dir))
+    except InvalidAdapter as exc:
         raise ValueError(f"{what} adapter {adapter_dir} cannot be used: {exc}") from exc
-    return adapter, read_job_result(adapter_dir)
 
 
 def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_dir: Path,
@@ -87,27 +52,20 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
     per √sample; default: each job's reported total_samples); ``overwrite``: replace an existing
     ``out_dir`` (a round's own output, rewritten by its retry), False: refuse it (``FileExistsError``;
     a candidate's id is unique). Screening rules: ``core/screening.py``. ``result.summary()``
-    carries the per-source table under ``"screening"``; refused adapters stay on disk. Raises
+    carries the per-source table under ``"screening"``; an adapter ``core/adapter_format.py`` refuses
+    (a malformed ``result.json`` included) is a refused row with the reason and stays on disk. Raises
     ``ValueError`` when no adapter is accepted, or when ``reference`` / ``start_adapter`` cannot
     be read."""
     if len(weights) != len(adapter_dirs):
         raise ValueError(f"{len(weights)} weights for {len(adapter_dirs)} adapters")
-    start, start_result = load_trusted(start_adapter, "start")
-    ref, ref_result = load_trusted(reference, "reference")
+    start, ref = load_trusted(start_adapter, "start"), load_trusted(reference, "reference")
+    adapters, rejected = load_adapters(adapter_dirs)  # validated in place; a refused one stays on disk
     weight_of = {str(d): float(w) for d, w in zip(adapter_dirs, weights, strict=True)}
-    with tempfile.TemporaryDirectory(prefix="mloc-merge-") as tmp:
-        staged, rejected = stage_adapters(adapter_dirs, Path(tmp))
-        adapters = []
-        for staged_dir, source in staged.items():
-            try:
-                adapters.append(load_adapter(staged_dir, label=source))
-            except InvalidAdapter as exc:
-                rejected.append(Rejection(source, exc.reason))
-        inputs = MergeInputs(start=start, reference=ref, start_result=start_result, reference_result=ref_result,
-                             results={a.source: read_job_result(a.source) for a in adapters},
-                             samples=dict(zip(map(str, adapter_dirs), samples, strict=True)) if samples else {})
-        result = screen_and_merge(adapters, [weight_of[a.source] for a in adapters], inputs, method=method,
-                                  refused=rejected, node_of=node_of, rule=rule, **merge_kw)
+    inputs = MergeInputs(start=start, reference=ref, results={a.source: a.result for a in adapters},
+                         start_result=start.result if start else {}, reference_result=ref.result if ref else {},
+                         samples=dict(zip(map(str, adapter_dirs), samples, strict=True)) if samples else {})
+    result = screen_and_merge(adapters, [weight_of[a.source] for a in adapters], inputs, method=method,
+                              refused=rejected, node_of=node_of, rule=rule, **merge_kw)
     return result, save_adapter(result, out_dir, overwrite=overwrite)
 
 
@@ -131,6 +89,7 @@ class Recognizer:
 
         model = self.base.model
         if adapter_dir is not None:  # peft injects layers in place: merge into a copy, keep the base clean
+            read_adapter_dir(adapter_dir, base_model=model)  # what peft will read passes our rules first
             model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).merge_and_unload()
         key = (str(version_path), split)
         if key not in self._features:

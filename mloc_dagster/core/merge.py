@@ -19,8 +19,8 @@ that start from nothing have ``ΔW_start = 0``. Per module, the merge
    module and is 0 (up to float rounding) whenever the merged ΔW has rank ≤ r -- in particular a
    single adapter merges to itself, with or without a start.
 
-Reading, validating and writing adapter files is ``core/lora_adapter.py`` (re-exported here);
-deciding which adapters go in and with what weight is ``core/screening.py``.
+What an adapter directory may hold is ``core/adapter_format.py``; reading and writing one is
+``core/lora_adapter.py``; deciding which adapters go in and with what weight is ``core/screening.py``.
 
 Everything here is plain torch + safetensors; the files written are what peft's
 ``save_pretrained`` writes, so ``PeftModel.from_pretrained(base, out_dir)`` loads a merge.
@@ -36,43 +36,8 @@ from typing import Any, Literal
 
 import torch
 
-from mloc_dagster.core.lora_adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    Adapter,
-    ClipEvent,
-    InvalidAdapter,
-    ModuleShapes,
-    Rejection,
-    adapter_sha256,
-    check_shapes,
-    delta_weights,
-    load_adapter,
-    load_adapters,
-    lora_scale,
-    save_adapter,
-    targeted,
-    validate_adapter_config,
-)
-
-__all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
-    "Adapter",
-    "ClipEvent",
-    "InvalidAdapter",
-    "MergeMethod",
-    "MergeResult",
-    "Rejection",
-    "adapter_sha256",
-    "delta_weights",
-    "load_adapter",
-    "load_adapters",
-    "lora_scale",
-    "merge_adapters",
-    "save_adapter",
-    "validate_adapter_config",
-]
+from mloc_dagster.core.adapter_format import InvalidAdapter, ModuleShapes, check_shapes, targeted
+from mloc_dagster.core.lora_adapter import Adapter, ClipEvent, Rejection, lora_scale
 
 MergeMethod = Literal["weighted_mean", "trimmed_mean", "median"]
 _METHODS: tuple[str, ...] = ("weighted_mean", "trimmed_mean", "median")

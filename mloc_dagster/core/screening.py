@@ -10,8 +10,8 @@ The rules, in order (an adapter's *update* is ``U = ΔW − ΔW_start``, all mod
 one vector; ``ΔW_start`` is the adapter it was trained from -- the previous round's merged
 adapter for a distributed-round slice, 0 for a chain that started from nothing):
 
-1. **refused, unreadable**: unsafe files, non-finite or mis-shaped tensors, another module layout
-   than the start's (``core/checkpoints.py``, ``core/lora_adapter.py``);
+1. **refused, unreadable**: anything ``core/adapter_format.py`` refuses (unsafe files, a config
+   or tensors outside the rules, a malformed ``result.json``), another module layout than the start's;
 2. **refused, empty update**: ``‖U‖`` is 0 (below 1e-6 × the largest update in the merge): the
    node returned its start unchanged (a free-rider) or trained nothing;
 3. **refused, dev loss not sane**: the node's own ``result.json`` (written next to the adapter by
@@ -45,18 +45,17 @@ direction score (capped at 0.5 when clipped).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mloc_dagster.core.lora_adapter import Adapter, InvalidAdapter, Rejection, check_shapes
+from mloc_dagster.core.adapter_format import InvalidAdapter, check_shapes, read_node_result
+from mloc_dagster.core.lora_adapter import Adapter, Rejection
 from mloc_dagster.core.merge import MergeResult, merge_adapters
 from mloc_dagster.core.reputation import (
     DEFAULT_RULE,
@@ -66,7 +65,6 @@ from mloc_dagster.core.reputation import (
     reputation_from_merge,
 )
 
-RESULT_JSON = "result.json"
 ACCEPTED, EXCLUDED, REFUSED = "accepted", "excluded", "refused"
 DEV_LOSS_NOT_SANE = "dev loss not sane"
 EMPTY_UPDATE = "empty update: ΔW equals the start adapter's"
@@ -105,17 +103,12 @@ class Screened:
         return asdict(self)
 
 
-def read_job_result(adapter_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """The training job's ``result.json`` next to the adapter (dev_cer, node_id...), or {} when
-    there is none or it does not parse -- screening then skips what it would have told."""
-    if adapter_dir is None:
-        return {}
-    path = Path(adapter_dir) / RESULT_JSON
+def reported_node(adapter_dir: str | os.PathLike[str]) -> str | None:
+    """The node a refused adapter's ``result.json`` names, if it can be read (for its table row)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return read_node_result(adapter_dir, required=False).get("node_id")
+    except InvalidAdapter:
+        return None
 
 
 def reported_dev_cer(result: Mapping[str, Any]) -> float | None:
@@ -236,7 +229,7 @@ def screen(adapters: Sequence[Adapter], base_weights: Sequence[float], *, start:
 @dataclass(frozen=True)
 class MergeInputs:
     """What a screened merge needs besides the adapters: the start they were trained from, the
-    trusted reference update, and their job results (``read_job_result``) keyed by source."""
+    trusted reference update, and their job results (``Adapter.result``) keyed by source."""
 
     start: Adapter | None = None
     reference: Adapter | None = None
@@ -263,7 +256,7 @@ def screen_and_merge(adapters: Sequence[Adapter], base_weights: Sequence[float],
     rows = screen(adapters, base_weights, start=inputs.start, reference=inputs.reference,
                   baseline_dev_cer=inputs.baseline_dev_cer, results=inputs.results, samples=inputs.samples,
                   reference_samples=reported_samples(inputs.reference_result), rule=rule)
-    rows += [Screened(r.source, read_job_result(r.source).get("node_id"), decision=REFUSED, reason=r.reason)
+    rows += [Screened(r.source, reported_node(r.source), decision=REFUSED, reason=r.reason)
              for r in refused]
     if node_of:
         rows = [replace(r, node_id=node_of.get(r.source) or r.node_id) for r in rows]

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from mloc_dagster.core.checkpoints import RESULT_JSON, TRAIN_STATE_JSON, TRAIN_STATE_TENSORS
+from mloc_dagster.core.adapter_format import RESULT_JSON, TRAIN_STATE_JSON, TRAIN_STATE_TENSORS
 from mloc_dagster.core.publish import publish_dir
 from mloc_dagster.core.sample_stream import SampleStream
 

@@ -19,7 +19,7 @@ a late failure): return the stored result without training; else the newest
 ``<out_dir>.partial/step-*`` → the previous attempt of *this* job crashed: resume there (losing at
 most ``checkpoint_every_s`` of work) and keep this job's original step budget; else ``resume_from``
 (the previous job's final checkpoint of the same run); else start fresh from the seed. Every
-checkpoint read is validated first (``core/checkpoints.py``).
+checkpoint read is validated first (``core/adapter_format.py``).
 
 **Timebox.** The loop checks before every step whether one more step, the final evaluation and
 the final save still fit before ``timebox_s`` (counted from ``started_at``, default: function
@@ -43,7 +43,6 @@ with ``torch.use_deterministic_algorithms``.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 import warnings
@@ -56,7 +55,7 @@ from peft import LoraConfig, get_peft_model
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, RESULT_JSON, validate_checkpoint_dir
+from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, RESULT_JSON, InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.evaluate import error_rates, transcribe
 from mloc_dagster.core.features import concat_feature_sets, load_features
@@ -110,19 +109,18 @@ __all__ = [
 
 
 def load_warm_start(model: torch.nn.Module, adapter_dir: str | Path) -> None:
-    """Put a promoted/candidate adapter's LoRA weights into a fresh peft model. Only the two peft
-    files a node may submit are read, validated like any merge input; every LoRA weight of the
-    model must be covered (same targets, same rank), else ``ResumeError`` says what differs."""
+    """Put a promoted/candidate adapter's LoRA weights into a fresh peft model. The directory is
+    validated like anything a node hands in (``core/adapter_format.py``, against this base model)
+    and its weights are what that read; every LoRA weight of the model must be covered (same
+    targets, same rank), else ``ResumeError`` says what differs."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from mloc_dagster.core.merge import InvalidAdapter, load_adapter
 
     try:
-        load_adapter(adapter_dir)
+        files = read_adapter_dir(adapter_dir, base_model=model)
     except InvalidAdapter as exc:
         raise ResumeError(f"warm start from {adapter_dir}: {exc}") from exc
-    weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    weights = {f"base_model.model.{m}.lora_{ab}.weight": t for ab, factors in (("A", files.lora_a), ("B", files.lora_b))
+               for m, t in factors.items()}
     try:
         result = set_peft_model_state_dict(model, weights)
     except RuntimeError as exc:  # shape mismatch: another rank or base model
@@ -197,7 +195,7 @@ class _AdapterJob:
                                   else (None, "fresh"))
         meta = tensors = None
         if self.source is not None:
-            validate_checkpoint_dir(self.source, base_model=bm.model)
+            read_adapter_dir(self.source, base_model=bm.model)  # may come from another node
             meta, tensors = TrainState.read(self.source)
             check_resumable(meta, self.source, hp, self.identity)
 
@@ -405,8 +403,7 @@ def train_adapter(spec: AdapterJobSpec) -> AdapterJobResult:
     t0 = time.monotonic() - (max(0.0, time.time() - spec.started_at) if spec.started_at else 0.0)
     out = Path(spec.out_dir)
     if (out / RESULT_JSON).is_file():
-        validate_checkpoint_dir(out)
-        result = AdapterJobResult.from_json(json.loads((out / RESULT_JSON).read_text()))
+        result = AdapterJobResult.from_json(read_adapter_dir(out).result)
         result.resumed_kind = "reused"
         (spec.log or (lambda _msg: None))(
             f"{out} already holds this job's finished checkpoint (step {result.total_steps}); not training again")

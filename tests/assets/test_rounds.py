@@ -54,12 +54,19 @@ def test_slices_of_the_round_are_merged_and_strangers_refused(line, line_instanc
 
 def test_a_round_of_strangers_fails_with_the_reason(line, line_instance):
     store = StateStore(resolve_state_url())
-    run = distributed_run(store, line_instance, "tr-strangers")
-    came_in(store, run, [line.adapters["good"]])
+    # Named like the run "other-base" was, so its adapter matches run and round and only the base
+    # model tells it apart: the base-hash refusal is reached directly.
+    run = distributed_run(store, line_instance, "other-base")
+    came_in(store, run, [line.adapters["good"], line.adapters["other-base"]])
     result = merge_round(line_instance, run)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "no slice came in that belongs to the round" in failure.step_failure_data.error.message
+    outcome = {s.node_id: s.outcome for s in store.round_slices(run.run_id, 0)}
+    assert outcome["node-0"] == "refused: adapter of run good round 0, not other-base round 0"
+    base = line.adapters["good"].base_model_hash
+    assert outcome["node-1"] == (f"refused: trained on base model {line.adapters['other-base'].base_model_hash[:12]}, "
+                                 f"the run's is {base[:12]}")
     assert store.get_job(run.run_id, 0) is None
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mloc_dagster.core.checkpoints import validate_checkpoint_dir
+from mloc_dagster.core.adapter_format import read_adapter_dir
 from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
 
 CHILD = r"""
@@ -46,7 +46,7 @@ def test_full_disk_during_save(pretrained_base, corpus, tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr[-2000:]
     assert "File too large" in proc.stdout
     assert digest(job0) == before  # the previous checkpoint is untouched and still valid
-    validate_checkpoint_dir(job0)
+    read_adapter_dir(job0)
     assert not job1.exists()  # nothing torn at the final path; temp dirs are cleaned up
     leftovers = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
     assert leftovers == []

@@ -12,18 +12,16 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from mloc_dagster.core.merge import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
+from mloc_dagster.core.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, InvalidAdapter
+from mloc_dagster.core.lora_adapter import (
     Adapter,
-    InvalidAdapter,
     adapter_sha256,
     delta_weights,
     load_adapter,
     load_adapters,
-    merge_adapters,
     save_adapter,
 )
+from mloc_dagster.core.merge import merge_adapters
 
 R, ALPHA = 4, 8
 SHAPES = {"enc": (16, 8), "out": (4, 16)}  # module -> (out_features, in_features)
@@ -52,6 +50,10 @@ def peft_adapter(base: Tiny, out_dir: Path, seed: int, **lora_kw: object) -> tor
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["enc", "out"], init_lora_weights=False, **lora_kw)
     model = get_peft_model(copy.deepcopy(base), config).eval()
     model.save_pretrained(str(out_dir))
+    # peft names this test module as the model's library (auto_mapping); a node's adapter may only
+    # name mloc_dagster's or transformers' (core/adapter_format.py), so the test model's says none.
+    config_file = out_dir / ADAPTER_CONFIG
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"auto_mapping": None}))
     return model
 
 
@@ -106,53 +108,6 @@ def test_rslora_scale(tmp_path: Path, base: Tiny) -> None:
     assert load_adapter(d).scale == pytest.approx(ALPHA / math.sqrt(R))
 
 
-@pytest.mark.parametrize("name", ["adapter_model.bin", "optimizer.pt", "extra.pkl", "state.pickle"])
-def test_refuses_pickle_files(tmp_path: Path, template: Path, name: str) -> None:
-    d = write_adapter(tmp_path / "a", random_factors(1), template)
-    (d / name).write_bytes(b"\x80\x04K\x01.")  # a pickle
-    with pytest.raises(InvalidAdapter, match="pickle"):
-        load_adapter(d)
-
-
-def test_refuses_other_files_dirs_and_symlinks(tmp_path: Path, template: Path) -> None:
-    d = write_adapter(tmp_path / "a", random_factors(1), template)
-    (d / "run.sh").write_text("rm -rf /")
-    with pytest.raises(InvalidAdapter, match="unexpected file"):
-        load_adapter(d)
-    d2 = write_adapter(tmp_path / "b", random_factors(1), template)
-    (d2 / "nested").mkdir()
-    with pytest.raises(InvalidAdapter, match="directory"):
-        load_adapter(d2)
-    d3 = write_adapter(tmp_path / "c", random_factors(1), template)
-    (d3 / ADAPTER_CONFIG).rename(tmp_path / "elsewhere.json")
-    (d3 / ADAPTER_CONFIG).symlink_to(tmp_path / "elsewhere.json")
-    with pytest.raises(InvalidAdapter, match="symlink"):
-        load_adapter(d3)
-    d4 = tmp_path / "d"
-    d4.mkdir()
-    with pytest.raises(InvalidAdapter, match="missing"):
-        load_adapter(d4)
-    d5 = write_adapter(tmp_path / "e", random_factors(1), template)
-    (d5 / ADAPTER_WEIGHTS).write_bytes(b"\x80\x04K\x01.")  # a pickle under the right name
-    with pytest.raises(InvalidAdapter, match="not a valid safetensors"):
-        load_adapter(d5)
-    d6 = write_adapter(tmp_path / "f", random_factors(1), template)
-    (d6 / ADAPTER_CONFIG).write_text("{not json")
-    with pytest.raises(InvalidAdapter, match="not valid JSON"):
-        load_adapter(d6)
-
-
-def test_refuses_non_finite_tensors(tmp_path: Path, template: Path) -> None:
-    factors = random_factors(1)
-    factors["out"][1][2, 1] = float("nan")
-    with pytest.raises(InvalidAdapter, match="NaN"):
-        load_adapter(write_adapter(tmp_path / "nan", factors, template))
-    factors = random_factors(1)
-    factors["enc"][0][0, 0] = float("inf")
-    with pytest.raises(InvalidAdapter, match="infinite"):
-        load_adapter(write_adapter(tmp_path / "inf", factors, template))
-
-
 def test_refuses_wrong_shapes(tmp_path: Path, template: Path) -> None:
     factors = random_factors(1)
     factors["enc"] = (torch.randn(R + 1, 8), torch.randn(16, R + 1))  # consistent, but not r
@@ -170,26 +125,6 @@ def test_refuses_wrong_shapes(tmp_path: Path, template: Path) -> None:
         load_adapter(write_adapter(tmp_path / "3d", factors, template))
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ({"trust_remote_code": True}, "unknown"),
-        ({"use_dora": True}, "use_dora"),
-        ({"bias": "all"}, "bias"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
-        ({"rank_pattern": {"enc": 8}}, "rank_pattern"),
-        ({"modules_to_save": ["out"]}, "modules_to_save"),
-        ({"peft_type": "IA3"}, "peft_type"),
-        ({"r": 0}, "r must be"),
-        ({"lora_alpha": "8"}, "lora_alpha"),
-        ({"use_rslora": 1}, "use_rslora"),
-    ],
-)
-def test_refuses_bad_config(tmp_path: Path, template: Path, override: dict, message: str) -> None:
-    with pytest.raises(InvalidAdapter, match=message):
-        load_adapter(write_adapter(tmp_path / "a", random_factors(1), template, **override))
-
-
 def test_refuses_mismatched_target_modules(tmp_path: Path, template: Path) -> None:
     # Tensors for a module the config does not target.
     with pytest.raises(InvalidAdapter, match="target_modules"):
@@ -202,7 +137,7 @@ def test_refuses_mismatched_target_modules(tmp_path: Path, template: Path) -> No
     # Tensor names that are not LoRA factors.
     d = write_adapter(tmp_path / "c", random_factors(1), template)
     save_file({"base_model.model.enc.weight": torch.zeros(16, 8)}, str(d / ADAPTER_WEIGHTS))
-    with pytest.raises(InvalidAdapter, match="unexpected tensor"):
+    with pytest.raises(InvalidAdapter, match="not a LoRA factor"):
         load_adapter(d)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from bench.pool_nodes import forge, shuffled_copy
 from mloc_dagster.core.candidates import load_trusted, merge_candidate
-from mloc_dagster.core.merge import delta_weights, load_adapter
+from mloc_dagster.core.lora_adapter import delta_weights, load_adapter
 from mloc_dagster.core.reputation import TRUST_BAR
 from mloc_dagster.core.screening import (
     DEV_LOSS_NOT_SANE,
@@ -54,7 +54,7 @@ def trained(pretrained_base, corpus, tmp_path_factory) -> Trained:
 
 
 def forged(trained: Trained, behaviour: str, out: Path, k: float = 8.0) -> Path:
-    honest = load_trusted(trained.honest, "honest")[0]
+    honest = load_trusted(trained.honest, "honest")
     return forge(behaviour, out, start=None, own=honest, honest=[honest], dev_cer=0.5, node_id=f"node-{behaviour}",
                  k=k, seed=0, template=honest.config)
 
@@ -117,7 +117,7 @@ def test_updates_are_taken_from_the_start_adapter(trained, pretrained_base, corp
     rows = {r["source"]: r for r in result.screening}
     assert rows[str(copy)]["reason"] == EMPTY_UPDATE and rows[str(slice_dir)]["decision"] == "accepted"
     assert rows[str(slice_dir)]["cosine"] > 0.05 and result.start == str(start)
-    merged, alone = delta_weights(load_adapter(tmp_path / "merged")), delta_weights(load_trusted(slice_dir, "s")[0])
+    merged, alone = delta_weights(load_adapter(tmp_path / "merged")), delta_weights(load_trusted(slice_dir, "s"))
     for module, dw in alone.items():
         assert torch.allclose(merged[module], dw, atol=1e-5 * float(dw.abs().max()))
 
@@ -131,6 +131,19 @@ def test_nothing_accepted_and_a_bad_reference_are_clear_errors(trained, tmp_path
         merge_candidate([str(trained.honest)], [1.0], tmp_path / "merged", reference=tmp_path / "missing")
     with pytest.raises(ValueError, match="2 weights for 1 adapters"):
         merge_candidate([str(trained.honest)], [1.0, 2.0], tmp_path / "merged")
+
+
+def test_a_malformed_result_json_is_a_refused_row_kept_on_disk(trained, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(trained.honest, bad)
+    (bad / "result.json").write_text('{"node_id": "node-bad", "dev_cer": 0.1')  # cut short
+    result, _ = merge_candidate([str(trained.honest), str(bad)], [1.0, 1.0], tmp_path / "merged",
+                                reference=trained.reference)
+    rows = {r["source"]: r for r in result.screening}
+    assert rows[str(bad)]["decision"] == "refused", rows
+    assert rows[str(bad)]["reason"].startswith("result.json is not valid JSON")
+    assert rows[str(trained.honest)]["decision"] == "accepted" and result.sources == [str(trained.honest)]
+    assert (bad / "result.json").read_text().startswith('{"node_id"')  # kept as the node left it
 
 
 def test_dev_loss_rule():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, TRAIN_STATE_JSON, UnsafeCheckpoint
+from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON, InvalidAdapter
 from mloc_dagster.core.evaluate import error_rates, transcribe
 from mloc_dagster.core.features import load_features
 from mloc_dagster.core.model import load_base_model
@@ -178,7 +178,7 @@ def test_refuses_to_resume_from_an_unsafe_checkpoint(pretrained_base, corpus, tm
     base, _ = pretrained_base
     train_adapter(_spec(base, corpus, tmp_path / "ok", max_steps=1))
     (tmp_path / "ok" / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
-    with pytest.raises(UnsafeCheckpoint, match="optimizer.pt"):
+    with pytest.raises(InvalidAdapter, match="optimizer.pt"):
         train_adapter(_spec(base, corpus, tmp_path / "next", max_steps=1, resume_from=tmp_path / "ok"))
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, TRAIN_STATE_JSON
+from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON
 from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.model import load_base_model, model_dir_hash
 from mloc_dagster.core.train_state import ResumeError

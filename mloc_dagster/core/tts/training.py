@@ -26,7 +26,6 @@ It is an hparam, so a run cannot switch it between jobs.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 import warnings
@@ -39,7 +38,7 @@ from peft import LoraConfig, get_peft_model
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.checkpoints import ADAPTER_WEIGHTS, RESULT_JSON, validate_checkpoint_dir
+from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, RESULT_JSON, read_adapter_dir
 from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.model import file_sha256, load_base_model, model_dir_hash
 from mloc_dagster.core.sample_stream import SampleStream
@@ -195,7 +194,7 @@ class _TtsAdapterJob:
                                   else (None, "fresh"))
         self.meta = self.tensors = None
         if self.source is not None:
-            validate_checkpoint_dir(self.source, base_model=self.tm.model)  # may come from another node
+            read_adapter_dir(self.source, base_model=self.tm.model)  # may come from another node
             self.meta, self.tensors = TrainState.read(self.source)
             check_resumable(self.meta, self.source, self.hp, self.identity)
             if self.meta["identity"].get("aligner_hash") != self.identity["aligner_hash"]:
@@ -295,8 +294,7 @@ def train_tts_adapter(spec: TtsAdapterJobSpec) -> TtsAdapterJobResult:
     t0 = time.monotonic()
     out = Path(spec.out_dir)
     if (out / RESULT_JSON).is_file():
-        validate_checkpoint_dir(out)
-        result = TtsAdapterJobResult.from_json(json.loads((out / RESULT_JSON).read_text()))
+        result = TtsAdapterJobResult.from_json(read_adapter_dir(out).result)
         result.resumed_kind = "reused"
         return result
     job = _TtsAdapterJob(spec, t0)
@@ -308,12 +306,12 @@ def train_tts_adapter(spec: TtsAdapterJobSpec) -> TtsAdapterJobResult:
 
 def load_tts_adapter(base_tts_dir: str | Path, adapter_dir: str | Path, device: str = "cpu"):
     """The base TTS with an adapter checkpoint's LoRA merged in (a ``TtsModel``, eval mode): what
-    a candidate synthesizes with. The checkpoint is validated first (``core/checkpoints.py``: no
+    a candidate synthesizes with. The checkpoint is validated first (``core/adapter_format.py``: no
     pickle or code, LoRA A/B pairs only, shapes of this base model)."""
     from peft import PeftModel
 
     tm = load_tts_model(base_tts_dir, device)
-    validate_checkpoint_dir(adapter_dir, base_model=tm.model)
+    read_adapter_dir(adapter_dir, base_model=tm.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(tm.model, str(adapter_dir), is_trainable=False)
