@@ -121,8 +121,9 @@ def handle_ended_slice(context: dg.SensorEvaluationContext, store: StateStore, r
     if run.tags.get("mloc/refused"):
         return
     if run.status == dg.DagsterRunStatus.CANCELED:
-        if not store.requeue_slice(run_id, k, index, f"Dagster run {run.run_id} canceled: requested again on resume"):
-            return  # it finished, or its round dropped or replaced it, first: nothing to continue
+        if not store.requeue_slice(run_id, k, index, f"Dagster run {run.run_id} canceled: requested again on resume",
+                                   dagster_run_id=run.run_id):
+            return  # it finished, its round dropped or replaced it, or another run trains it: nothing to do
         reason = (f"round {k} slice {index}'s Dagster run {run.run_id[:8]} was canceled; "
                   f"`mloc run resume {run_id}` requests it again")
         if store.transition_run(run_id, ACTIVE, PAUSED, reason):

@@ -136,11 +136,13 @@ def test_a_canceled_slice_goes_back_to_queued_unless_it_ended_first(store, clock
     for i in (0, 1):
         store.record_slice_started(run.run_id, 0, i, dagster_run_id=f"d{i}")
     store.slice_training_started(run.run_id, 0, 0)
-    assert store.requeue_slice(run.run_id, 0, 0, "Dagster run d0 canceled")
+    assert not store.requeue_slice(run.run_id, 0, 0, "an older run canceled", dagster_run_id="d-old")  # d0 trains it
+    assert store.get_slice(run.run_id, 0, 0).status == RUNNING
+    assert store.requeue_slice(run.run_id, 0, 0, "Dagster run d0 canceled", dagster_run_id="d0")
     again = store.get_slice(run.run_id, 0, 0)
     assert (again.status, again.train_started_at, again.outcome) == (QUEUED, None, "Dagster run d0 canceled")
     assert not round_state(store.round_slices(run.run_id, 0), clock()).ready  # waited for, never failed
     store.record_slice_finished(run.run_id, 0, 1, SUCCEEDED, checkpoint_path="/b", sha256="y")
-    assert not store.requeue_slice(run.run_id, 0, 1, "canceled too late")  # it succeeded first
+    assert not store.requeue_slice(run.run_id, 0, 1, "canceled too late", dagster_run_id="d1")  # it succeeded first
     assert store.get_slice(run.run_id, 0, 1).status == SUCCEEDED
     assert store.record_slice_started(run.run_id, 0, 0, dagster_run_id="d0-again")  # the resumed request trains it

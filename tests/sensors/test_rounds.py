@@ -171,9 +171,9 @@ def test_canceled_slices_are_requested_again_on_resume_and_their_round_is_never_
     run = new_run(store, parallelism=2, round_samples=100)
     _, cursor = tick(instance, store)
     for s in store.round_slices(run.run_id, 0):  # both slices canceled: 0 successes in the round
-        store.record_slice_started(run.run_id, 0, s.slice_index, dagster_run_id="d")
         canceled = dagster_run_of(instance, run, TRAIN_JOB, dg.DagsterRunStatus.STARTED,
                                   **{"mloc/round": "0", "mloc/slice": str(s.slice_index)})
+        store.record_slice_started(run.run_id, 0, s.slice_index, dagster_run_id=canceled.run_id)
         instance.report_run_canceled(canceled, message="terminated in the UI")
     result, cursor = tick(instance, store, cursor)
     paused = store.get_run(run.run_id)

@@ -161,13 +161,17 @@ class RoundStore(StoreEngine):
                 .values(status=status, outcome=reason, finished_at=self._clock()))
         return result.rowcount == 1
 
-    def requeue_slice(self, run_id: str, round_index: int, slice_index: int, reason: str) -> bool:
+    def requeue_slice(self, run_id: str, round_index: int, slice_index: int, reason: str, *,
+                      dagster_run_id: str) -> bool:
         """Compare-and-set a slice that is still queued, running or failed back to ``queued`` with
-        the reason (its Dagster run was canceled: the next generation of run keys requests it
-        again); False if it finished, or the round dropped or replaced it, first."""
+        the reason (its Dagster run ``dagster_run_id`` was canceled: the next generation of run
+        keys requests it again); False if it finished, the round dropped or replaced it, or
+        another Dagster run trains it, first."""
+        c = round_slices.c
         with self._write() as conn:
             result = conn.execute(round_slices.update().where(
-                *_key(run_id, round_index, slice_index), round_slices.c.status.in_([QUEUED, RUNNING, FAILED]))
+                *_key(run_id, round_index, slice_index), c.status.in_([QUEUED, RUNNING, FAILED]),
+                sa.or_(c.status != RUNNING, c.dagster_run_id.is_(None), c.dagster_run_id == dagster_run_id))
                 .values(status=QUEUED, outcome=reason, train_started_at=None, train_ended_at=None))
         return result.rowcount == 1
 
