@@ -1,8 +1,14 @@
 """round_adapter on a real instance with adapters that were actually trained: slices that belong to
 the round are screened and merged into the run's job ``round``; a slice of another run, round or
-base model is refused with the reason and kept on disk; a round with nothing that belongs fails."""
+base model is refused with the reason and kept on disk; a round with nothing that belongs fails.
+A slice of a node below the trust bar reaches only the round's experimental sibling, and the
+merge moves each node's reputation once even when it is retried."""
 
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from mloc_dagster.core.state import PlannedSlice, StateStore, resolve_state_url
 from mloc_dagster.definitions import defs
@@ -61,3 +67,48 @@ def test_a_round_of_strangers_fails_with_the_reason(line, line_instance):
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "no slice came in that belongs to the round" in failure.step_failure_data.error.message
     assert store.get_job(run.run_id, 0) is None
+
+
+def scaled_copy(src: str, out: Path, factor: float) -> SimpleNamespace:
+    """Another honest slice of the same round: the adapter's update scaled (same direction)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    return SimpleNamespace(path=str(out), sha256=None)
+
+
+def test_a_node_below_the_trust_bar_feeds_only_the_experimental_sibling_and_moves_once(line, line_instance,
+                                                                                      tmp_path):
+    from mloc_dagster.core.state.schema import training_jobs
+
+    store = StateStore(resolve_state_url())
+    run = distributed_run(store, line_instance, "good")
+    came_in(store, run, [line.adapters["good"], scaled_copy(line.adapters["good"].path, tmp_path / "s1", 0.5)])
+    store.set_node_reputation("node-1", 0.5)
+    result = merge_round(line_instance, run)
+    assert result.success, result.all_events[-1]
+    merge = store.round_merge(run.run_id, 0)
+    # The round's adapter (what the run continues from and a stable candidate merges) holds node-0 only.
+    assert merge.nodes == {"node-0": 60.0}
+    assert merge.experimental_nodes == {"node-0": 60.0, "node-1": 60.0}
+    assert store.get_job(run.run_id, 0).checkpoint_path.endswith("round-0000/adapter")
+    assert Path(merge.experimental_path).is_dir() and merge.experimental_sha256 != store.get_job(run.run_id, 0).adapter_sha256
+    outcome = {s.node_id: s.outcome for s in store.round_slices(run.run_id, 0)}
+    assert outcome["node-0"].startswith("accepted") and "experimental only" not in outcome["node-0"]
+    assert outcome["node-1"].startswith("accepted") and "experimental only" in outcome["node-1"], outcome
+    md = result.asset_materializations_for_node("round_adapter")[0].metadata
+    assert md["below_trust_bar"].value == {"node-1": 0.5} and md["nodes"].value == {"node-0": 60.0}
+    assert md["experimental_only"].value == 1
+    moved = {n: m["after"] for n, m in merge.reputation.items()}
+    assert set(moved) == {"node-0", "node-1"} and moved["node-1"] == pytest.approx(store.node_reputation("node-1"))
+
+    # The merge's worker died after recording the merge, before recording the round's job: the retry
+    # merges again and records the job, but moves nobody's reputation a second time.
+    with store._write() as conn:
+        conn.execute(training_jobs.delete().where(training_jobs.c.run_id == run.run_id))
+    assert merge_round(line_instance, run).success
+    assert store.get_job(run.run_id, 0).status == "succeeded"
+    assert {n: store.node_reputation(n) for n in moved} == pytest.approx(moved)
