@@ -14,6 +14,9 @@ from mloc_dagster.core.state import PlannedSlice, StateStore, resolve_state_url
 from mloc_dagster.definitions import defs
 from tests.assets.conftest import DIALECT
 
+LENIENT = {"thresholds": {DIALECT: {"max_cer": 0.9, "max_wer": 1.0, "max_base_regression_rel": 0.5}},
+           "bootstrap_samples": 500}
+
 
 def distributed_run(store, instance, run_id):
     from mloc_dagster.assets.lineage import require_metadata
@@ -112,3 +115,18 @@ def test_a_node_below_the_trust_bar_feeds_only_the_experimental_sibling_and_move
     assert merge_round(line_instance, run).success
     assert store.get_job(run.run_id, 0).status == "succeeded"
     assert {n: store.node_reputation(n) for n in moved} == pytest.approx(moved)
+
+    # The run's candidate is stable and built without node-1's slice; its experimental companion
+    # merges the round's sibling. The gate moves the nodes inside each candidate.
+    result = defs.resolve_job_def("candidate_job").execute_in_process(
+        partition_key=DIALECT, instance=line_instance, raise_on_error=False, tags={"mloc/run_id": run.run_id},
+        run_config={"ops": {"gate_report": {"config": LENIENT}}})
+    merged, gate = (result.asset_materializations_for_node(n)[0].metadata for n in ("merged_candidate", "gate_report"))
+    stable = store.get_candidate(merged["candidate_id"].value)
+    assert stable.trusted and [s.path for s in stable.sources] == [store.get_job(run.run_id, 0).checkpoint_path]
+    assert merged["stable_nodes"].value == {"node-0": 1.0} and merged["experimental_only_nodes"].value == ["node-1"]
+    companion = store.get_candidate(merged["experimental_candidate"].value)
+    assert [s.path for s in companion.sources] == [merge.experimental_path] and not companion.trusted
+    assert gate["decision"].value == "passed" and set(gate["reputation_after"].value) == {"node-0"}
+    assert "node-0" not in gate["experimental_reputation_after"].value
+    assert store.get_job(run.run_id, 0).candidate_id == stable.candidate_id
