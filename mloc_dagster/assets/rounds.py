@@ -110,7 +110,12 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
             context.log.warning(f"{exc.description}; the round continues from every slice, experimental only")
             continued = came_in
             result, sha = merge(continued, out / "adapter")
-        sibling = merge(came_in, out / "experimental") if len(continued) < len(came_in) else None
+        sibling = None
+        if len(continued) < len(came_in):
+            try:
+                sibling = merge(came_in, out / "experimental")
+            except dg.Failure as exc:  # the round's adapter stands; the untrusted slices are left out
+                context.log.warning(f"no experimental sibling: {exc.description}")
         dev = score(Recognizer(run.base_model_version, artifacts.paths.home / "features", lease.torch_device)(
             out / "adapter", run.dataset_version, "dev"))
     below = {s.checkpoint_path for s in came_in if s not in continued}
@@ -139,7 +144,7 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
                   "start_adapter": str(start or "fresh LoRA"), "path": dg.MetadataValue.path(str(out / "adapter")),
                   "nodes": dg.MetadataValue.json(recorded.nodes),
                   "below_trust_bar": dg.MetadataValue.json(
-                      {s.node_id: reputation[s.node_id] for s in came_in if s.checkpoint_path in below}),
+                      {s.node_id: reputation[s.node_id] for s in came_in if reputation[s.node_id] < TRUST_BAR}),
                   "experimental_adapter": str(out / "experimental") if sibling else "",
                   "experimental_nodes": dg.MetadataValue.json(recorded.experimental_nodes or {}),
                   "screening": dg.MetadataValue.md(markdown_table(rows)),

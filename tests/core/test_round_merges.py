@@ -14,13 +14,13 @@ def _run(store):
                             parallelism=2, round_samples=90, max_jobs=3)
 
 
-def test_a_slice_that_never_started_gives_its_quota_back_once(store):
+def test_a_slice_that_never_started_gives_its_quota_back_once(store, clock):
     run = _run(store)
     assert store.take_job_quota("a", 5) and store.take_job_quota("b", 5)
     store.place_slices(run.run_id, 0, [PlannedSlice(0, "a", [[0, 45]], 9.0), PlannedSlice(1, "b", [[45, 90]], 9.0)])
     store.record_slice_started(run.run_id, 0, 1, dagster_run_id="d1")
     store.record_slice_finished(run.run_id, 0, 1, FAILED, error="boom")
-    today = store._today()
+    today = clock().date().isoformat()
     # Its Dagster run was canceled in the queue: the slice never started, the job is given back...
     assert store.end_slice(run.run_id, 0, 0, DROPPED, "Dagster run canceled")
     assert store.get_node("a").jobs_taken(today) == 0
