@@ -25,11 +25,11 @@ node's reputation once (``core.reputation``). Adapters of nodes below ``min_trus
 So one low-reputation node no longer demotes everyone else's work to experimental.
 
 A distributed round's adapter has no node of its own: the nodes inside it are those its round
-merges recorded (``StateStore.adapter_nodes``, its start adapters' included). It is trusted when
-every node inside it is, and its reputation is the lowest of theirs. When its round merged a slice
-of a node below the bar, the slice went into the round's experimental sibling only, so the stable
-candidate is built without it and the experimental companion merges the sibling in the round
-adapter's place.
+merges recorded (``StateStore.adapter_nodes``, its start adapters' included), its reputation the
+mean of theirs by merged samples. It is trusted as its round merges judged it (``judge``): every
+slice inside came from a node at or above the bar when it was merged. A slice of a node below the
+bar went into its round's experimental sibling only, so the stable candidate is built without it
+and the experimental companion merges the sibling in the round adapter's place.
 
 Gates judge the model, not the node (``core.reputation.evidence_of_harm``): a passed gate raises
 the reputation of the nodes inside the candidate, by their share; a failed one lowers it only
@@ -111,6 +111,19 @@ def merge_refs(refs: list[AdapterRef], reputation: dict[str, float], out: Path, 
         raise dg.Failure(str(exc)) from exc
 
 
+def judge(store: StateStore, ref: AdapterRef, contents: dict[str, float], bar: float) -> tuple[float, bool]:
+    """An adapter's base weight (its nodes' reputation, by merged samples; 1.0 without a node) and
+    whether it may enter a stable candidate: a job's node is at or above the bar now; a round
+    adapter was judged trusted by its round merges."""
+    if not contents:
+        return 1.0, True
+    weight = sum(store.node_reputation(n) * a for n, a in contents.items()) / sum(contents.values())
+    merge = None if ref.node_id else store.round_merge(ref.run_id, ref.job_index)
+    if merge is None:
+        return weight, weight >= bar
+    return weight, merge.trusted and ref.path != merge.experimental_path
+
+
 def experimental_sibling(store: StateStore, ref: AdapterRef) -> AdapterRef | None:
     """A round adapter's experimental sibling (its round's slices of nodes below the bar merged in), if any."""
     merge = None if ref.node_id else store.round_merge(ref.run_id, ref.job_index)
@@ -159,10 +172,10 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
             raise dg.Failure(f"no new adapter for {dialect} on base model {pinned['base_model'][:12]} since its "
                              f"last candidate ({len(other_bases)} unclaimed on other base models)")
         contents = {r.key: store.adapter_nodes(r) for r in refs}
-        # An adapter is as trusted as the least trusted node inside it (a round adapter holds several).
-        reputation = {r.key: min(map(store.node_reputation, contents[r.key]), default=1.0) for r in refs}
-        trusted_refs = [r for r in refs if reputation[r.key] >= config.min_trusted_reputation]
-        untrusted_refs = [r for r in refs if reputation[r.key] < config.min_trusted_reputation]
+        judged = {r.key: judge(store, r, contents[r.key], config.min_trusted_reputation) for r in refs}
+        reputation = {key: weight for key, (weight, _) in judged.items()}
+        trusted_refs = [r for r in refs if judged[r.key][1]]
+        untrusted_refs = [r for r in refs if not judged[r.key][1]]
         stable_refs = trusted_refs or refs  # nobody trusted: one experimental candidate, as before
         siblings = {r.key: sib for r in trusted_refs if (sib := experimental_sibling(store, r)) is not None}
         companion_refs = [siblings.get(r.key, r) for r in trusted_refs] + untrusted_refs

@@ -12,9 +12,10 @@ Trust acts here as in chains (SPEC §5): slices of nodes below the trust bar (0.
 round's adapter while any trusted slice came in; they are merged, with every other slice, into an
 **experimental sibling** (``round-<k>/experimental``) that only an experimental candidate uses.
 The store records which nodes each adapter contains, its start adapter's included
-(``RoundMerge.nodes``), so a candidate knows whether a round adapter may go to stable and whose
-reputation its gate moves. A round in which no trusted slice came in continues from every slice:
-its adapter, and every later round's, contains the untrusted node and reaches experimental only.
+(``RoundMerge.nodes``), and whether every slice inside it came from a node at or above the bar
+when it was merged (``RoundMerge.trusted``), so a candidate knows whether a round adapter may go to
+stable and whose reputation its gate moves. A round in which no trusted slice came in continues
+from every slice: its adapter, and every later round's, reaches experimental candidates only.
 
 Every slice gets its verdict (accepted with its weight, experimental only, or refused and why),
 every node's reputation moves by the documented rule (``core/reputation.py``) once per round, in
@@ -125,8 +126,11 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
             next((r for r in rows if r["source"] == s.checkpoint_path), None), s.checkpoint_path in below))
     previous = store.round_merge(run.run_id, k - 1) if k > 0 else None
     inherited = previous.nodes if previous is not None else {}
+    trusted_lineage = (previous is None or previous.trusted) and all(
+        reputation[s.node_id] >= TRUST_BAR for s in continued)
     recorded = store.record_round_merge(
-        run.run_id, k, nodes=contained(inherited, continued, result.screening), updates=reputation_updates(rows),
+        run.run_id, k, nodes=contained(inherited, continued, result.screening), trusted=trusted_lineage,
+        updates=reputation_updates(rows),
         experimental_path=str(out / "experimental") if sibling else None,
         experimental_sha256=sibling[1] if sibling else None,
         experimental_nodes=contained(inherited, came_in, sibling[0].screening) if sibling else None)
@@ -142,7 +146,7 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
         data_version=dg.DataVersion(sha),
         metadata={**metrics, "run_id": run.run_id, "round": k, "sha256": sha, "base_model": base_hash,
                   "start_adapter": str(start or "fresh LoRA"), "path": dg.MetadataValue.path(str(out / "adapter")),
-                  "nodes": dg.MetadataValue.json(recorded.nodes),
+                  "nodes": dg.MetadataValue.json(recorded.nodes), "trusted": recorded.trusted,
                   "below_trust_bar": dg.MetadataValue.json(
                       {s.node_id: reputation[s.node_id] for s in came_in if reputation[s.node_id] < TRUST_BAR}),
                   "experimental_adapter": str(out / "experimental") if sibling else "",

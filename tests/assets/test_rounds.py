@@ -95,7 +95,7 @@ def test_a_node_below_the_trust_bar_feeds_only_the_experimental_sibling_and_move
     assert result.success, result.all_events[-1]
     merge = store.round_merge(run.run_id, 0)
     # The round's adapter (what the run continues from and a stable candidate merges) holds node-0 only.
-    assert merge.nodes == {"node-0": 60.0}
+    assert merge.nodes == {"node-0": 60.0} and merge.trusted
     assert merge.experimental_nodes == {"node-0": 60.0, "node-1": 60.0}
     assert store.get_job(run.run_id, 0).checkpoint_path.endswith("round-0000/adapter")
     assert Path(merge.experimental_path).is_dir() and merge.experimental_sha256 != store.get_job(run.run_id, 0).adapter_sha256

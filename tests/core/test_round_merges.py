@@ -35,24 +35,24 @@ def test_a_slice_that_never_started_gives_its_quota_back_once(store, clock):
 def test_a_round_merge_moves_reputation_once_even_when_retried(store):
     run = _run(store)
     down = {"bad": ReputationUpdate(0.0, 0.5, "refused: NaN"), "good": ReputationUpdate(1.0, 0.3, "accepted")}
-    first = store.record_round_merge(run.run_id, 0, nodes={"good": 60.0}, updates=down,
+    first = store.record_round_merge(run.run_id, 0, nodes={"good": 60.0}, trusted=True, updates=down,
                                      experimental_path="/r/exp", experimental_sha256="e" * 64,
                                      experimental_nodes={"good": 60.0, "bad": 30.0})
     assert store.node_reputation("bad") == pytest.approx(0.5)
     assert first.reputation["bad"] == {"reason": "refused: NaN", "after": pytest.approx(0.5)}
     # The merge is retried (its worker died after recording): what it made is updated, nobody moves again.
-    again = store.record_round_merge(run.run_id, 0, nodes={"good": 61.0}, updates=down)
+    again = store.record_round_merge(run.run_id, 0, nodes={"good": 61.0}, trusted=False, updates=down)
     assert store.node_reputation("bad") == pytest.approx(0.5)
     assert again.nodes == {"good": 61.0} and again.reputation == first.reputation
-    assert again.experimental_path is None
+    assert again.experimental_path is None and first.trusted and not again.trusted
     # The next round is another piece of evidence.
-    store.record_round_merge(run.run_id, 1, nodes={"good": 60.0}, updates=down)
+    store.record_round_merge(run.run_id, 1, nodes={"good": 60.0}, trusted=True, updates=down)
     assert store.node_reputation("bad") == pytest.approx(0.25)
 
 
 def test_the_nodes_inside_an_adapter(store):
     run = _run(store)
-    store.record_round_merge(run.run_id, 0, nodes={"a": 60.0}, updates={}, experimental_path="/r/exp",
+    store.record_round_merge(run.run_id, 0, nodes={"a": 60.0}, trusted=True, updates={}, experimental_path="/r/exp",
                              experimental_nodes={"a": 60.0, "b": 30.0})
     ref = AdapterRef(run.run_id, 0, None, None, "/r/adapter")
     assert store.adapter_nodes(ref) == {"a": 60.0}

@@ -85,11 +85,13 @@ class RoundMerge:
     """What a round merge made: ``nodes`` inside the round's adapter (the run's job ``round_index``,
     its start adapter's nodes included) as {node: merged samples}; the experimental sibling (every
     slice merged) when some slice came from a node below the trust bar; the reputation moves the
-    merge applied ({node: {"reason", "after"}})."""
+    merge applied ({node: {"reason", "after"}}); ``trusted``: every slice inside the round's
+    adapter came from a node at or above the trust bar when it was merged."""
 
     run_id: str
     round_index: int
     nodes: dict[str, float]
+    trusted: bool
     experimental_path: str | None
     experimental_sha256: str | None
     experimental_nodes: dict[str, float] | None
@@ -207,7 +209,7 @@ class RoundStore(StoreEngine):
 
     # -- round merges ---------------------------------------------------------------------------------
 
-    def record_round_merge(self, run_id: str, round_index: int, *, nodes: Mapping[str, float],
+    def record_round_merge(self, run_id: str, round_index: int, *, nodes: Mapping[str, float], trusted: bool,
                            updates: Mapping[str, ReputationUpdate], experimental_path: str | None = None,
                            experimental_sha256: str | None = None,
                            experimental_nodes: Mapping[str, float] | None = None) -> RoundMerge:
@@ -215,7 +217,7 @@ class RoundStore(StoreEngine):
         transaction keyed by (run, round): a retried merge updates what it made but applies no
         reputation move again (the first attempt's moves stay recorded)."""
         now = self._clock()
-        made = {"nodes": dict(nodes), "experimental_path": experimental_path,
+        made = {"nodes": dict(nodes), "trusted": bool(trusted), "experimental_path": experimental_path,
                 "experimental_sha256": experimental_sha256,
                 "experimental_nodes": None if experimental_nodes is None else dict(experimental_nodes)}
         key = [round_merges.c.run_id == run_id, round_merges.c.round_index == round_index]
@@ -238,6 +240,7 @@ class RoundStore(StoreEngine):
         if row is None:
             return None
         return RoundMerge(run_id=row["run_id"], round_index=row["round_index"], nodes=dict(row["nodes"] or {}),
+                          trusted=row["trusted"] is not False,
                           experimental_path=row["experimental_path"], experimental_sha256=row["experimental_sha256"],
                           experimental_nodes=row["experimental_nodes"], reputation=dict(row["reputation"] or {}),
                           recorded_at=row["recorded_at"])

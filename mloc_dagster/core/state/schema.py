@@ -175,6 +175,9 @@ round_merges = sa.Table(
     sa.Column("run_id", sa.String(64), sa.ForeignKey("training_runs.run_id"), primary_key=True),
     sa.Column("round_index", sa.Integer, primary_key=True),
     sa.Column("nodes", sa.JSON, nullable=False),  # {node_id: merged samples}, the start adapter's included
+    # Every slice inside the round's adapter (its start adapter's included) came from a node at or
+    # above the trust bar when it was merged: the adapter may enter a stable candidate.
+    sa.Column("trusted", sa.Boolean),
     sa.Column("experimental_path", sa.Text),  # every slice merged, when some are below the trust bar
     sa.Column("experimental_sha256", sa.String(64)),
     sa.Column("experimental_nodes", sa.JSON),
