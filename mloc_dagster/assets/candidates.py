@@ -23,6 +23,18 @@ node's reputation once (``core.reputation``). Adapters of nodes below ``min_trus
   A stable candidate that fails its blocking checks stops the promotion of both.
 
 So one low-reputation node no longer demotes everyone else's work to experimental.
+
+A distributed round's adapter has no node of its own: the nodes inside it are those its round
+merges recorded (``StateStore.adapter_nodes``, its start adapters' included), its reputation the
+mean of theirs by merged samples. It is trusted as its round merges judged it (``judge``): every
+slice inside came from a node at or above the bar when it was merged. A slice of a node below the
+bar went into its round's experimental sibling only, so the stable candidate is built without it
+and the experimental companion merges the sibling in the round adapter's place.
+
+Gates judge the model, not the node (``core.reputation.evidence_of_harm``): a passed gate raises
+the reputation of the nodes inside the candidate, by their share; a failed one lowers it only
+with evidence of harm (worse than production or the base model, a base-dialect regression), never
+for missing an absolute CER/WER limit alone.
 """
 
 
@@ -42,7 +54,7 @@ from mloc_dagster.core.gate_config import load_thresholds
 from mloc_dagster.core.gates import GateConfigError, GateThresholds, evaluate_gates, score
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.publish import publish_copy, unique_id
-from mloc_dagster.core.reputation import node_shares, reputation_from_gate
+from mloc_dagster.core.reputation import evidence_of_harm, reputation_from_gate, source_shares
 from mloc_dagster.core.screening import markdown_table, reputation_updates
 from mloc_dagster.core.state import ASR, RELEASED, TTS, AdapterClaimConflict, AdapterRef, Candidate, StateStore
 from mloc_dagster.partitions import dialect_partitions
@@ -103,9 +115,36 @@ def merge_refs(refs: list[AdapterRef], reputation: dict[str, float], out: Path, 
         raise dg.Failure(str(exc)) from exc
 
 
-def source_table(refs: list[AdapterRef], reputation: dict[str, float], stable: set[str]) -> str:
-    lines = ["| run | job | node | reputation | candidate | sha256 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.run_id} | {r.job_index} | {r.node_id} | {reputation[r.key]:.2f} | "
+def judge(store: StateStore, ref: AdapterRef, contents: dict[str, float], bar: float) -> tuple[float, bool]:
+    """An adapter's base weight (its nodes' reputation, by merged samples; 1.0 without a node) and
+    whether it may enter a stable candidate: a job's node is at or above the bar now; a round
+    adapter was judged trusted by its round merges."""
+    if not contents:
+        return 1.0, True
+    weight = sum(store.node_reputation(n) * a for n, a in contents.items()) / sum(contents.values())
+    merge = None if ref.node_id else store.round_merge(ref.run_id, ref.job_index)
+    if merge is None:
+        return weight, weight >= bar
+    return weight, merge.trusted and ref.path != merge.experimental_path
+
+
+def experimental_sibling(store: StateStore, ref: AdapterRef) -> AdapterRef | None:
+    """A round adapter's experimental sibling (its round's slices of nodes below the bar merged in), if any."""
+    merge = None if ref.node_id else store.round_merge(ref.run_id, ref.job_index)
+    if merge is None or not merge.experimental_path:
+        return None
+    return AdapterRef(ref.run_id, ref.job_index, None, merge.experimental_sha256, merge.experimental_path,
+                      ref.base_model)
+
+
+def nodes_inside(contents: dict[str, float]) -> str:
+    return ", ".join(sorted(contents)) or "–"
+
+
+def source_table(refs: list[AdapterRef], reputation: dict[str, float], stable: set[str],
+                 contents: dict[str, dict[str, float]]) -> str:
+    lines = ["| run | job | nodes | reputation | candidate | sha256 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.run_id} | {r.job_index} | {nodes_inside(contents[r.key])} | {reputation[r.key]:.2f} | "
               f"{'stable' if r.key in stable else 'experimental'} | {(r.sha256 or '')[:12]} |" for r in refs]
     return "\n".join(lines)
 
@@ -137,17 +176,21 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
         if not refs:
             raise dg.Failure(f"no new adapter for {dialect} on base model {pinned['base_model'][:12]} since its "
                              f"last candidate ({len(other_bases)} unclaimed on other base models)")
-        reputation = {r.key: store.node_reputation(r.node_id) if r.node_id else 1.0 for r in refs}
-        trusted_refs = [r for r in refs if reputation[r.key] >= config.min_trusted_reputation]
-        untrusted_refs = [r for r in refs if reputation[r.key] < config.min_trusted_reputation]
+        contents = {r.key: store.adapter_nodes(r) for r in refs}
+        judged = {r.key: judge(store, r, contents[r.key], config.min_trusted_reputation) for r in refs}
+        reputation = {key: weight for key, (weight, _) in judged.items()}
+        trusted_refs = [r for r in refs if judged[r.key][1]]
+        untrusted_refs = [r for r in refs if not judged[r.key][1]]
         stable_refs = trusted_refs or refs  # nobody trusted: one experimental candidate, as before
+        siblings = {r.key: sib for r in trusted_refs if (sib := experimental_sibling(store, r)) is not None}
+        companion_refs = [siblings.get(r.key, r) for r in trusted_refs] + untrusted_refs
         with gpu.lease("MERGE", context) as lease:
             result, sha = merge_refs(stable_refs, reputation, out, config)
             companion = None
-            if trusted_refs and untrusted_refs:
+            if trusted_refs and (untrusted_refs or siblings):
                 try:
-                    companion = Companion(companion_id, out.with_name(companion_id),
-                                          *merge_refs(refs, reputation, out.with_name(companion_id), config))
+                    companion = Companion(companion_id, out.with_name(companion_id), *merge_refs(
+                        companion_refs, reputation, out.with_name(companion_id), config))
                 except dg.Failure as exc:
                     context.log.warning(f"no experimental companion: {exc.description}")
         details = result.summary() | {"experimental_candidate": companion.candidate_id if companion else None}
@@ -162,7 +205,8 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
     else:
         raise dg.Failure(f"adapters kept being claimed by concurrent merges ({CLAIM_ATTEMPTS} attempts)")
     if companion is not None:
-        companion = record_companion(context, store, companion, candidate_id, refs, untrusted_refs, dialect, pinned)
+        companion = record_companion(context, store, companion, candidate_id, companion_refs, untrusted_refs,
+                                     dialect, pinned)
     # Screening moves reputation (core/reputation.py): each node once, from the merge it was in.
     untrusted_paths = {r.path for r in untrusted_refs}
     rows = result.screening + [row for row in (companion.result.screening if companion else [])
@@ -179,7 +223,11 @@ def merged_candidate(context: dg.AssetExecutionContext, config: MergeConfig, art
             "training_run_id": pinned["training_run_id"] or "", "left_for_other_bases": left,
             "experimental_candidate": companion.candidate_id if companion else "",
             "untrusted_adapters": len(untrusted_refs),
-            "sources": dg.MetadataValue.md(source_table(refs, reputation, {r.key for r in stable_refs})),
+            "stable_nodes": dg.MetadataValue.json(source_shares(contents[r.key] for r in stable_refs)),
+            "experimental_only_nodes": dg.MetadataValue.json(sorted(
+                {n for r in companion_refs for n in store.adapter_nodes(r)}
+                - {n for r in stable_refs for n in contents[r.key]}) if companion else []),
+            "sources": dg.MetadataValue.md(source_table(refs, reputation, {r.key for r in stable_refs}, contents)),
             "screening": dg.MetadataValue.md(markdown_table(result.screening)),
             **({"experimental_screening": dg.MetadataValue.md(markdown_table(companion.result.screening))}
                if companion else {}),
@@ -337,20 +385,21 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
                             dialect_base=dialect_base)
     path = write_gate_report(artifacts, dialect, candidate.candidate_id, report, store)
     moved = {} if config.candidate_id else store.apply_reputation_updates(reputation_from_gate(  # re-gating: once
-        report.decision, node_shares(s.node_id for s in candidate.sources), failure_reasons=report.reasons))
+        report.decision, source_shares(map(store.adapter_nodes, candidate.sources)), harm=evidence_of_harm(report)))
     experimental: dict = {}
     if companion is not None:  # its gate is the way back for the untrusted nodes: it moves only them
         comp_report = evaluate_gates(comp_results[0], prod if prod is not None else dialect_base,
                                      base_candidate=comp_results[1], base_reference=base_ref, thresholds=thresholds,
                                      reference_label=reference_label, dialect_base=dialect_base)
         write_gate_report(artifacts, dialect, companion.candidate_id, comp_report, store)
-        stable_nodes = {s.node_id for s in candidate.sources}
-        shares = {n: v for n, v in node_shares(s.node_id for s in companion.sources).items() if n not in stable_nodes}
+        stable_nodes = {n for s in candidate.sources for n in store.adapter_nodes(s)}
+        shares = {n: v for n, v in source_shares(map(store.adapter_nodes, companion.sources)).items()
+                  if n not in stable_nodes}
         experimental = {
             "experimental_candidate": companion.candidate_id, "experimental_decision": comp_report.decision,
             "cer_experimental": comp_report.candidate.cer,
             "experimental_reputation_after": dg.MetadataValue.json(store.apply_reputation_updates(
-                reputation_from_gate(comp_report.decision, shares, failure_reasons=comp_report.reasons)))}
+                reputation_from_gate(comp_report.decision, shares, harm=evidence_of_harm(comp_report))))}
     base_scores = score(dialect_base)
     return dg.MaterializeResult(
         metadata={
@@ -359,6 +408,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
             "production_candidate": production.candidate_id if production else "",
             "production_stale": stale, "test_speakers": len(report.speakers),
             "reputation_after": dg.MetadataValue.json(moved),
+            "harm": dg.MetadataValue.json(evidence_of_harm(report)),
             "cer_base_model": base_scores.cer, "wer_base_model": base_scores.wer,
             "cer_candidate": report.candidate.cer, "wer_candidate": report.candidate.wer,
             "cer_production": report.production.cer if prod is not None else float("nan"),

@@ -3,13 +3,28 @@
 The slices that came in (the training-chain sensor dropped the late ones) are checked against
 the round (run, round, base model), screened against a reference update the server trains itself
 on a small trusted root set (``core.screening``: finite, well-shaped, norm-bounded, cosine to the
-reference, dev-loss sanity), weighted by samples x direction, and merged in ΔW space on top of the
-round's start adapter. The result is recorded as the run's training job ``round``: the next round
-starts from it, and the chain's candidate every ``candidate_every`` rounds merges it like any
-job's adapter. Every slice gets its verdict (accepted with its weight, or refused and why), every
-node's reputation moves by the documented rule (``core/reputation.py``), and the per-node table is
-the materialization's metadata.
+reference, dev-loss sanity), weighted by samples x node reputation x direction, and merged in ΔW
+space on top of the round's start adapter. The result is recorded as the run's training job
+``round``: the next round starts from it, and the chain's candidate every ``candidate_every``
+rounds merges it like any job's adapter.
+
+Trust acts here as in chains (SPEC §5): slices of nodes below the trust bar (0.7) never enter the
+round's adapter while any trusted slice came in; they are merged, with every other slice, into an
+**experimental sibling** (``round-<k>/experimental``) that only an experimental candidate uses.
+The store records which nodes each adapter contains, its start adapter's included
+(``RoundMerge.nodes``), and whether every slice inside it came from a node at or above the bar
+when it was merged (``RoundMerge.trusted``), so a candidate knows whether a round adapter may go to
+stable and whose reputation its gate moves. A round in which no trusted slice came in continues
+from every slice: its adapter, and every later round's, reaches experimental candidates only.
+
+Every slice gets its verdict (accepted with its weight, experimental only, or refused and why),
+every node's reputation moves by the documented rule (``core/reputation.py``) once per round, in
+the transaction that records the merge (a retried merge moves nobody again), and the per-node
+table is the materialization's metadata.
 """
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 
@@ -17,6 +32,8 @@ from mloc_dagster.assets.adapters import adapter_checkpoint, run_rehearsal
 from mloc_dagster.core.adapter_format import InvalidAdapter, read_node_result
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gates import score
+from mloc_dagster.core.merge import MergeResult
+from mloc_dagster.core.reputation import TRUST_BAR
 from mloc_dagster.core.rounds import base_model_hash
 from mloc_dagster.core.screening import markdown_table, reputation_updates, train_reference_update
 from mloc_dagster.core.state import SUCCEEDED, RoundSlice, StateStore, TrainingRun
@@ -74,6 +91,9 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
     came_in = accepted_inputs(context, store, run, k, base_hash)
     start = store.get_job(run.run_id, k - 1).checkpoint_path if k > 0 else run.init_adapter
     out = artifacts.paths.adapters / run.dialect / run.run_id / f"round-{k:04d}"
+    reputation = {s.node_id: store.node_reputation(s.node_id) for s in came_in}
+    trusted = [s for s in came_in if reputation[s.node_id] >= TRUST_BAR]
+    continued = trusted or came_in  # no trusted slice came in: the run goes on, experimental only
     with gpu.lease("MERGE", context) as lease:
         reference = None
         if config.reference_samples > 0:
@@ -83,33 +103,89 @@ def round_adapter(context: dg.AssetExecutionContext, config: RoundMergeConfig, a
                                    rehearsal_dataset_path=run_rehearsal(context.instance, run),
                                    run_id=run.run_id, job_index=k)
             reference = out / "reference"
+        merge = SliceMerge(f"round {k} of {run.run_id}", reputation, config.method, reference, start)
         try:
-            result, sha = merge_candidate(
-                [s.checkpoint_path for s in came_in], [s.samples for s in came_in], out / "adapter",
-                method=config.method, reference=reference, start_adapter=start,
-                node_of={s.checkpoint_path: s.node_id for s in came_in}, samples=[s.samples for s in came_in])
-        except ValueError as exc:
-            raise dg.Failure(f"round {k} of {run.run_id}: {exc}") from exc
+            result, sha = merge(continued, out / "adapter")
+        except dg.Failure as exc:  # every trusted slice refused: as if none had come in
+            if continued == came_in:
+                raise
+            context.log.warning(f"{exc.description}; the round continues from every slice, experimental only")
+            continued = came_in
+            result, sha = merge(continued, out / "adapter")
+        sibling = None
+        if len(continued) < len(came_in):
+            try:
+                sibling = merge(came_in, out / "experimental")
+            except dg.Failure as exc:  # the round's adapter stands; the untrusted slices are left out
+                context.log.warning(f"no experimental sibling: {exc.description}")
         dev = score(Recognizer(run.base_model_version, artifacts.paths.home / "features", lease.torch_device)(
             out / "adapter", run.dataset_version, "dev"))
-    rows = result.summary()["screening"]
+    below = {s.checkpoint_path for s in came_in if s not in continued}
+    rows = result.screening + [r for r in (sibling[0].screening if sibling else []) if r["source"] in below]
     for s in came_in:
-        row = next((r for r in rows if r["source"] == s.checkpoint_path), None)
-        store.set_slice_outcome(run.run_id, k, s.slice_index, _verdict(row))
-    moved = store.apply_reputation_updates(reputation_updates(rows))
+        store.set_slice_outcome(run.run_id, k, s.slice_index, _verdict(
+            next((r for r in rows if r["source"] == s.checkpoint_path), None), s.checkpoint_path in below))
+    previous = store.round_merge(run.run_id, k - 1) if k > 0 else None
+    inherited = previous.nodes if previous is not None else {}
+    trusted_lineage = (previous is None or previous.trusted) and all(
+        reputation[s.node_id] >= TRUST_BAR for s in continued)
+    recorded = store.record_round_merge(
+        run.run_id, k, nodes=contained(inherited, continued, result.screening), trusted=trusted_lineage,
+        updates=reputation_updates(rows),
+        experimental_path=str(out / "experimental") if sibling else None,
+        experimental_sha256=sibling[1] if sibling else None,
+        experimental_nodes=contained(inherited, came_in, sibling[0].screening) if sibling else None)
     metrics = {"dev_cer": dev.cer, "dev_wer": dev.wer, "slices": len(came_in),
-               "accepted": sum(r["decision"] == "accepted" for r in rows), "samples": sum(s.samples for s in came_in)}
+               "accepted": sum(r["decision"] == "accepted" for r in result.screening),
+               "samples": sum(s.samples for s in came_in), "experimental_only": len(below)}
     store.record_job_started(run.run_id, k, dagster_run_id=context.run_id)
     store.record_job_finished(run.run_id, k, SUCCEEDED, checkpoint_path=str(out / "adapter"), sha256=sha,
                               metrics=metrics, base_model=base_hash)
-    context.log.info(f"round {k} of {run.run_id}: {metrics['accepted']}/{len(came_in)} slices merged, "
-                     f"dev CER {dev.cer:.3f}")
+    context.log.info(f"round {k} of {run.run_id}: {metrics['accepted']}/{len(came_in)} slices merged"
+                     + (f", {len(below)} experimental only" if below else "") + f", dev CER {dev.cer:.3f}")
     yield dg.MaterializeResult(
         data_version=dg.DataVersion(sha),
         metadata={**metrics, "run_id": run.run_id, "round": k, "sha256": sha, "base_model": base_hash,
                   "start_adapter": str(start or "fresh LoRA"), "path": dg.MetadataValue.path(str(out / "adapter")),
+                  "nodes": dg.MetadataValue.json(recorded.nodes), "trusted": recorded.trusted,
+                  "below_trust_bar": dg.MetadataValue.json(
+                      {s.node_id: reputation[s.node_id] for s in came_in if reputation[s.node_id] < TRUST_BAR}),
+                  "experimental_adapter": str(out / "experimental") if sibling else "",
+                  "experimental_nodes": dg.MetadataValue.json(recorded.experimental_nodes or {}),
                   "screening": dg.MetadataValue.md(markdown_table(rows)),
-                  "reputation_after": dg.MetadataValue.json(moved), **lease.metadata()})
+                  "reputation_after": dg.MetadataValue.json(
+                      {n: m["after"] for n, m in recorded.reputation.items()}), **lease.metadata()})
+
+
+@dataclass(frozen=True)
+class SliceMerge:
+    """Screen and merge some of a round's slices on the round's start adapter, each weighted by
+    its samples x its node's reputation."""
+
+    what: str
+    reputation: dict[str, float]
+    method: str
+    reference: Path | None
+    start: str | None
+
+    def __call__(self, slices: list[RoundSlice], out: Path) -> tuple[MergeResult, str]:
+        try:
+            return merge_candidate(
+                [s.checkpoint_path for s in slices], [s.samples * self.reputation[s.node_id] for s in slices], out,
+                method=self.method, reference=self.reference, start_adapter=self.start,
+                node_of={s.checkpoint_path: s.node_id for s in slices}, samples=[s.samples for s in slices])
+        except ValueError as exc:
+            raise dg.Failure(f"{self.what}: {exc}") from exc
+
+
+def contained(inherited: dict[str, float], slices: list[RoundSlice], screening: list[dict]) -> dict[str, float]:
+    """The nodes inside a merged adapter, by samples: its start adapter's and the accepted slices'."""
+    accepted = {r["source"] for r in screening if r["decision"] == "accepted"}
+    nodes = dict(inherited)
+    for s in slices:
+        if s.checkpoint_path in accepted:
+            nodes[s.node_id] = nodes.get(s.node_id, 0.0) + float(s.samples)
+    return dict(sorted(nodes.items()))
 
 
 def accepted_inputs(context: dg.AssetExecutionContext, store: StateStore, run: TrainingRun, k: int,
@@ -129,12 +205,13 @@ def accepted_inputs(context: dg.AssetExecutionContext, store: StateStore, run: T
     return came_in
 
 
-def _verdict(row: dict | None) -> str:
+def _verdict(row: dict | None, experimental: bool = False) -> str:
     if row is None:
         return "refused: not screened"
     if row["decision"] == "refused":
         return f"refused: {row['reason']}"
-    return f"{row['decision']} (weight {row['weight']:.3g}, cosine {row.get('cosine')})"
+    where = f", experimental only: node below the trust bar {TRUST_BAR}" if experimental else ""
+    return f"{row['decision']} (weight {row['weight']:.3g}, cosine {row.get('cosine')}{where})"
 
 
 round_merge_job = dg.define_asset_job(

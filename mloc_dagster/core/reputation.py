@@ -23,10 +23,19 @@ adapter accepted at a merge                   direction score d ∈[0,1] 0.3
   ... its norm had to be clipped              min(d, 0.5)              0.3
   ... its dev loss is not sane                0                        0.3
 candidate passed its gate                     1                        0.1 × node's share
-candidate failed its gate                     0                        0.05 × node's share
-gate without a decision (failed only for      no change                --
-insufficient evidence, skipped)
+candidate failed its gate with evidence of    0                        0.05 × node's share
+harm (``evidence_of_harm``)
+candidate failed its gate without evidence    no change                --
+of harm (only an absolute CER/WER limit, an
+improvement not significant, too few
+speakers), or no decision
 ============================================  =======================  ======================
+
+Gate outcomes judge the model, not the node: a candidate that misses an absolute quality limit
+(the tiny demo model cannot reach CER 0.15) while being better than what it started from says
+nothing against the nodes that trained it. Only harm counts: the candidate is worse than what it
+is compared with (production, or the base model) or than the base model on the dialect, or it
+regressed on the base dialect (``regression_gate``). Screening refusals count at the merge.
 
 The direction score is FLTrust's idea (Cao et al., NDSS 2021) with a margin: the cosine between
 the node's update ΔW and a reference update the server trusts, mapped linearly from
@@ -39,7 +48,8 @@ to its average score, so an honest node must score ≥ 0.7 on average (cosine �
 trusted. A node whose updates point elsewhere (noise, score 0) drops below 0.7 in two merges
 (1.0 → 0.7 → 0.49) while an honest node with an occasional weak update recovers.
 Gate outcomes move reputation slowly and in proportion to the node's share of the candidate's
-adapters: one bad candidate built by six nodes must not ruin all six, and a node that is below
+adapters (a distributed round's adapter counts for the nodes inside it, by their merged samples:
+``source_shares``): one bad candidate built by six nodes must not ruin all six, and a node that is below
 the bar climbs back only through experimental candidates that pass their gate.
 """
 
@@ -47,8 +57,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 TRUST_BAR = 0.7
 
@@ -145,23 +156,62 @@ def node_shares(node_ids: Iterable[str | None]) -> dict[str, float]:
     return {n: c / total for n, c in sorted(counts.items())}
 
 
-def reputation_from_gate(decision: str, shares: Mapping[str, float], *, failure_reasons: Iterable[str] = (),
+def source_shares(contents: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Each node's share of a candidate whose sources each contain one or more nodes: every
+    source counts once and is split among its nodes in proportion to their amount (a chain job:
+    ``{node: 1}``; a round adapter: ``{node: merged samples}``). A source without a node (``{}``)
+    does not count, as in ``node_shares``."""
+    contents = [c for c in contents if sum(v for v in c.values() if v > 0) > 0]
+    out: dict[str, float] = {}
+    for c in contents:
+        total = sum(v for v in c.values() if v > 0)
+        for node, amount in c.items():
+            if amount > 0:
+                out[node] = out.get(node, 0.0) + amount / total / len(contents)
+    return dict(sorted(out.items()))
+
+
+class GateOutcome(Protocol):
+    """What ``evidence_of_harm`` reads of a ``core.gates.GateReport``."""
+
+    decision: str
+    gates: Sequence[Any]
+    candidate: Any
+    production: Any
+    dialect_base: Any
+    reference_label: str
+
+
+def evidence_of_harm(report: GateOutcome) -> list[str]:
+    """Why a gated candidate did harm, or [] when it did none (it may still have failed the gate:
+    an absolute CER/WER limit, an improvement that is not significant, too few test speakers)."""
+    harm = [f"{g.name}: {g.description}" for g in report.gates if g.name == "regression_gate" and not g.passed]
+    cer = report.candidate.cer
+    if report.production is not None and cer > report.production.cer:
+        harm.append(f"CER {cer:.4f} worse than {report.reference_label} {report.production.cer:.4f}")
+    if report.dialect_base is not None and cer > report.dialect_base.cer and report.reference_label != "base model":
+        harm.append(f"CER {cer:.4f} worse than the base model {report.dialect_base.cer:.4f}")
+    return harm
+
+
+def reputation_from_gate(decision: str, shares: Mapping[str, float], *, harm: Iterable[str] = (),
                          rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
     """The steps for every node of a gated candidate: ``decision`` is the gate report's
     (``passed`` / ``failed``; anything else moves nothing), ``shares`` each node's share of the
-    candidate's adapters (``node_shares(candidate.sources' node ids)``). A gate that failed only
-    for lack of evidence (every one of ``failure_reasons`` -- ``GateReport.reasons`` -- says
-    "insufficient evidence") says nothing about the nodes and moves nothing."""
+    candidate (``node_shares`` / ``source_shares``), ``harm`` what ``evidence_of_harm`` found.
+    A passed gate steps towards 1; a failed one towards 0 only with evidence of harm: a failed
+    gate without harm judged the model, not the nodes, and moves nothing."""
     if decision not in ("passed", "failed"):
         return {}
-    reasons = list(failure_reasons)
-    if decision == "failed" and reasons and all("insufficient evidence" in r for r in reasons):
+    harm = list(harm)
+    if decision == "failed" and not harm:
         return {}
     target, rate = (1.0, rule.gate_pass_rate) if decision == "passed" else (0.0, rule.gate_fail_rate)
+    why = f"gate {decision}" + (f" ({harm[0]})" if harm else "")
     out = {}
     for node_id, share in shares.items():
-        if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+        if not (math.isfinite(share) and 0.0 <= share <= 1.0 + 1e-9):
             raise ValueError(f"node {node_id!r}: share {share!r} is not in [0, 1]")
         if share > 0:
-            out[node_id] = ReputationUpdate(target, rate * share, f"gate {decision} (share {share:.2f})")
+            out[node_id] = ReputationUpdate(target, rate * min(share, 1.0), f"{why}, share {share:.2f}")
     return out

@@ -1,12 +1,21 @@
 """round_adapter on a real instance with adapters that were actually trained: slices that belong to
 the round are screened and merged into the run's job ``round``; a slice of another run, round or
-base model is refused with the reason and kept on disk; a round with nothing that belongs fails."""
+base model is refused with the reason and kept on disk; a round with nothing that belongs fails.
+A slice of a node below the trust bar reaches only the round's experimental sibling, and the
+merge moves each node's reputation once even when it is retried."""
 
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from mloc_dagster.core.state import PlannedSlice, StateStore, resolve_state_url
 from mloc_dagster.definitions import defs
 from tests.assets.conftest import DIALECT
+
+LENIENT = {"thresholds": {DIALECT: {"max_cer": 0.9, "max_wer": 1.0, "max_base_regression_rel": 0.5}},
+           "bootstrap_samples": 500}
 
 
 def distributed_run(store, instance, run_id):
@@ -114,3 +123,63 @@ def test_a_slice_that_starts_slowly_keeps_beating_and_is_not_replaced(mloc_home,
     assert [(s.node_id, s.status) for s in seen["slices"]] == [("node-a", "running")]  # not replaced
     assert seen["tick"].run_requests == []
     assert "mloc-keepalive" not in {t.name for t in threading.enumerate()}  # the beats end with the job
+
+
+def scaled_copy(src: str, out: Path, factor: float) -> SimpleNamespace:
+    """Another honest slice of the same round: the adapter's update scaled (same direction)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    return SimpleNamespace(path=str(out), sha256=None)
+
+
+def test_a_node_below_the_trust_bar_feeds_only_the_experimental_sibling_and_moves_once(line, line_instance,
+                                                                                      tmp_path):
+    from mloc_dagster.core.state.schema import training_jobs
+
+    store = StateStore(resolve_state_url())
+    run = distributed_run(store, line_instance, "good")
+    came_in(store, run, [line.adapters["good"], scaled_copy(line.adapters["good"].path, tmp_path / "s1", 0.5)])
+    store.set_node_reputation("node-1", 0.5)
+    result = merge_round(line_instance, run)
+    assert result.success, result.all_events[-1]
+    merge = store.round_merge(run.run_id, 0)
+    # The round's adapter (what the run continues from and a stable candidate merges) holds node-0 only.
+    assert merge.nodes == {"node-0": 60.0} and merge.trusted
+    assert merge.experimental_nodes == {"node-0": 60.0, "node-1": 60.0}
+    assert store.get_job(run.run_id, 0).checkpoint_path.endswith("round-0000/adapter")
+    assert Path(merge.experimental_path).is_dir() and merge.experimental_sha256 != store.get_job(run.run_id, 0).adapter_sha256
+    outcome = {s.node_id: s.outcome for s in store.round_slices(run.run_id, 0)}
+    assert outcome["node-0"].startswith("accepted") and "experimental only" not in outcome["node-0"]
+    assert outcome["node-1"].startswith("accepted") and "experimental only" in outcome["node-1"], outcome
+    md = result.asset_materializations_for_node("round_adapter")[0].metadata
+    assert md["below_trust_bar"].value == {"node-1": 0.5} and md["nodes"].value == {"node-0": 60.0}
+    assert md["experimental_only"].value == 1
+    moved = {n: m["after"] for n, m in merge.reputation.items()}
+    assert set(moved) == {"node-0", "node-1"} and moved["node-1"] == pytest.approx(store.node_reputation("node-1"))
+
+    # The merge's worker died after recording the merge, before recording the round's job: the retry
+    # merges again and records the job, but moves nobody's reputation a second time.
+    with store._write() as conn:
+        conn.execute(training_jobs.delete().where(training_jobs.c.run_id == run.run_id))
+    assert merge_round(line_instance, run).success
+    assert store.get_job(run.run_id, 0).status == "succeeded"
+    assert {n: store.node_reputation(n) for n in moved} == pytest.approx(moved)
+
+    # The run's candidate is stable and built without node-1's slice; its experimental companion
+    # merges the round's sibling. The gate moves the nodes inside each candidate.
+    result = defs.resolve_job_def("candidate_job").execute_in_process(
+        partition_key=DIALECT, instance=line_instance, raise_on_error=False, tags={"mloc/run_id": run.run_id},
+        run_config={"ops": {"gate_report": {"config": LENIENT}}})
+    merged, gate = (result.asset_materializations_for_node(n)[0].metadata for n in ("merged_candidate", "gate_report"))
+    stable = store.get_candidate(merged["candidate_id"].value)
+    assert stable.trusted and [s.path for s in stable.sources] == [store.get_job(run.run_id, 0).checkpoint_path]
+    assert merged["stable_nodes"].value == {"node-0": 1.0} and merged["experimental_only_nodes"].value == ["node-1"]
+    companion = store.get_candidate(merged["experimental_candidate"].value)
+    assert [s.path for s in companion.sources] == [merge.experimental_path] and not companion.trusted
+    assert gate["decision"].value == "passed" and set(gate["reputation_after"].value) == {"node-0"}
+    assert "node-0" not in gate["experimental_reputation_after"].value
+    assert store.get_job(run.run_id, 0).candidate_id == stable.candidate_id

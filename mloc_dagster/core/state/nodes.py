@@ -252,11 +252,8 @@ class NodeStore(StoreEngine):
 
     def release_job_quota(self, node_id: str) -> None:
         """Give back a job taken today that will not run (placed, then dropped before launch)."""
-        today = self._today()
         with self._write() as conn:
-            conn.execute(nodes.update()
-                         .where(nodes.c.node_id == node_id, nodes.c.jobs_day == today, nodes.c.jobs_today > 0)
-                         .values(jobs_today=nodes.c.jobs_today - 1, updated_at=self._clock()))
+            release_quota(conn, node_id, self._today(), self._clock())
 
     # -- reputation ----------------------------------------------------------------------------------
 
@@ -272,31 +269,49 @@ class NodeStore(StoreEngine):
         """Apply one EMA step per node (``core.reputation``: ``r + rate · (target − r)``), each a
         single UPDATE on the stored value, all in one transaction, so concurrent merges and gates
         all count. Returns the new reputations."""
-        new = {}
         with self._write() as conn:
-            for node_id, u in sorted(updates.items()):  # one lock order: no deadlock between two gates
-                self._ensure_node(conn, node_id)
-                moved = nodes.c.reputation + float(u.rate) * (float(u.target) - nodes.c.reputation)
-                conn.execute(nodes.update().where(nodes.c.node_id == node_id)
-                             .values(reputation=sa.case((moved > 1.0, 1.0), (moved < 0.0, 0.0), else_=moved),
-                                     updated_at=self._clock()))
-                new[node_id] = float(conn.execute(sa.select(nodes.c.reputation)
-                                                  .where(nodes.c.node_id == node_id)).scalar_one())
-        return new
+            return apply_reputation(conn, updates, self._clock(), self._insert)
 
     # -- internals -----------------------------------------------------------------------------------
 
     def _ensure_node(self, conn: Connection, node_id: str) -> None:
-        now = self._clock()
-        conn.execute(self._insert(nodes).values(node_id=node_id, reputation=DEFAULT_NODE_REPUTATION, jobs_today=0,
-                                                jobs_day=None, updated_at=now, registered_at=now)
-                     .on_conflict_do_nothing(index_elements=["node_id"]))
+        _ensure(conn, node_id, self._clock(), self._insert)
 
     def _lock_node(self, conn: Connection, node_id: str) -> Any:
         """The node's row, created if missing, locked for this write transaction (PostgreSQL:
         FOR UPDATE; SQLite's BEGIN IMMEDIATE already serializes writers)."""
         self._ensure_node(conn, node_id)
         return conn.execute(sa.select(nodes).where(nodes.c.node_id == node_id).with_for_update()).mappings().one()
+
+
+def _ensure(conn: Connection, node_id: str, now: datetime, insert: Any) -> None:
+    conn.execute(insert(nodes).values(node_id=node_id, reputation=DEFAULT_NODE_REPUTATION, jobs_today=0,
+                                      jobs_day=None, updated_at=now, registered_at=now)
+                 .on_conflict_do_nothing(index_elements=["node_id"]))
+
+
+def apply_reputation(conn: Connection, updates: Mapping[str, ReputationUpdate], now: datetime,
+                     insert: Any) -> dict[str, float]:
+    """``NodeStore.apply_reputation_updates`` inside the caller's transaction (a round merge
+    records itself and its reputation moves in one, so a retry cannot apply them twice)."""
+    new = {}
+    for node_id, u in sorted(updates.items()):  # one lock order: no deadlock between two gates
+        _ensure(conn, node_id, now, insert)
+        moved = nodes.c.reputation + float(u.rate) * (float(u.target) - nodes.c.reputation)
+        conn.execute(nodes.update().where(nodes.c.node_id == node_id)
+                     .values(reputation=sa.case((moved > 1.0, 1.0), (moved < 0.0, 0.0), else_=moved),
+                             updated_at=now))
+        new[node_id] = float(conn.execute(sa.select(nodes.c.reputation)
+                                          .where(nodes.c.node_id == node_id)).scalar_one())
+    return new
+
+
+def release_quota(conn: Connection, node_id: str, day: str, now: datetime) -> bool:
+    """Give back one job of ``day``'s quota (nothing when the node's count is of another day)."""
+    result = conn.execute(nodes.update()
+                          .where(nodes.c.node_id == node_id, nodes.c.jobs_day == day, nodes.c.jobs_today > 0)
+                          .values(jobs_today=nodes.c.jobs_today - 1, updated_at=now))
+    return result.rowcount == 1
 
 
 def _identity(host: str | None, device: DeviceInfo | None) -> dict[str, Any]:

@@ -3,8 +3,11 @@
 A distributed training run advances in rounds. Round ``k`` is placed on the pool as slices (one
 per node, contiguous ranges of the run's sample stream); each slice is its own Dagster run of the
 training job; the round merge turns the slices that came in into the round's adapter, recorded as
-the run's training job ``k``. This room keeps the slices. State changes that race (a slice
-finishing vs. the round merge dropping it as late) are compare-and-set updates, as for jobs.
+the run's training job ``k``. This room keeps the slices and what each round merge made of them
+(``RoundMerge``: the nodes inside the round's adapter, its experimental sibling, the reputation
+moves it applied, once per round). State changes that race (a slice finishing vs. the round merge
+dropping it as late) are compare-and-set updates, as for jobs. A slice that ends without ever
+having started gives its node's quota back.
 """
 
 from __future__ import annotations
@@ -12,12 +15,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from mloc_dagster.core.state.engine import StoreEngine
-from mloc_dagster.core.state.schema import DROPPED, FAILED, QUEUED, REPLACED, RUNNING, SUCCEEDED, round_slices
+from mloc_dagster.core.state.nodes import apply_reputation, release_quota
+from mloc_dagster.core.state.schema import (
+    DROPPED,
+    FAILED,
+    QUEUED,
+    REPLACED,
+    RUNNING,
+    SUCCEEDED,
+    round_merges,
+    round_slices,
+)
+
+if TYPE_CHECKING:
+    from mloc_dagster.core.reputation import ReputationUpdate
+    from mloc_dagster.core.state.candidates import AdapterRef
 
 _KEY = (round_slices.c.run_id, round_slices.c.round_index, round_slices.c.slice_index)
 
@@ -62,6 +79,25 @@ class PlannedSlice:
     segments: list[list[int]]
     expected_s: float
     replaces: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundMerge:
+    """What a round merge made: ``nodes`` inside the round's adapter (the run's job ``round_index``,
+    its start adapter's nodes included) as {node: merged samples}; the experimental sibling (every
+    slice merged) when some slice came from a node below the trust bar; the reputation moves the
+    merge applied ({node: {"reason", "after"}}); ``trusted``: every slice inside the round's
+    adapter came from a node at or above the trust bar when it was merged."""
+
+    run_id: str
+    round_index: int
+    nodes: dict[str, float]
+    trusted: bool
+    experimental_path: str | None
+    experimental_sha256: str | None
+    experimental_nodes: dict[str, float] | None
+    reputation: dict[str, dict[str, Any]]
+    recorded_at: datetime
 
 
 class RoundStore(StoreEngine):
@@ -155,10 +191,19 @@ class RoundStore(StoreEngine):
         if status not in (DROPPED, REPLACED):
             raise ValueError(f"end_slice sets 'dropped' or 'replaced', not {status!r}")
         cond = [round_slices.c.train_ended_at.is_(None)] if still_training else []
+        values = {"status": status, "outcome": reason, "finished_at": self._clock()}
         with self._write() as conn:
+            never_started = conn.execute(round_slices.update().where(
+                *_key(run_id, round_index, slice_index), round_slices.c.status == QUEUED,
+                round_slices.c.attempts == 0).values(**values).returning(round_slices.c.node_id,
+                                                                         round_slices.c.queued_at)).first()
+            if never_started is not None:  # the quota placement took for it was never used
+                day = (never_started.queued_at or self._clock()).date().isoformat()
+                release_quota(conn, never_started.node_id, day, self._clock())
+                return True
             result = conn.execute(round_slices.update().where(
                 *_key(run_id, round_index, slice_index), round_slices.c.status.in_([QUEUED, RUNNING, FAILED]), *cond)
-                .values(status=status, outcome=reason, finished_at=self._clock()))
+                .values(**values))
         return result.rowcount == 1
 
     def requeue_slice(self, run_id: str, round_index: int, slice_index: int, reason: str, *,
@@ -185,6 +230,57 @@ class RoundStore(StoreEngine):
         cutoff = self._clock() - timedelta(seconds=older_than_s)
         return [s for s in self.round_slices(run_id, round_index)
                 if s.status == RUNNING and (s.heartbeat_at is None or s.heartbeat_at < cutoff)]
+
+
+    # -- round merges ---------------------------------------------------------------------------------
+
+    def record_round_merge(self, run_id: str, round_index: int, *, nodes: Mapping[str, float], trusted: bool,
+                           updates: Mapping[str, ReputationUpdate], experimental_path: str | None = None,
+                           experimental_sha256: str | None = None,
+                           experimental_nodes: Mapping[str, float] | None = None) -> RoundMerge:
+        """Record what the round merge made and apply its reputation ``updates``, in one
+        transaction keyed by (run, round): a retried merge updates what it made but applies no
+        reputation move again (the first attempt's moves stay recorded)."""
+        now = self._clock()
+        made = {"nodes": dict(nodes), "trusted": bool(trusted), "experimental_path": experimental_path,
+                "experimental_sha256": experimental_sha256,
+                "experimental_nodes": None if experimental_nodes is None else dict(experimental_nodes)}
+        key = [round_merges.c.run_id == run_id, round_merges.c.round_index == round_index]
+        with self._write() as conn:
+            first = conn.execute(self._insert(round_merges).values(
+                run_id=run_id, round_index=round_index, recorded_at=now, reputation={}, **made)
+                .on_conflict_do_nothing(index_elements=["run_id", "round_index"])).rowcount == 1
+            if first:
+                after = apply_reputation(conn, updates, now, self._insert)
+                made["reputation"] = {n: {"reason": u.reason, "after": after[n]} for n, u in sorted(updates.items())}
+            conn.execute(round_merges.update().where(*key).values(**made))
+        found = self.round_merge(run_id, round_index)
+        assert found is not None
+        return found
+
+    def round_merge(self, run_id: str, round_index: int) -> RoundMerge | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(round_merges).where(
+                round_merges.c.run_id == run_id, round_merges.c.round_index == round_index)).mappings().first()
+        if row is None:
+            return None
+        return RoundMerge(run_id=row["run_id"], round_index=row["round_index"], nodes=dict(row["nodes"] or {}),
+                          trusted=row["trusted"] is not False,
+                          experimental_path=row["experimental_path"], experimental_sha256=row["experimental_sha256"],
+                          experimental_nodes=row["experimental_nodes"], reputation=dict(row["reputation"] or {}),
+                          recorded_at=row["recorded_at"])
+
+    def adapter_nodes(self, ref: AdapterRef) -> dict[str, float]:
+        """The nodes inside an adapter and how much of it each trained: a job's node; a round
+        adapter's (or its experimental sibling's) merged nodes by samples; {} for neither."""
+        if ref.node_id:
+            return {ref.node_id: 1.0}
+        merge = self.round_merge(ref.run_id, ref.job_index)
+        if merge is None:
+            return {}
+        if merge.experimental_path and ref.path == merge.experimental_path:
+            return dict(merge.experimental_nodes or {})
+        return dict(merge.nodes)
 
 
 def _key(run_id: str, round_index: int, slice_index: int) -> list[Any]:

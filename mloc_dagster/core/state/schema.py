@@ -168,6 +168,26 @@ round_slices = sa.Table(
     sa.Column("finished_at", _UtcDateTime),
 )
 
+# What each round merge made of its slices (issue 21): the nodes inside the round's adapter (the
+# run's job ``round_index``) and inside its experimental sibling when some slice came from a node
+# below the trust bar, and the reputation moves the merge applied -- once per (run, round): a
+# retried merge finds the row and applies nothing again.
+round_merges = sa.Table(
+    "round_merges",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("training_runs.run_id"), primary_key=True),
+    sa.Column("round_index", sa.Integer, primary_key=True),
+    sa.Column("nodes", sa.JSON, nullable=False),  # {node_id: merged samples}, the start adapter's included
+    # Every slice inside the round's adapter (its start adapter's included) came from a node at or
+    # above the trust bar when it was merged: the adapter may enter a stable candidate.
+    sa.Column("trusted", sa.Boolean),
+    sa.Column("experimental_path", sa.Text),  # every slice merged, when some are below the trust bar
+    sa.Column("experimental_sha256", sa.String(64)),
+    sa.Column("experimental_nodes", sa.JSON),
+    sa.Column("reputation", sa.JSON),  # {node_id: {"reason": ..., "after": float}} as applied
+    sa.Column("recorded_at", _UtcDateTime, nullable=False),
+)
+
 candidates = sa.Table(
     "candidates",
     metadata,
