@@ -28,6 +28,7 @@ from mloc_dagster.assets.hparams import InvalidHParams, validate_hparams
 from mloc_dagster.core.search import Search, SearchError, SearchSpaceError
 from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, PAUSED, SUCCEEDED, StateStore, TrainingRun
 from mloc_dagster.jobs import CANDIDATE_JOB, chain_run_key
+from mloc_dagster.sensors.isolation import isolated
 
 
 def search_requests(context: dg.SensorEvaluationContext, store: StateStore, search_run: TrainingRun) -> list:
@@ -39,8 +40,8 @@ def search_requests(context: dg.SensorEvaluationContext, store: StateStore, sear
     with search:
         trials = store.list_runs(parent_run_id=search_run.run_id, limit=None)
         for trial in trials:
-            if search.has_trial(trial.trial_number):
-                judge_trial(context, store, search, trial)
+            if search.has_trial(trial.trial_number):  # one trial's error pauses that trial only
+                isolated(context, store, trial.run_id, None, judge_trial, context, store, search, trial)
             else:
                 fail_trial_without_study_trial(context, store, search, trial)
         relaunch_trials_without_run(context, store, search, search_run, {t.trial_number for t in trials})
