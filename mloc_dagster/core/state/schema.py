@@ -1,7 +1,9 @@
 """The state store's vocabulary and schema (SQLAlchemy Core), and how it is created and migrated.
 
 Schema changes are additive and applied idempotently on SQLite and PostgreSQL alike: missing
-tables are created, missing (nullable) columns are added with ``ALTER TABLE ... ADD COLUMN``, all
+tables are created, missing (nullable) columns are added with ``ALTER TABLE ... ADD COLUMN``, and on PostgreSQL a
+``VARCHAR(n)`` column the schema now declares ``TEXT`` is widened in place (SQLite never enforced
+the length), all
 under the database's write lock so several processes starting at once agree. A column is never
 renamed or dropped in place; a release that needs that ships an alembic migration.
 """
@@ -81,8 +83,8 @@ training_runs = sa.Table(
     metadata,
     sa.Column("run_id", sa.String(64), primary_key=True),
     sa.Column("dialect", sa.String(64), nullable=False, index=True),
-    sa.Column("dataset_version", sa.String(128), nullable=False),
-    sa.Column("base_model_version", sa.String(128), nullable=False),  # the base model's directory
+    sa.Column("dataset_version", sa.Text, nullable=False),  # a directory: any length
+    sa.Column("base_model_version", sa.Text, nullable=False),  # the base model's directory
     sa.Column("hparams", sa.JSON, nullable=False),
     sa.Column("timebox_s", sa.Integer, nullable=False),
     sa.Column("max_jobs", sa.Integer, nullable=False),
@@ -267,4 +269,20 @@ def create_or_migrate(conn: Connection) -> list[str]:
             ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
             conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
             added.append(f"{table.name}.{column.name}")
+        added += widen_to_text(conn, table, inspector)
     return added
+
+
+def widen_to_text(conn: Connection, table: sa.Table, inspector) -> list[str]:
+    """PostgreSQL: widen the ``VARCHAR(n)`` columns the schema now declares ``TEXT`` (paths that
+    outgrew 128 characters); returns them as "table.column". SQLite ignores lengths."""
+    if conn.dialect.name != "postgresql":
+        return []
+    found = {c["name"]: c["type"] for c in inspector.get_columns(table.name)}
+    widened = []
+    for column in table.columns:
+        present = found.get(column.name)
+        if isinstance(column.type, sa.Text) and getattr(present, "length", None) is not None:
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ALTER COLUMN {column.name} TYPE TEXT"))
+            widened.append(f"{table.name}.{column.name}")
+    return widened
