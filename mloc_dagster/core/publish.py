@@ -39,10 +39,13 @@ def unique_id(prefix: str) -> str:
 def publish_dir(target: str | os.PathLike[str], fill: Callable[[Path], object], *, replace: bool = False) -> Path:
     """Publish what ``fill(tmp)`` writes into a fresh temp directory as ``target``, atomically.
 
-    An existing ``target`` is refused (``FileExistsError``, nothing written) unless ``replace``;
+    An existing ``target`` is refused (``FileExistsError``, nothing written) unless ``replace``
+    (a file that is not a directory is never replaced: ``NotADirectoryError``);
     two publications racing for one name: one wins, the other gets ``FileExistsError``.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():  # not ours to replace: someone else's file
+        raise NotADirectoryError(f"{target} exists and is not a directory: nothing is published over it")
     if target.exists() and not replace:
         raise FileExistsError(f"{target} exists: a published directory is never overwritten")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,14 @@ def test_a_taken_name_is_refused_and_keeps_its_content(tmp_path):
     assert contents(target) == {"b.json": "replaced"} and [p.name for p in tmp_path.iterdir()] == ["cand-x"]
 
 
+def test_a_file_in_the_way_is_never_replaced_even_when_replacing(tmp_path):
+    (tmp_path / "job-0001").write_text("someone else's file")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        publish_dir(tmp_path / "job-0001", write_files({"a.json": "x"}), replace=True)
+    assert (tmp_path / "job-0001").read_text() == "someone else's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["job-0001"]  # no temp or set-aside left behind
+
+
 def test_two_racing_publications_of_one_name_never_clobber(tmp_path):
     target = tmp_path / "cand-race"
     both_writing = threading.Barrier(2)
