@@ -379,8 +379,10 @@ RESULT_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     **{k: (_int, "an integer ≥ 0", False) for k in ("samples", "steps", "total_steps", "checkpoints_written")},
     **{k: (_str, "a string", False) for k in ("sha256", "path", "dataset_version", "stop_reason", "device")},
     **{k: (_opt(_metric), "a number ≥ 0 (or NaN) or null", False) for k in (
-        "dev_cer", "dev_wer", "dev_frame_l1", "dev_cer_delta", "train_loss", "samples_per_s", "wall_seconds",
+        "dev_cer", "dev_wer", "dev_frame_l1", "train_loss", "samples_per_s", "wall_seconds",
         "train_seconds", "epoch")},
+    # a change of dev CER since the run's previous job: negative when the job helped
+    "dev_cer_delta": (_opt(_number), "a number (or NaN) or null", False),
     "track": (one_of("asr", "tts"), '"asr" or "tts"', False),
     "learning_curve": (lambda v: type(v) is list and all(type(p) is dict for p in v), "a list of objects", False),
     "loss_history": (lambda v: type(v) is list and all(_number(x) for x in v), "a list of numbers", False),

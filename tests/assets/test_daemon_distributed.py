@@ -1,8 +1,8 @@
 """A distributed run end to end through the real `dagster-daemon` on CPU: 3 rounds on 4 simulated
 nodes of different speeds (one machine; ``MLOC_SIMULATED_NODE_THROTTLE`` slows two of them down),
 slices placed by measured throughput, rounds screened and merged, and a candidate gated. One node
-is below the trust bar: every round's adapter and the stable candidate are built without its
-slices, its reputation moves once per round. Slow by nature."""
+is below the trust bar: no trusted adapter and no stable candidate holds its slices, its
+reputation moves once per round. Slow by nature."""
 
 import json
 from pathlib import Path
@@ -75,21 +75,27 @@ def test_three_rounds_on_four_simulated_nodes(line_instance, mloc_home):
     assert {r.dagster_run.tags["mloc/node"] for r in slices} == set(SPEEDS)
     assert {r.dagster_run.tags.get("mloc/round") for r in slices} == {"0", "1", "2"}
 
-    # Trust: no round adapter contains the untrusted node; it moved once per round it was merged in.
+    # Trust: an adapter that holds a node below the bar is never trusted, and round 0 (every other
+    # node trusted and calibrated) is built without it. Later rounds may lose every trusted slice to
+    # screening on this noisy CPU run; then the run goes on from all of them, marked untrusted.
     rounds = [store.round_merge(run.run_id, k) for k in range(3)]
-    assert all(UNTRUSTED not in m.nodes and m.nodes and m.trusted for m in rounds), [m.nodes for m in rounds]
-    merged_in = [m for m in rounds if UNTRUSTED in (m.experimental_nodes or {})]
-    assert merged_in, "the untrusted node's slices were never merged into a sibling"
-    assert all(UNTRUSTED in m.reputation for m in merged_in)
+    assert all(m.nodes and (UNTRUSTED not in m.nodes or not m.trusted) for m in rounds), \
+        [(m.nodes, m.trusted) for m in rounds]
+    assert rounds[0].trusted and UNTRUSTED not in rounds[0].nodes, rounds[0].nodes
+    merged_in = [m for m in rounds if UNTRUSTED in (m.experimental_nodes or {}) or UNTRUSTED in m.nodes]
+    assert merged_in, "the untrusted node's slices were never merged"
+    assert all(UNTRUSTED in m.reputation for m in merged_in)  # moved once per round it was merged in
     shown = [m.asset_materialization.metadata["below_trust_bar"].value for m in merges]
     assert sum(UNTRUSTED in b for b in shown) >= len(merged_in)
     after_rounds = next(m.reputation[UNTRUSTED]["after"] for m in reversed(rounds) if UNTRUSTED in m.reputation)
 
-    # The candidate after round 3 merged the last round's adapter: stable, without the untrusted node.
+    # The candidate after round 3 merged the last round's adapter: stable only if that adapter is
+    # trusted, and then without the untrusted node.
     candidates = [c for c in store.list_candidates(DIALECT, limit=None) if not c.details.get("companion_of")]
     assert len(candidates) == 1 and [(s.run_id, s.job_index) for s in candidates[0].sources] == [(run.run_id, 2)]
     stable = candidates[0]
-    assert stable.trusted and UNTRUSTED not in store.adapter_nodes(stable.sources[0])
+    assert stable.trusted == rounds[2].trusted
+    assert not stable.trusted or UNTRUSTED not in store.adapter_nodes(stable.sources[0])
     gate = instance.fetch_materializations(dg.AssetKey("gate_report"), limit=1).records[0].asset_materialization.metadata
     assert gate["candidate_id"].value == stable.candidate_id
     # Default thresholds: the tiny model cannot reach CER 0.15, so the gate fails on that; it moves
@@ -100,4 +106,5 @@ def test_three_rounds_on_four_simulated_nodes(line_instance, mloc_home):
     assert set(gate["reputation_after"].value) == (set(rounds[2].nodes) if gate["harm"].value else set())
     # The untrusted node's last move came from its last round, or from the experimental companion's gate.
     companion_moves = gate["experimental_reputation_after"].value if "experimental_reputation_after" in gate else {}
-    assert store.node_reputation(UNTRUSTED) == pytest.approx(companion_moves.get(UNTRUSTED, after_rounds))
+    moved = gate["reputation_after"].value | companion_moves
+    assert store.node_reputation(UNTRUSTED) == pytest.approx(moved.get(UNTRUSTED, after_rounds))

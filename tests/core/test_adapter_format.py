@@ -289,6 +289,8 @@ def test_shapes_and_targets_checked_against_the_base_model(trained, ckpt, tmp_pa
     (lambda r: r.update(learning_curve={"x": 1}),
      f"{RESULT_JSON}: field 'learning_curve' is {{\"x\": 1}}, expected a list of objects"),
     (lambda r: r.update(track="video"), f"{RESULT_JSON}: field 'track' is \"video\", expected \"asr\" or \"tts\""),
+    (lambda r: r.update(dev_cer_delta="better"),
+     f"{RESULT_JSON}: field 'dev_cer_delta' is \"better\", expected a number (or NaN) or null"),
 ])
 def test_malformed_result_json_refused_naming_the_field(ckpt, edit, reason):
     _edit_result(ckpt, edit)
@@ -296,6 +298,13 @@ def test_malformed_result_json_refused_naming_the_field(ckpt, edit, reason):
     with pytest.raises(InvalidAdapter, match="result.json"):
         read_node_result(ckpt)
     assert (ckpt / RESULT_JSON).is_file()  # kept for the operator to look at
+
+
+def test_a_job_that_lowered_the_dev_cer_is_accepted(ckpt):
+    """dev_cer_delta is the change since the run's previous job: negative when the job helped
+    (the daemon chain test's second job was refused for it once)."""
+    _edit_result(ckpt, lambda r: r.update(dev_cer_delta=-0.03))
+    assert read_node_result(ckpt)["dev_cer_delta"] == -0.03
 
 
 def test_result_json_not_json_or_not_an_object_refused(ckpt):
