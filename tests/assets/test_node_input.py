@@ -65,6 +65,6 @@ def test_a_warm_start_from_an_adapter_outside_the_rules_starts_nothing(line, lin
         start_run(line_instance, store, DIALECT, init_from="production")
     pickled.unlink()
     shutil.rmtree(candidate.adapter_path)  # a removed candidate: a clear error, not a stack trace
-    with pytest.raises(TrainingRunError, match="--from: .*not an adapter directory"):
+    with pytest.raises(TrainingRunError, match=f"--from {candidate.candidate_id}: .* is gone from .*removed from disk"):
         start_run(line_instance, store, DIALECT, init_from=candidate.candidate_id)
     assert len(store.list_runs(limit=None)) == before
