@@ -43,7 +43,10 @@ def test_a_search_prunes_and_survives_a_daemon_restart(registered_base, mloc_hom
             in_flight = instance.get_run_records(dg.RunsFilter(statuses=[
                 dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                 dg.DagsterRunStatus.STARTED]), limit=1)
-            return fail_fast().status == "completed" and not in_flight
+            # the candidate job is requested in the tick that completes the search: wait for it too
+            merged = instance.get_run_records(dg.RunsFilter(job_name="candidate_job",
+                                                            tags={"mloc/search": search.run_id}), limit=1)
+            return fail_fast().status == "completed" and merged and not in_flight
         wait_for(done, 1500, "the search to complete", daemon,
                  lambda: str([(t.trial_number, t.status, t.last_finished_job) for t in trials()]))
     finally:
