@@ -43,6 +43,9 @@ def wait_for_status(instance: dg.DagsterInstance, run_id: str, timeout_s: float 
 
 @pytest.mark.slow
 def test_replay_of_a_failed_run(mloc_home: Path) -> None:
+    # The instance's SQLite storage exists before the daemon and the `dagster job launch` below
+    # start: two processes creating it at once can stamp alembic twice ("more than one head").
+    dg.DagsterInstance.get().dispose()
     daemon = Daemon(mloc_home)  # the queue: the failed run and its replay are launched by it
     daemon.start()
     try:
