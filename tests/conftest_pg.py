@@ -199,3 +199,21 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+def wait_for_a_lock_wait(store, timeout_s: float = 60.0) -> None:
+    """Until a session of the store's PostgreSQL database waits on a lock (a test holding a row
+    lock on another connection sees its rival block)."""
+    import time
+
+    import sqlalchemy as sa
+
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with store.engine.connect() as conn:  # a new transaction each time: the view is a snapshot
+            if conn.execute(query).scalar():
+                return
+        assert time.monotonic() < deadline, "nobody ever waited for the lock"
+        time.sleep(0.05)

@@ -14,6 +14,7 @@ from mloc_dagster.core.state import (
     StateStore,
     UnknownRun,
 )
+from tests.conftest_pg import wait_for_a_lock_wait
 from tests.core.conftest import FakeClock
 
 
@@ -281,23 +282,6 @@ def test_a_search_trial_that_did_not_complete_never_reaches_a_candidate(store: S
     assert [(a.run_id, a.job_index) for a in store.unclaimed_adapters("en-gb-scotland")] == [(won, 0)]
 
 
-def _wait_for_a_lock_wait(store: StateStore, timeout_s: float = 30.0) -> None:
-    """Until a session of this database waits on a lock (PostgreSQL)."""
-    import time
-
-    import sqlalchemy as sa
-
-    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with store.engine.connect() as conn:  # a new transaction each time: the view is a snapshot
-            if conn.execute(query).scalar():
-                return
-        assert time.monotonic() < deadline, "nobody ever waited for the lock"
-        time.sleep(0.05)
-
-
 @pytest.mark.postgres
 def test_a_job_completing_during_a_cancel_waits_for_it_and_is_discarded(postgres_url: str) -> None:
     """Connection 1 cancels the run and holds its row; connection 2 (the worker) records the job's
@@ -324,7 +308,7 @@ def test_a_job_completing_during_a_cancel_waits_for_it_and_is_discarded(postgres
             canceller.execute(training_runs.update().where(this_run).values(status="cancelled",
                                                                             status_reason="cancelled by user"))
             cancelling.set()
-            _wait_for_a_lock_wait(store)
+            wait_for_a_lock_wait(store, timeout_s=30.0)
             assert "job" not in finished  # still waiting for the cancel to commit
     finally:
         cancelling.set()

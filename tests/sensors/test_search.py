@@ -12,6 +12,7 @@ from mloc_dagster.core.search import Search
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
 from mloc_dagster.training_runs import TrainingRunError, cancel_run, pause_run, resume_run, search_config, start_run
+from tests.conftest_pg import wait_for_a_lock_wait
 from tests.sensors.conftest import tick
 
 SPACE = {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}
@@ -120,22 +121,6 @@ def test_a_trial_run_missing_from_the_study_fails_and_the_search_goes_on(instanc
     assert store.get_run(search_run.run_id).status_reason.startswith("best trial 0")
 
 
-def _wait_for_a_lock_wait(store, timeout_s=60.0):
-    import time
-
-    import sqlalchemy as sa
-
-    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with store.engine.connect() as conn:  # a new transaction each time: the view is a snapshot
-            if conn.execute(query).scalar():
-                return
-        assert time.monotonic() < deadline, "the search's finish never waited for the held adapter row"
-        time.sleep(0.05)
-
-
 @pytest.mark.postgres
 def test_no_merge_ever_sees_a_losing_trial_while_the_search_finishes(instance, postgres_url):
     """A merge reading unclaimed adapters at any moment of the search's finish sees no loser: here
@@ -161,7 +146,7 @@ def test_no_merge_ever_sees_a_losing_trial_while_the_search_finishes(instance, p
     with store.engine.connect() as holder, holder.begin():
         holder.execute(sa.select(training_jobs).where(training_jobs.c.run_id == loser.run_id).with_for_update())
         ticker.start()
-        _wait_for_a_lock_wait(store)
+        wait_for_a_lock_wait(store)
         seen_mid_finish = [(a.run_id, a.job_index) for a in store.unclaimed_adapters("en-gb-scotland")]
     ticker.join(120)
     assert seen_mid_finish == []  # the trials are not mergeable before the losers are discarded
