@@ -1,28 +1,16 @@
-"""A slice whose Dagster run is canceled before it ever started gives its node's job of daily
-quota back, read by the real training-chain sensor from a real run record; a slice that started
-keeps it used."""
+"""A slice's job of daily quota: a canceled slice is requeued with it (read by the real
+training-chain sensor from a real run record); a slice that ends without ever starting gives it
+back; a slice that started keeps it used."""
 
 import uuid
 
 import dagster as dg
-import pytest
 
-from mloc_dagster.core.state import DROPPED, StateStore
+from mloc_dagster.core.state import DROPPED, QUEUED, RUNNING
 from mloc_dagster.jobs import TRAIN_JOB
 from tests.sensors.conftest import tick
 
 BASE = "cd" * 32
-
-
-@pytest.fixture()
-def store(tmp_path):
-    return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-
-
-@pytest.fixture()
-def instance(mloc_home):
-    with dg.instance_for_test() as inst:
-        yield inst
 
 
 def canceled_slice_run(instance, run, s):
@@ -46,6 +34,11 @@ def test_a_slice_canceled_before_it_started_gives_its_quota_back(instance, store
     for s in (waiting, started):
         canceled_slice_run(instance, run, s)
     tick(instance, store, cursor)
-    assert [s.status for s in store.round_slices(run.run_id, 0)] == [DROPPED, DROPPED]
+    # A canceled slice is requeued for the resume (its placement's quota kept for that retry); the
+    # started one is trained by another Dagster run (d1), which this cancel does not stop.
+    assert [s.status for s in store.round_slices(run.run_id, 0)] == [QUEUED, RUNNING]
+    assert {store.get_node(n).jobs_today for n in ("node-a", "node-b")} == {1}
+    # Ended without ever starting (dropped or replaced by the round): the quota comes back, once.
+    assert store.end_slice(run.run_id, 0, waiting.slice_index, DROPPED, "dropped before it started")
     assert store.get_node(waiting.node_id).jobs_today == 0  # never started: given back
     assert store.get_node(started.node_id).jobs_today == 1  # it started: used

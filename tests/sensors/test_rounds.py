@@ -7,7 +7,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-import pytest
 
 from mloc_dagster.core.state import DROPPED, QUEUED, REPLACED, RUNNING, StateStore
 from mloc_dagster.jobs import ROUND_MERGE_JOB, TRAIN_JOB
@@ -16,17 +15,6 @@ from mloc_dagster.training_runs import resume_run
 from tests.sensors.conftest import tick
 
 BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it
-
-
-@pytest.fixture()
-def store(tmp_path):
-    return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-
-
-@pytest.fixture()
-def instance(mloc_home):
-    with dg.instance_for_test() as inst:
-        yield inst
 
 
 
