@@ -12,6 +12,10 @@ from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.sensors import incoming, training_chain, watchdog
 
 defs = dg.Definitions.merge(
+    # One process per run: every step runs in the run worker itself, so a job pays the Python
+    # start-up (torch, transformers, peft, dagster imports: seconds) once, not once more per step.
+    # Steps of one run then run one after another; pools (`gpu`) still apply.
+    dg.Definitions(executor=dg.in_process_executor),
     datasets.defs,
     models.defs,
     adapters.defs,

@@ -27,13 +27,11 @@ JOBS = 3
 
 
 def worker_processes(job, dagster_home: str) -> list[psutil.Process]:
-    """The job's step process (the pid it recorded) and the Dagster run worker above it, both
-    started by this test's daemon (checked by their DAGSTER_HOME)."""
+    """The job's run worker (the pid it recorded: its step runs in-process), started by this
+    test's daemon (checked by its DAGSTER_HOME)."""
     try:
-        step = psutil.Process(job.worker_pid)
-        found = [step] + [p for p in step.parents()[:1] if "spawn_main" in " ".join(p.cmdline())
-                          or "execute_run" in " ".join(p.cmdline())]
-        return [p for p in found if p.environ().get("DAGSTER_HOME") == dagster_home]
+        worker = psutil.Process(job.worker_pid)
+        return [worker] if worker.environ().get("DAGSTER_HOME") == dagster_home else []
     except psutil.Error:
         return []
 

@@ -201,7 +201,9 @@ def next_requests(context: dg.SensorEvaluationContext, store: StateStore, run: T
     return requests, [run.generation, train_req, cand_req]
 
 
-@dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=5,
+# Interval 1 s: the daemon's sensor loop (every ~5 s) evaluates it on every pass; with 5 s a
+# pass that came a moment early skipped it, and a finished job waited a second pass.
+@dg.sensor(jobs=CHAIN_JOBS, minimum_interval_seconds=1,
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="Requests the next timeboxed job of every active training run, and a candidate "
                        "every K jobs; fails a run whose job exhausted Dagster's run retries and pauses "
