@@ -12,11 +12,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -100,71 +97,47 @@ def main() -> None:
 
 
 def chain_gap(jobs: int = 6, steps_per_job: int = 10) -> dict:
-    """A real chain on a temporary home, driven by `dagster-daemon run`."""
+    """A real chain on a temporary home with the demo's en-us and Scottish data and hparams,
+    driven by `dagster-daemon run`."""
     import dagster as dg
+    from line_home import line_home
 
-    from mloc_dagster.core.corpus import synth_dialect
-    from mloc_dagster.core.model import new_tiny_model, save_base_model
-    from mloc_dagster.core.state import StateStore, resolve_state_url
-    from mloc_dagster.definitions import defs
+    from mloc_dagster.demo import BASE_DIALECT, DEMO_DIALECTS, DEMO_HPARAMS, TARGET_DIALECT
     from mloc_dagster.training_runs import start_run
 
-    home = Path(tempfile.mkdtemp(prefix="mloc-bench-gap-"))
-    (home / "dagster").mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
-    os.environ.update(MLOC_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
-    daemon = None
-    try:
-        with dg.DagsterInstance.get() as instance:
-            for dialect in ("en-us", "en-gb-scotland"):
-                synth_dialect(dialect, 60, home / "incoming", seed=0)
-                instance.add_dynamic_partitions("dialect", [dialect])
-                defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance)
-            base = save_base_model(new_tiny_model(), home / "tiny")
-            defs.resolve_job_def("base_model_job").execute_in_process(
-                instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base)}}}})
-            instance.all_instigator_state()
-            log = open(home / "daemon.log", "wb")
-            daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-                                       str(REPO / "workspace.yaml")], cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-            store = StateStore(resolve_state_url())
-            run = start_run(instance, store, "en-gb-scotland", jobs=jobs, candidate_every=12, timebox_s=300,
-                            hparams={"max_steps": steps_per_job, "batch_size": 4})
-            console.print(f"chain of {jobs} jobs ({steps_per_job} steps each) on the real daemon ...")
-            deadline = time.time() + 1200
-            while store.get_run(run.run_id).status != "completed" and time.time() < deadline:
-                time.sleep(2)
-            records = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job", tags={"mloc/run_id": run.run_id},
-                                                             statuses=[dg.DagsterRunStatus.SUCCESS]),
-                                               order_by="create_timestamp", ascending=True)
-            by_index = {int(r.dagster_run.tags["mloc/job_index"]): r for r in records}
+    data = {d: DEMO_DIALECTS[d] for d in (BASE_DIALECT, TARGET_DIALECT)}
+    with line_home(data) as (_home, instance, store):
+        run = start_run(instance, store, TARGET_DIALECT, jobs=jobs, candidate_every=12, timebox_s=300,
+                        hparams={**DEMO_HPARAMS, "max_steps": steps_per_job})
+        console.print(f"chain of {jobs} jobs ({steps_per_job} steps each) on the real daemon ...")
+        deadline = time.time() + 1200
+        while store.get_run(run.run_id).status != "completed" and time.time() < deadline:
+            time.sleep(2)
+        records = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job", tags={"mloc/run_id": run.run_id},
+                                                         statuses=[dg.DagsterRunStatus.SUCCESS]),
+                                           order_by="create_timestamp", ascending=True)
+        by_index = {int(r.dagster_run.tags["mloc/job_index"]): r for r in records}
 
-            def moments(record) -> dict:
-                """When the job's run was created and started, its step started, its lease was
-                granted and its first training step ran (unix seconds, from Dagster's records)."""
-                logs = instance.all_logs(record.dagster_run.run_id)
-                step_start = next(e.timestamp for e in logs if e.dagster_event is not None
-                                  and e.dagster_event.event_type == dg.DagsterEventType.STEP_START)
-                leased = next(e.timestamp for e in logs if "GPU lease ACQUIRED" in (e.user_message or ""))
-                mat = next(e for e in logs if e.dagster_event is not None
-                           and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION)
-                return {"created": record.create_timestamp.timestamp(), "started": record.start_time,
-                        "step": step_start, "leased": leased,
-                        "first_step": mat.asset_materialization.metadata["first_step_at"].value}
+        def moments(record) -> dict:
+            """When the job's run was created and started, its step started, its lease was
+            granted and its first training step ran (unix seconds, from Dagster's records)."""
+            logs = instance.all_logs(record.dagster_run.run_id)
+            step_start = next(e.timestamp for e in logs if e.dagster_event is not None
+                              and e.dagster_event.event_type == dg.DagsterEventType.STEP_START)
+            leased = next(e.timestamp for e in logs if "GPU lease ACQUIRED" in (e.user_message or ""))
+            mat = next(e for e in logs if e.dagster_event is not None
+                       and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION)
+            return {"created": record.create_timestamp.timestamp(), "started": record.start_time,
+                    "step": step_start, "leased": leased,
+                    "first_step": mat.asset_materialization.metadata["first_step_at"].value}
 
-            parts = {k: [] for k in ("gap", "request", "queue_launch", "startup", "lease", "first_step")}
-            for i in range(jobs - 1):
-                end, m = by_index[i].end_time, moments(by_index[i + 1])
-                for key, value in (("gap", m["first_step"] - end), ("request", m["created"] - end),
-                                   ("queue_launch", m["started"] - m["created"]), ("startup", m["step"] - m["started"]),
-                                   ("lease", m["leased"] - m["step"]), ("first_step", m["first_step"] - m["leased"])):
-                    parts[key].append(value)
-    finally:
-        if daemon is not None:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
+        parts = {k: [] for k in ("gap", "request", "queue_launch", "startup", "lease", "first_step")}
+        for i in range(jobs - 1):
+            end, m = by_index[i].end_time, moments(by_index[i + 1])
+            for key, value in (("gap", m["first_step"] - end), ("request", m["created"] - end),
+                               ("queue_launch", m["started"] - m["created"]), ("startup", m["step"] - m["started"]),
+                               ("lease", m["leased"] - m["step"]), ("first_step", m["first_step"] - m["leased"])):
+                parts[key].append(value)
     gaps = parts.pop("gap")
     return {"transitions": len(gaps), "chain_gap_s_median": statistics.median(gaps),
             "chain_gap_s_max": max(gaps), "chain_gap_s_all": [round(g, 2) for g in gaps],

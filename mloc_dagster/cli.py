@@ -74,7 +74,7 @@ def demo(
     utterances: int = typer.Option(0, help="Override utterances per dialect (0: demo defaults)."),
     jobs: int = typer.Option(3, help="Jobs in the demo's training run."),
     timebox: int = typer.Option(60, help="Seconds per training job."),
-    base_seconds: float = typer.Option(900, help="Pre-training time cap of the tiny base model (it stops at 2,000 steps)."),
+    base_seconds: float = typer.Option(900, help="Pre-training time cap of the tiny base model (it stops at 1,000 steps of 32)."),
     tts: bool = typer.Option(True, "--tts/--no-tts", help="Also run the TTS track (base TTS, one TTS job, stop-loss)."),
 ) -> None:
     """Run the end-to-end demo on the embedded default (SQLite, local files)."""

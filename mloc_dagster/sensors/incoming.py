@@ -20,7 +20,7 @@ def scan_incoming(incoming) -> dict[str, list[str]]:
     return found
 
 
-@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(job=ingest_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Adds new dialects and requests a dataset_version build for each dialect "
                        "with new complete batches (a batch is complete when its manifest exists).")
 def incoming_batches_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:

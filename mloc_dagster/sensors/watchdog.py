@@ -1,8 +1,8 @@
 """dead_worker_sensor: fails the Dagster run of a training job whose worker died on this node.
 
-Dagster's DefaultRunLauncher (the embedded default) cannot check run-worker health (only the
-Kubernetes and Docker launchers can), so a SIGKILLed worker leaves its run STARTED forever and run
-retries never fire. The training loop heartbeats into the state store; a job whose heartbeat is
+The embedded default's run launcher (``WarmForkRunLauncher``, like Dagster's DefaultRunLauncher)
+does not check run-worker health (only the Kubernetes and Docker launchers do), so a SIGKILLed
+worker leaves its run STARTED forever and run retries never fire. The training loop heartbeats into the state store; a job whose heartbeat is
 older than the TTL *and* whose worker pid is gone from this host is dead: we mark its Dagster run
 failed through the instance, and run retries start it again from its last intermediate checkpoint.
 """
