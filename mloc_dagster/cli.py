@@ -13,6 +13,7 @@ from mloc_dagster.cli_gpu import gpu_app
 from mloc_dagster.cli_metrics import metrics_app
 from mloc_dagster.cli_node import node_app
 from mloc_dagster.cli_run import run_app
+from mloc_dagster.demo import BASE_TRAIN_S, DEMO_JOBS, DEMO_TIMEBOX_S
 from mloc_dagster.paths import MlocPaths
 
 app = typer.Typer(no_args_is_help=True, help="mloc_dagster: dialect speech models on shared GPUs.")
@@ -72,9 +73,9 @@ def dialect_list() -> None:
 def demo(
     ui: bool = typer.Option(False, "--ui", help="Keep `dagster dev` running at the end for the UI."),
     utterances: int = typer.Option(0, help="Override utterances per dialect (0: demo defaults)."),
-    jobs: int = typer.Option(3, help="Jobs in the demo's training run."),
-    timebox: int = typer.Option(60, help="Seconds per training job."),
-    base_seconds: float = typer.Option(900, help="Pre-training time cap of the tiny base model (it stops at 1,000 steps of 32)."),
+    jobs: int = typer.Option(DEMO_JOBS, help="Jobs in the demo's training run."),
+    timebox: int = typer.Option(DEMO_TIMEBOX_S, help="Seconds per training job."),
+    base_seconds: float = typer.Option(BASE_TRAIN_S, help="Time cap of the base pre-training (it stops at 1,000 steps)."),
     tts: bool = typer.Option(True, "--tts/--no-tts", help="Also run the TTS track (base TTS, one TTS job, stop-loss)."),
 ) -> None:
     """Run the end-to-end demo on the embedded default (SQLite, local files)."""

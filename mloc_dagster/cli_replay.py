@@ -74,6 +74,8 @@ def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE
     from dagster._core.workspace.load_target import WorkspaceFileTarget
     from dagster_graphql.test.utils import execute_dagster_graphql
 
+    from mloc_dagster.assets.training_step import REPLAY_TAG
+
     if strategy not in STRATEGIES:
         raise ReplayError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     run = instance.get_run_by_id(run_id)
@@ -98,21 +100,25 @@ def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE
                   if entry.load_error is not None}
         if errors:
             raise ReplayError(f"the code location did not load: {errors}")
-        result = execute_dagster_graphql(context, LAUNCH_REEXECUTION,
-                                         {"params": {"parentRunId": run_id, "strategy": strategy}})
-    if result.errors:
-        raise ReplayError("; ".join(str(e) for e in result.errors))
-    answer = result.data["launchRunReexecution"]
-    if answer["__typename"] != "LaunchRunSuccess":
-        raise ReplayError(f"{answer['__typename']}: {answer.get('message', '')}")
-    return answer["run"] | {"reactivated": chained and reactivate(store, chained, run_id, answer["run"]["runId"])}
+        # The job a run failed on waits for the re-activation below instead of refusing to start.
+        tags = [{"key": REPLAY_TAG, "value": run_id}] if chained else []
+        result = execute_dagster_graphql(context, LAUNCH_REEXECUTION, {"params": {
+            "parentRunId": run_id, "strategy": strategy, "extraTags": tags}})
+        if result.errors:
+            raise ReplayError("; ".join(str(e) for e in result.errors))
+        answer = result.data["launchRunReexecution"]
+        if answer["__typename"] != "LaunchRunSuccess":
+            raise ReplayError(f"{answer['__typename']}: {answer.get('message', '')}")
+        # At once, not after the code server this process started has shut down (seconds).
+        reactivated = chained and reactivate(store, chained, run_id, answer["run"]["runId"])
+    return answer["run"] | {"reactivated": reactivated}
 
 
 def reactivate(store, chained: tuple[str, int], failed_id: str, new_id: str) -> str:
     """Re-activate the training run after its job's re-execution was queued (queued first, so the
     training chain, which then sees the job in flight, never requests it a second time). Should the
-    re-execution start before this (a queue faster than one database write), it refuses and the
-    chain requests the job again under a new run key."""
+    re-execution start before this, it waits for it (its ``mloc/replay_of`` tag; up to 30 s),
+    and refuses only if the run stays failed."""
     from mloc_dagster.training_runs import reactivate_run
 
     training_run_id, index = chained

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from mloc_dagster.paths import MlocPaths
 
-TTS_BASE_S, TTS_TIMEBOX_S, TTS_SENTENCES = 180.0, 60, 12
+TTS_BASE_S, TTS_TIMEBOX_S, TTS_SENTENCES = 90.0, 45, 12
 TTS_GATE = {"sentences": TTS_SENTENCES, "gl_iterations": 16}
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,10 @@ PY=${PYTHON:-python3}
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
 # The browser tests (tests/ui) drive Debian's chromium through playwright: no browser download.
-command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# Only the tests need it (and Postgres): `make test` asks for both, `make demo` for neither.
+if [ "${MLOC_WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  need_apt+=(chromium)
+fi
 if [ "${MLOC_WITH_POSTGRES:-0}" = 1 ] && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   need_apt+=(postgresql)
 fi

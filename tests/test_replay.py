@@ -125,7 +125,11 @@ def test_replay_of_an_exhausted_training_job_reactivates_its_run(registered_base
         wait_for(lambda: store.get_run(run.run_id).status == "completed" and _all_finished(instance), 1200,
                  "the replayed job, the candidate and the run's completion", daemon)
         job1 = store.get_job(run.run_id, 1)
-        assert job1.status == "succeeded" and job1.dagster_run_id == child.run_id
+        runs = [(r.dagster_run.run_id[:8], r.dagster_run.status.value, r.dagster_run.tags.get("dagster/run_key"),
+                 r.dagster_run.tags.get("mloc/refused"))
+                for r in instance.get_run_records(dg.RunsFilter(tags={"mloc/run_id": run.run_id}))]
+        assert job1.status == "succeeded" and job1.dagster_run_id == child.run_id, runs
+        assert child.tags["mloc/replay_of"] == attempts[-1].run_id
         assert len(instance.get_run_records(dg.RunsFilter(
             job_name="train_adapter_job", tags={"mloc/run_id": run.run_id, "mloc/job_index": "1"}))) == 3  # no copy
         resumed = json.loads((run_dir / "job-0001" / "result.json").read_text())

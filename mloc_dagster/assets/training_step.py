@@ -26,12 +26,16 @@ import dagster as dg
 
 from mloc_dagster.assets.training_units import ChainJob, NotToStart, SliceJob
 from mloc_dagster.core.calibration import local_device, local_node_id
-from mloc_dagster.core.state import ACTIVE, StateStore, TrainingRun, retry_transient
+from mloc_dagster.core.state import ACTIVE, FAILED, StateStore, TrainingRun, retry_transient
 
 # dagster/max_runtime = (wait for the device) + timebox + this margin: only a backstop.
 TIMEBOX_MARGIN_S = int(os.environ.get("MLOC_TIMEBOX_MARGIN_S", "120"))
 NODE_BEAT_EVERY_S = 30.0  # the node registry's "last seen"
 KEEPALIVE_EVERY_S = 10.0  # well under the silent-slice (60 s) and dead-job (90 s) limits
+# `mloc run replay` tags the re-execution of the job a run failed on, then re-activates the run; a
+# warm run worker can start before that write lands, so such a run waits for it (at most this long).
+REPLAY_TAG = "mloc/replay_of"
+REPLAY_WAIT_S = 30.0
 
 
 def node_id() -> str:
@@ -64,6 +68,16 @@ def start_timebox(context: dg.AssetExecutionContext, timebox_s: int) -> float:
     return time.time()
 
 
+def await_reactivation(store: StateStore, run: TrainingRun) -> TrainingRun:
+    """The run as soon as the replay that started this job has re-activated it (or as it is after
+    ``REPLAY_WAIT_S``: still failed, the job then refuses as usual)."""
+    deadline = time.monotonic() + REPLAY_WAIT_S
+    while run.status == FAILED and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = store.get_run(run.run_id)
+    return run
+
+
 class TrainingStep:
     """One training job of a training run, from its refusal rules to its recorded result."""
 
@@ -83,6 +97,8 @@ class TrainingStep:
         when the training run is not active or the unit must not train."""
         if run.dialect != context.partition_key:
             raise dg.Failure(f"training run {run.run_id} is for {run.dialect}, not partition {context.partition_key}")
+        if run.status == FAILED and REPLAY_TAG in context.dagster_run.tags:
+            run = await_reactivation(store, run)
         try:
             unit = (SliceJob(store, run, job_index, slice_index, adapters_dir) if slice_index >= 0
                     else ChainJob(store, run, job_index, node_id(), adapters_dir))

@@ -2,9 +2,10 @@
 
 The embedded default's run launcher (``WarmForkRunLauncher``, like Dagster's DefaultRunLauncher)
 does not check run-worker health (only the Kubernetes and Docker launchers do), so a SIGKILLed
-worker leaves its run STARTED forever and run retries never fire. The training loop heartbeats into the state store; a job whose heartbeat is
-older than the TTL *and* whose worker pid is gone from this host is dead: we mark its Dagster run
-failed through the instance, and run retries start it again from its last intermediate checkpoint.
+worker leaves its run STARTED forever and run retries never fire. The training loop heartbeats
+into the state store; a job whose heartbeat is older than the TTL *and* whose worker pid is gone
+from this host is dead: we mark its Dagster run failed through the instance, and run retries
+start it again from its last intermediate checkpoint.
 """
 
 import os
