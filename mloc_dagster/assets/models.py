@@ -22,7 +22,6 @@ class BaseModelConfig(dg.Config):
     max_steps: int = 0  # > 0: stop after this many steps (the cosine schedule follows steps), within train_seconds
     batch_size: int = 16
     lr: float = 4e-3
-    cpu_threads: int = 0  # > 0: intra-op threads on CPU (0: one, the tiny GRU's best when cores are shared)
     seed: int = 0
 
 
@@ -53,7 +52,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             tmp = models / f".pretrain-{context.run_id[:8]}"
             train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,
                                           max_steps=config.max_steps or None, batch_size=config.batch_size,
-                                          lr=config.lr, cpu_threads_per_job=config.cpu_threads or None,
+                                          lr=config.lr,
                                           seed=config.seed, device=lease.torch_device,
                                           feature_cache_dir=artifacts.paths.home / "features",
                                           log=context.log.info)
