@@ -4,7 +4,7 @@
 
 1. throughput: samples/s of our adapter job vs a bare peft loop (get_peft_model, AdamW, LambdaLR,
    nothing else) on the same base model, data order, batch size, CPU threads and step count,
-   alternated ``--reps`` times (the median of each side); goal ratio >= 0.97;
+   alternated ``--reps`` times (the median of each side); goal ratio >= 0.99 (issue 22; 0.97 before);
 2. timebox: one fresh job with ``timebox_s=60``: fixed overhead (start → first step, last step →
    return), utilization, and both projected to a 3600 s job (the same fixed costs, plus one
    intermediate checkpoint every 300 s);
@@ -192,7 +192,7 @@ def run_bench(cfg: BenchConfig, run_job: RunJob = train_adapter, label: str = "c
                                                         "dev_cer", "test_cer", "dev_wer", "test_wer")},
         "throughput": {"steps": cfg.steps, "batch_size": cfg.hparams.batch_size,
                        "bare_samples_per_s": bare_sps, "job_samples_per_s": ours_sps,
-                       "ratio": ours_sps / bare_sps, "goal": 0.97, "same_final_loss": same_loss,
+                       "ratio": ours_sps / bare_sps, "goal": 0.99, "same_final_loss": same_loss,
                        "bare_runs": bare, "job_runs": [r.samples_per_s for r in ours]},
         "timebox": {"timebox_s": cfg.timebox_s, "wall_s": wall, "returned_before_timebox": wall < cfg.timebox_s,
                     "train_seconds": tb.train_seconds, "overhead_seconds": tb.overhead_seconds,
@@ -218,7 +218,7 @@ def print_report(res: dict, console: Console) -> None:
               f"{b['train_seconds']:.0f} s pre-training on {BASE_DIALECT}, {b['steps']} steps")
     t.add_row("bare peft loop", f"{th['bare_samples_per_s']:.1f} samples/s", f"{th['steps']} steps x bs {th['batch_size']}")
     t.add_row("adapter job", f"{th['job_samples_per_s']:.1f} samples/s", "same model, data, steps")
-    t.add_row("ratio job / bare", f"{th['ratio']:.3f}", "goal >= 0.97" + ("" if th["same_final_loss"] else " (losses differ!)"))
+    t.add_row("ratio job / bare", f"{th['ratio']:.3f}", "goal >= 0.99" + ("" if th["same_final_loss"] else " (losses differ!)"))
     t.add_row(f"timebox {tb['timebox_s']:.0f} s: wall", f"{tb['wall_s']:.2f} s",
               "returned in time" if tb["returned_before_timebox"] else "OVERRAN")
     t.add_row("fixed overhead", f"{tb['overhead_seconds']:.2f} s",
