@@ -22,6 +22,7 @@ class BaseModelConfig(dg.Config):
     max_steps: int = 0  # > 0: stop after this many steps (the cosine schedule follows steps), within train_seconds
     batch_size: int = 16
     lr: float = 4e-3
+    length_groups: int = 0  # > 0: batches of similar length, sorted within groups of this many batches
     seed: int = 0
 
 
@@ -52,7 +53,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             tmp = models / f".pretrain-{context.run_id[:8]}"
             train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,
                                           max_steps=config.max_steps or None, batch_size=config.batch_size,
-                                          lr=config.lr,
+                                          lr=config.lr, length_groups=config.length_groups,
                                           seed=config.seed, device=lease.torch_device,
                                           feature_cache_dir=artifacts.paths.home / "features",
                                           log=context.log.info)

@@ -20,7 +20,7 @@ from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.evaluate import error_rates, transcribe
 from mloc_dagster.core.features import load_features
 from mloc_dagster.core.model import model_dir_hash, new_tiny_model, save_base_model
-from mloc_dagster.core.sample_stream import SampleStream, make_batch
+from mloc_dagster.core.sample_stream import LengthGroupedBatches, SampleStream, make_batch
 from mloc_dagster.core.train_loop import (
     LossLog,
     Timebox,
@@ -37,6 +37,7 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
                   weight_decay: float = 0.01, max_grad_norm: float = 5.0, max_steps: int | None = None,
                   model_config: dict | None = None, cpu_threads_per_job: int | None = None,
                   feature_cache_dir: str | Path | None = None, eval_batch_size: int = 32,
+                  length_groups: int = 0,
                   log: Callable[[str], None] | None = None) -> dict:
     """Train the tiny CTC model from scratch on the train split of a dataset version for
     ``train_seconds`` of wall time, evaluate it on dev and test, and save it to ``out_dir``
@@ -45,7 +46,9 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
 
     The learning rate warms up, then follows a cosine over the budget. With ``max_steps`` the budget
     is whichever of time and steps runs out first; tests use steps so that the model they get does
-    not depend on how busy the machine is.
+    not depend on how busy the machine is. With ``length_groups`` > 0 the batches hold utterances of
+    similar length (``LengthGroupedBatches``: sorted within groups of that many batches): the same
+    rows per epoch, much less padding.
     """
     log = log or (lambda _msg: None)
     device = device or default_device()
@@ -59,6 +62,7 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
     opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     params = list(model.parameters())
     stream = SampleStream(len(train), seed)
+    grouped = LengthGroupedBatches(stream, train.lengths.numpy(), batch_size, length_groups) if length_groups else None
     with cpu_threads(cpu_threads_per_job or auto_cpu_threads(model, device)):
         model.train()
         timebox = Timebox(train_seconds)
@@ -71,7 +75,7 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
             for g in opt.param_groups:
                 g["lr"] = lr * scale
             t_step = time.monotonic()
-            idx = stream.next_batch(batch_size)
+            idx = grouped.next_batch() if grouped else stream.next_batch(batch_size)
             batch, frames = make_batch(train, labels, idx, device)
             losses.add(train_step(lambda b=batch: model(**b).loss, opt, params, max_grad_norm))
             timebox.record(t_step, frames)
@@ -91,6 +95,7 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
                          "samples_per_s": round(samples / train_s, 2) if train_s > 0 else 0.0,
                          "train_loss": float(np.mean(losses.history[-50:])) if losses.history else float("nan"),
                          "feature_cache_hit": train.cache_hit, "seed": seed, "batch_size": batch_size, "lr": lr,
+                         "length_groups": length_groups,
                          "cpu_threads": torch.get_num_threads(), "model_config": model_config or {}}
         for split in ("dev", "test"):
             fs = load_features(dv, split, bm.feature_extractor, feature_cache_dir, log)

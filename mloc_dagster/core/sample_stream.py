@@ -79,6 +79,32 @@ class SampleStream:
                 "extra_rows": self.extra_n, "extra_per_epoch": self.extra_per_epoch}
 
 
+class LengthGroupedBatches:
+    """Batches of similar length, drawn from a ``SampleStream`` (Hugging Face's ``group_by_length``).
+
+    Takes the next ``group`` batches' worth of rows from the stream, sorts them by length, cuts them
+    into batches and hands those out in an order shuffled by ``(seed, draw)``: the rows and their
+    epochs are the stream's, only their grouping into batches changes, so a batch pads to a length
+    close to its rows' own (random batches of 32 on the demo's en-us are 43 % padding). Used by base
+    pre-training, which never resumes mid-way; adapter jobs keep the stream's exact order.
+    """
+
+    def __init__(self, stream: SampleStream, lengths: np.ndarray, batch_size: int, group: int = 16):
+        self.stream, self.lengths, self.batch_size, self.group = stream, np.asarray(lengths), batch_size, group
+        self._pending: list[list[int]] = []
+        self._draws = 0
+
+    def next_batch(self) -> list[int]:
+        if not self._pending:
+            rows = np.array(self.stream.next_batch(self.batch_size * self.group))
+            rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+            batches = [rows[i:i + self.batch_size].tolist() for i in range(0, len(rows), self.batch_size)]
+            order = np.random.default_rng([self.stream.seed, self._draws, 2]).permutation(len(batches))
+            self._pending = [batches[i] for i in order]
+            self._draws += 1
+        return self._pending.pop()
+
+
 def segment_cursor(segments: list[tuple[int, int]], done: int) -> tuple[int, int]:
     """Where sample ``done`` of a slice lies: (absolute stream position, samples left in its
     segment); (-1, 0) once every segment is drawn. A slice of a distributed round trains the

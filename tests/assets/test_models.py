@@ -9,13 +9,14 @@ def test_pretrained_base_is_published_under_its_content_hash(registered_base, ml
     instance, _ = registered_base
     result = defs.resolve_job_def("base_model_job").execute_in_process(
         instance=instance, run_config={"ops": {"base_model": {"config": {
-            "max_steps": 2, "train_seconds": 120, "batch_size": 8, "lr": 0.002}}}})
+            "max_steps": 2, "train_seconds": 120, "batch_size": 8, "lr": 0.002, "length_groups": 4}}}})
     assert result.success
     md = latest_metadata(instance, "base_model")
     models = mloc_home / "models" / "base"
     assert md["path"] == str(models / md["version"]) and model_dir_hash(md["path"]) == md["version"]
     assert md["steps"] == 2 and 0 <= md["test_cer"]
-    assert md["samples"] == 16 and md["batch_size"] == 8 and md["lr"] == 0.002  # the recipe reached the loop
+    # the recipe reached the loop
+    assert md["samples"] == 16 and md["batch_size"] == 8 and md["lr"] == 0.002 and md["length_groups"] == 4
     assert not [p for p in models.iterdir() if p.name.startswith(".pretrain-")]  # the temporary directory is gone
 
 
