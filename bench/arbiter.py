@@ -39,7 +39,7 @@ from filelock import FileLock
 from rich.console import Console
 from rich.table import Table
 
-from mloc_dagster.core.arbiter import Arbiter
+from mloc_dagster.core.arbiter.acquire import Arbiter
 
 VARIANTS = ("arbiter", "arbiter-P-devices", "filelock", "sqlite-immediate")
 GOAL_P99_MS = 20.0

@@ -23,7 +23,8 @@ def line_home(utterances: dict[str, int], env: dict[str, str] | None = None) -> 
 
     from mloc_dagster.core.corpus import synth_dialect
     from mloc_dagster.core.model import new_tiny_model, save_base_model
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
 
     home = Path(tempfile.mkdtemp(prefix="mloc-bench-line-"))

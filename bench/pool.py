@@ -49,11 +49,12 @@ from bench.pool_nodes import BEHAVIOURS, TRAINS, forge, shuffled_copy  # noqa: E
 from bench.report import report  # noqa: E402
 from mloc_dagster.core.adapter_format import read_node_result  # noqa: E402
 from mloc_dagster.core.candidates import Recognizer, load_trusted, merge_candidate  # noqa: E402
-from mloc_dagster.core.gates import score  # noqa: E402
 from mloc_dagster.core.placement import NodeSpeed, optimal_makespan, place  # noqa: E402
 from mloc_dagster.core.reputation import TRUST_BAR  # noqa: E402
+from mloc_dagster.core.scoring import score  # noqa: E402
 from mloc_dagster.core.screening import reputation_updates, train_reference_update  # noqa: E402
-from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter  # noqa: E402
+from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+from mloc_dagster.core.training import train_adapter  # noqa: E402
 
 console = Console(width=150)
 DIALECT = "en-gb-scotland"
@@ -206,9 +207,10 @@ def print_round(mixed: dict, honest: dict, unscreened: dict | None) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     """A dataset version and a base model: given, or built (espeak corpus, short pre-training)."""
+    from mloc_dagster.core.batches import find_batches
     from mloc_dagster.core.corpus import synth_dialect
-    from mloc_dagster.core.datasets import build_version, find_batches
-    from mloc_dagster.core.training import pretrain_base
+    from mloc_dagster.core.datasets import build_version
+    from mloc_dagster.core.pretrain import pretrain_base
 
     base, dataset = args.base, args.dataset
     if dataset is None or base is None:

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mloc_dagster.core.adapter_format import RESULT_JSON
-from mloc_dagster.core.datasets import SHARD_SCHEMA, DatasetVersion
+from mloc_dagster.core.batches import SHARD_SCHEMA
+from mloc_dagster.core.datasets import DatasetVersion
 from mloc_dagster.core.features import cache_path, default_feature_extractor
 from mloc_dagster.core.lora_adapter import Adapter, save_adapter
 from mloc_dagster.core.screening import update_norm, updates

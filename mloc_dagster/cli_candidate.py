@@ -14,7 +14,8 @@ console = Console()
 def _context():
     from dagster import DagsterInstance
 
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
 
     return DagsterInstance.get(), StateStore(resolve_state_url())
 

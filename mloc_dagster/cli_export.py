@@ -13,8 +13,8 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="Directory; the export is a new mloc-export-<time>/ inside it."),
 ) -> None:
     """Export mloc's results (schema: docs/operations.md#export); prints the export's directory."""
-    from mloc_dagster.core.state import StateStore, resolve_state_url
-    from mloc_dagster.core.state.engine import StateStoreUnavailable
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import StateStoreUnavailable, resolve_state_url
     from mloc_dagster.export import ExportError, export
 
     dialects: list[str] = []

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mloc_dagster.core.arbiter import metrics_text, read_snapshot
+from mloc_dagster.core.arbiter.metrics import metrics_text
+from mloc_dagster.core.arbiter.snapshot import read_snapshot
 from mloc_dagster.paths import MlocPaths
 
 gpu_app = typer.Typer(

@@ -25,7 +25,8 @@ def _metrics() -> None:
 
 
 def _sources(gpu_state_dir: Path | None) -> tuple[Any, Any, Path]:
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
 
     instance = None
     if os.environ.get("DAGSTER_HOME"):

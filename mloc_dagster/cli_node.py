@@ -29,7 +29,8 @@ console = Console()
 
 
 def _store():
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
 
     return StateStore(resolve_state_url())
 

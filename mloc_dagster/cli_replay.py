@@ -47,7 +47,7 @@ class ReplayError(Exception):
 def failed_chain_job(store, run) -> tuple[str, int] | None:
     """(training run id, job index) when ``run`` is the job its training run failed on: the
     replay re-activates the run. None for any other run; ReplayError when the job cannot start."""
-    from mloc_dagster.core.state import ACTIVE, FAILED, PAUSED
+    from mloc_dagster.core.state.schema import ACTIVE, FAILED, PAUSED
 
     training_run_id, index = run.tags.get("mloc/run_id"), run.tags.get("mloc/job_index")
     if run.job_name not in TRAINING_JOBS or not training_run_id or index is None or "mloc/slice" in run.tags:
@@ -90,7 +90,8 @@ def replay(instance, run_id: str, workspace: Path, strategy: str = "FROM_FAILURE
     if not workspace.is_file():
         raise ReplayError(f"no workspace file {workspace}")
     if store is None:
-        from mloc_dagster.core.state import StateStore, resolve_state_url
+        from mloc_dagster.core.state import StateStore
+        from mloc_dagster.core.state.engine import resolve_state_url
 
         store = StateStore(resolve_state_url())
     chained = failed_chain_job(store, run)

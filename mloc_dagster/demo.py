@@ -120,7 +120,8 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
 
     from mloc_dagster.assets.lineage import latest_metadata
     from mloc_dagster.core.gates import GateReport
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
     from mloc_dagster.training_runs import start_run
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import TIMEBOX_MARGIN_S, adapter_checkpoint, validate_hparams
+from mloc_dagster.assets.adapters import adapter_checkpoint
 from mloc_dagster.assets.candidates import candidate_job
+from mloc_dagster.assets.hparams import validate_hparams
 from mloc_dagster.assets.models import base_model_job
 from mloc_dagster.assets.rounds import ROUND_MERGE_JOB, round_merge_job
+from mloc_dagster.assets.training_step import TIMEBOX_MARGIN_S
 from mloc_dagster.assets.tts_candidates import tts_candidate_job
 from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB, tts_base_model_job, tts_train_adapter_job
-from mloc_dagster.core.state import ASR, TTS, RoundSlice, TrainingRun
+from mloc_dagster.core.state.rounds import RoundSlice
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ASR, TTS
 from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config, node_k8s_config
 from mloc_dagster.partitions import dialect_partitions
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mloc_dagster.core.state import ACTIVE, TrainingRun
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE
 from mloc_dagster.sensors.verdicts import will_retry
 
 WORDS = {

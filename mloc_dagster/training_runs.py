@@ -11,7 +11,9 @@ from mloc_dagster.assets.adapters import rehearsal_dataset
 from mloc_dagster.assets.hparams import HPARAM_KEYS, InvalidHParams, pin_hparams, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.adapter_format import InvalidAdapter, read_adapter_dir
-from mloc_dagster.core.state import (
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import (
     ACTIVE,
     ADAPTER_BRANCHES,
     ASR,
@@ -26,8 +28,6 @@ from mloc_dagster.core.state import (
     SINGLE,
     TRACKS,
     TTS,
-    StateStore,
-    TrainingRun,
 )
 from mloc_dagster.partitions import is_valid_dialect
 from mloc_dagster.resources.state import StateStoreResource

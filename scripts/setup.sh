@@ -31,8 +31,12 @@ stamp="$VENV/.mloc-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
   # torch first, exactly this version: it is the CPU wheel on this disk; anything else downloads CUDA.
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+  # --no-compile: byte-compiling every installed file is half of pip's time (112 s → 52 s); the
+  # import below compiles what the line loads (~4,000 of ~20,000 files) and writes their .pyc.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile torch==2.13.0
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile -e ".[dev]"
+  env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c \
+    "import mloc_dagster.definitions, mloc_dagster.cli, mloc_dagster.demo, mloc_dagster.launcher, mloc_dagster.core.training, mloc_dagster.core.pretrain, mloc_dagster.core.tts.pretrain, dagster._cli, dagster._daemon, pytest"
   touch "$stamp"
 fi
 echo "[setup] ok: $("$VENV/bin/python" -c 'import dagster, torch; print("dagster", dagster.__version__, "torch", torch.__version__)')"

@@ -90,7 +90,8 @@ def test_run_start_refusals_name_the_field_and_create_nothing(mloc_home, postgre
 
 def test_warm_start_from_a_removed_candidate_is_refused(registered_base, tmp_path):
     from mloc_dagster.assets.lineage import latest_metadata
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
 
     instance, _ = registered_base
     store = StateStore(resolve_state_url())

@@ -6,8 +6,9 @@ import threading
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.arbiter import Arbiter
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.arbiter.acquire import Arbiter
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.training_runs import resume_run, start_run
 from tests.daemon import Daemon, wait_for
 

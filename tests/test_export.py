@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mloc_dagster.cli import app
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.export import SCHEMA_VERSION, TABLES
 
 DIALECT = "en-gb-scotland"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.lifecycle import lifecycle, log_tail
 from mloc_dagster.training_runs import pause_run, start_run

@@ -14,8 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mloc_dagster import metrics
-from mloc_dagster.core.arbiter import Arbiter
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.arbiter.acquire import Arbiter
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 
 MLOC = str(Path(sys.executable).parent / "mloc")
 

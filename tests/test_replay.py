@@ -13,7 +13,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.training_runs import start_run
 from tests.daemon import Daemon, wait_for
 

@@ -4,18 +4,15 @@
 import dagster as dg
 
 from mloc_dagster.assets.datasets import dataset_version
-from mloc_dagster.assets.hparams import HPARAM_KEYS, AdapterJobConfig, InvalidHParams, pin_hparams, validate_hparams
+from mloc_dagster.assets.hparams import AdapterJobConfig
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models import base_model
-from mloc_dagster.assets.training_step import TIMEBOX_MARGIN_S, TrainingStep
-from mloc_dagster.core.state import TrainingRun
+from mloc_dagster.assets.training_step import TrainingStep
+from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
-
-__all__ = ["HPARAM_KEYS", "TIMEBOX_MARGIN_S", "AdapterJobConfig", "InvalidHParams", "adapter_checkpoint",
-           "pin_hparams", "validate_hparams"]
 
 
 def rehearsal_dataset(instance: dg.DagsterInstance, dialect: str) -> str | None:
@@ -43,7 +40,8 @@ def run_rehearsal(instance: dg.DagsterInstance, run: TrainingRun) -> str | None:
 )
 def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConfig, artifacts: ArtifactStore,
                        state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
-    from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, Progress, train_adapter
+    from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec, Progress
+    from mloc_dagster.core.training import train_adapter
 
     dialect = context.partition_key
     store = state.store()

@@ -51,12 +51,15 @@ from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.core.adapter_format import InvalidAdapter, read_node_result
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
 from mloc_dagster.core.gate_config import load_thresholds
-from mloc_dagster.core.gates import GateConfigError, GateThresholds, evaluate_gates, score
+from mloc_dagster.core.gates import GateConfigError, GateThresholds, evaluate_gates
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.publish import publish_copy, unique_id
 from mloc_dagster.core.reputation import evidence_of_harm, reputation_from_gate, source_shares
+from mloc_dagster.core.scoring import score
 from mloc_dagster.core.screening import markdown_table, reputation_updates
-from mloc_dagster.core.state import ASR, RELEASED, TTS, AdapterClaimConflict, AdapterRef, Candidate, StateStore
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.candidates import RELEASED, AdapterClaimConflict, AdapterRef, Candidate
+from mloc_dagster.core.state.schema import ASR, TTS
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter

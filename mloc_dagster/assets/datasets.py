@@ -2,14 +2,8 @@
 
 import dagster as dg
 
-from mloc_dagster.core.datasets import (
-    INGEST_VERSION,
-    DatasetError,
-    DatasetVersion,
-    IngestSettings,
-    build_version,
-    find_batches,
-)
+from mloc_dagster.core.batches import INGEST_VERSION, DatasetError, IngestSettings, find_batches
+from mloc_dagster.core.datasets import DatasetVersion, build_version
 from mloc_dagster.core.text import charset_for
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore

@@ -12,7 +12,7 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from mloc_dagster.core.state import ASR, TTS
+from mloc_dagster.core.state.schema import ASR, TTS
 
 
 class AdapterJobConfig(dg.Config):

@@ -7,7 +7,8 @@ import dagster as dg
 
 from mloc_dagster.assets.datasets import dataset_version
 from mloc_dagster.assets.lineage import require_metadata
-from mloc_dagster.core.state import ASR, StateStore
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.schema import ASR
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
@@ -48,7 +49,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             out = publish_copy(source, models / version, version)  # a half copy left by a crash is rebuilt
             train_metrics = {}
         else:
-            from mloc_dagster.core.training import pretrain_base
+            from mloc_dagster.core.pretrain import pretrain_base
 
             tmp = models / f".pretrain-{context.run_id[:8]}"
             train_metrics = pretrain_base(dataset["path"], tmp, train_seconds=config.train_seconds,

@@ -31,13 +31,16 @@ import dagster as dg
 from mloc_dagster.assets.adapters import adapter_checkpoint, run_rehearsal
 from mloc_dagster.core.adapter_format import InvalidAdapter, read_node_result
 from mloc_dagster.core.candidates import Recognizer, merge_candidate
-from mloc_dagster.core.gates import score
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.reputation import TRUST_BAR
 from mloc_dagster.core.rounds import base_model_hash
+from mloc_dagster.core.scoring import score
 from mloc_dagster.core.screening import markdown_table, reputation_updates, train_reference_update
-from mloc_dagster.core.state import SUCCEEDED, RoundSlice, StateStore, TrainingRun
-from mloc_dagster.core.training import AdapterHParams
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.rounds import RoundSlice
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import SUCCEEDED
+from mloc_dagster.core.train_spec import AdapterHParams
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter

@@ -26,7 +26,10 @@ import dagster as dg
 
 from mloc_dagster.assets.training_units import ChainJob, NotToStart, SliceJob
 from mloc_dagster.core.calibration import local_device, local_node_id
-from mloc_dagster.core.state import ACTIVE, FAILED, StateStore, TrainingRun, retry_transient
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import retry_transient
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE, FAILED
 
 # dagster/max_runtime = (wait for the device) + timebox + this margin: only a backstop.
 TIMEBOX_MARGIN_S = int(os.environ.get("MLOC_TIMEBOX_MARGIN_S", "120"))

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mloc_dagster.core.state import SUCCEEDED, StateStore, TrainingRun
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import SUCCEEDED
 
 # Simulated nodes on one machine (tests, benchmarks only): {"node-id": slowdown factor >= 1}.
 THROTTLE_ENV = "MLOC_SIMULATED_NODE_THROTTLE"

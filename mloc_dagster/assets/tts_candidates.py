@@ -41,7 +41,8 @@ from mloc_dagster.core.candidates import merge_candidate
 from mloc_dagster.core.gate_config import dialect_settings
 from mloc_dagster.core.gates import GateConfigError
 from mloc_dagster.core.publish import unique_id
-from mloc_dagster.core.state import TTS, AdapterClaimConflict
+from mloc_dagster.core.state.candidates import AdapterClaimConflict
+from mloc_dagster.core.state.schema import TTS
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter

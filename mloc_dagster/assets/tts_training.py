@@ -19,7 +19,7 @@ from mloc_dagster.assets.hparams import TtsAdapterJobConfig
 from mloc_dagster.assets.lineage import require_metadata
 from mloc_dagster.assets.models import BASE_DIALECT, base_model
 from mloc_dagster.assets.training_step import TrainingStep
-from mloc_dagster.core.state import TTS
+from mloc_dagster.core.state.schema import TTS
 from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -31,7 +31,7 @@ class TtsBaseModelConfig(dg.Config):
     base_dialect: str = BASE_DIALECT
     train_seconds: float = 480.0
     max_steps: int = 0  # > 0: stop after this many steps, within train_seconds
-    train_limit: int = 0  # > 0: pre-train on the first N utterances only (tests)
+    train_limit: int = 0  # > 0: pre-train on the first N utterances only (tests, the demo)
     lr: float = 2e-3
     batch_size: int = 16
     warmup_steps: int = 50

@@ -58,7 +58,8 @@ def calibrate(base_model_dir: str | Path, dataset_version_path: str | Path, *, n
               steps: int = DEFAULT_CALIBRATION_STEPS, device: str | None = None,
               feature_cache_dir: str | Path | None = None, timebox_s: float = 600.0) -> Calibration:
     """Train ``steps`` LoRA steps on the dataset version's train split and measure samples/s."""
-    from mloc_dagster.core.training import AdapterJobSpec, train_adapter
+    from mloc_dagster.core.train_spec import AdapterJobSpec
+    from mloc_dagster.core.training import train_adapter
 
     if steps < 2:
         raise ValueError("calibration needs at least 2 steps (the first one warms up)")

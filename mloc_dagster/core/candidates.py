@@ -15,10 +15,10 @@ import torch
 
 from mloc_dagster.core.adapter_format import InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.features import load_features
-from mloc_dagster.core.gates import UttResult
 from mloc_dagster.core.lora_adapter import Adapter, load_adapter, load_adapters, save_adapter
 from mloc_dagster.core.merge import MergeResult
 from mloc_dagster.core.model import load_base_model
+from mloc_dagster.core.scoring import UttResult
 from mloc_dagster.core.screening import DEFAULT_SCREENING, MergeInputs, ScreeningRule, screen_and_merge
 
 

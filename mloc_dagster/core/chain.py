@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mloc_dagster.core.state import ACTIVE, TrainingRun
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ Layout under ``<datasets_root>/<dialect>/``::
         manifest.json              batches + shards, speaker→split map, cross-batch exclusions
         quarantine.parquet         every rejected row: batch, line, field, reason, detail
 
-A version is the hash of its manifest. Validating one batch is ``core/batches.py`` (re-exported
-here); an unchanged batch is never read again (its key hashes its inputs), so adding 1 % new data
+A version is the hash of its manifest. Validating one batch is ``core/batches.py``; an
+unchanged batch is never read again (its key hashes its inputs), so adding 1 % new data
 costs about 1 % of a full build. Nothing under ``incoming/`` is ever written.
 """
 
@@ -32,24 +32,15 @@ import pyarrow.parquet as pq
 from mloc_dagster.core.audio import from_pcm16
 from mloc_dagster.core.batches import (
     INGEST_VERSION,
-    MANIFEST_NAMES,
     QUARANTINE_SCHEMA,
-    REQUIRED_FIELDS,
-    SHARD_SCHEMA,
     BatchRef,
     BatchSummary,
     DatasetError,
     IngestSettings,
     Rejection,
-    find_batches,
     ingest_batch,
 )
 from mloc_dagster.core.splits import SPLITS, SplitPolicy, assign_splits, split_report
-
-__all__ = ["INGEST_VERSION", "MANIFEST_NAMES", "QUARANTINE_SCHEMA", "REQUIRED_FIELDS", "SHARD_SCHEMA", "BatchRef",
-           "BatchSummary", "DatasetError", "DatasetVersion", "IngestSettings", "Rejection", "Utterance", "VersionResult",
-           "build_version", "find_batches", "ingest_batch"]
-
 
 # --------------------------------------------------------------------------- a version
 

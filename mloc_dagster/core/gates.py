@@ -20,7 +20,7 @@ Four gates, all computed from per-utterance results (reference and hypothesis te
   ``max_base_regression_rel`` worse (relative) than the base model's -- adaptation must not
   break what already worked.
 
-Counting errors and the bootstrap over speakers live in ``core/scoring.py`` (re-exported here).
+Counting errors and the bootstrap over speakers live in ``core/scoring.py``.
 """
 
 from __future__ import annotations
@@ -43,20 +43,6 @@ from mloc_dagster.core.scoring import (
     score,
     score_with_counts,
 )
-
-__all__ = [
-    "GATE_NAMES",
-    "BootstrapResult",
-    "GateReport",
-    "GateResult",
-    "GateThresholds",
-    "Scores",
-    "SpeakerRow",
-    "UttResult",
-    "bootstrap_over_speakers",
-    "evaluate_gates",
-    "score",
-]
 
 GATE_NAMES = ("cer_gate", "wer_gate", "improvement_gate", "regression_gate")
 # Comparisons allow this much float slack, so a value exactly at its threshold passes

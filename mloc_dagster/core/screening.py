@@ -323,7 +323,8 @@ def train_reference_update(base_model_dir: str | os.PathLike[str], dataset_versi
     ``AdapterJobSpec`` fields (feature_cache_dir, rehearsal_dataset_path, device, timebox_s...).
     Returns the ``AdapterJobResult``; ``out_dir`` is then a checkpoint ``merge_candidate`` reads
     as ``reference`` (its result.json carries the dev CER baseline)."""
-    from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
+    from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+    from mloc_dagster.core.training import train_adapter
 
     hp = hparams or AdapterHParams()
     if samples < 1:

@@ -9,7 +9,7 @@ An adapter job (``train_adapter``) is one slice of a training run. It is a plain
 - ``core/train_loop.py``: the optimizer step, the ``Timebox``, the loss log, seeds and threads;
 - ``core/train_spec.py``: the job's spec and hyper-parameters, its progress and its result.
 
-Base pre-training (``core/pretrain.py``, re-exported here) uses the same stream, step and timebox.
+Base pre-training (``core/pretrain.py``) uses the same stream, step and timebox.
 
 **Exact resume.** Job k+1 continues bit-for-bit where job k stopped: a chain of jobs reproduces
 the uninterrupted loss curve (see ``core/train_state.py`` for what is saved).
@@ -66,7 +66,6 @@ from mloc_dagster.core.model import (
     model_dir_hash,
     output_lengths,
 )
-from mloc_dagster.core.pretrain import pretrain_base
 from mloc_dagster.core.sample_stream import (
     SampleStream,
     check_segments,
@@ -75,7 +74,6 @@ from mloc_dagster.core.sample_stream import (
     segment_cursor,
 )
 from mloc_dagster.core.train_loop import (
-    SMALL_MODEL_PARAMS,
     LossLog,
     StopRule,
     Timebox,
@@ -88,9 +86,8 @@ from mloc_dagster.core.train_loop import (
     seed_everything,
     train_step,
 )
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobResult, AdapterJobSpec, Progress
+from mloc_dagster.core.train_spec import AdapterJobResult, AdapterJobSpec, Progress
 from mloc_dagster.core.train_state import (
-    STATE_FORMAT,
     ResumeError,
     TrainState,
     check_resumable,
@@ -99,13 +96,6 @@ from mloc_dagster.core.train_state import (
     write_checkpoint,
     write_partial,
 )
-
-__all__ = [
-    "SMALL_MODEL_PARAMS", "STATE_FORMAT", "AdapterHParams", "AdapterJobResult", "AdapterJobSpec", "Progress",
-    "ResumeError", "SampleStream", "TrainState", "auto_cpu_threads", "cpu_threads", "default_device",
-    "default_node_id", "deterministic", "distillation_loss", "latest_partial", "partial_dir", "peak_rss_mb",
-    "pretrain_base", "seed_everything", "train_adapter",
-]
 
 
 def load_warm_start(model: torch.nn.Module, adapter_dir: str | Path) -> None:

@@ -24,7 +24,9 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from mloc_dagster.core.arbiter import Arbiter, Lease, Outcome, TaskType
+from mloc_dagster.core.arbiter.acquire import Arbiter
+from mloc_dagster.core.arbiter.lease import Lease
+from mloc_dagster.core.arbiter.policy import Outcome, TaskType
 from mloc_dagster.paths import MlocPaths
 
 

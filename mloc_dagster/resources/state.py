@@ -4,7 +4,8 @@ from functools import lru_cache
 
 import dagster as dg
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 
 
 @lru_cache(maxsize=8)

@@ -16,7 +16,8 @@ import dagster as dg
 
 from mloc_dagster.assets.hparams import InvalidHParams
 from mloc_dagster.core.pipeline import PipelineSpecError
-from mloc_dagster.core.state import ACTIVE, FAILED, PAUSED, StateStore
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.schema import ACTIVE, FAILED, PAUSED
 
 DEFINITION_ERRORS = (InvalidHParams, PipelineSpecError)
 T = TypeVar("T")

@@ -25,7 +25,9 @@ from mloc_dagster.assets.adapters import rehearsal_dataset
 from mloc_dagster.assets.hparams import InvalidHParams, pin_hparams, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.pipeline import PipelineSpecError, Stage, load_spec, upstream
-from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, StateStore, TrainingRun
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE, CANCELLED, COMPLETED, FAILED
 from mloc_dagster.jobs import CANDIDATE_JOB
 from mloc_dagster.lifecycle import newest_dagster_run
 from mloc_dagster.partitions import is_valid_dialect

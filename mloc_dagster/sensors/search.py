@@ -26,7 +26,9 @@ import dagster as dg
 
 from mloc_dagster.assets.hparams import InvalidHParams, validate_hparams
 from mloc_dagster.core.search import Search, SearchError, SearchSpaceError
-from mloc_dagster.core.state import ACTIVE, CANCELLED, COMPLETED, FAILED, PAUSED, SUCCEEDED, StateStore, TrainingRun
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE, CANCELLED, COMPLETED, FAILED, PAUSED, SUCCEEDED
 from mloc_dagster.jobs import CANDIDATE_JOB, chain_run_key
 from mloc_dagster.sensors.isolation import isolated
 

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.core.state import ACTIVE, PAUSED, TTS, Candidate, StateStore, TrainingRun
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.candidates import Candidate
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE, PAUSED, TTS
 from mloc_dagster.jobs import TRACK_JOBS
 from mloc_dagster.sensors.verdicts import has_verdict
 

@@ -44,30 +44,13 @@ from datetime import datetime
 import dagster as dg
 
 from mloc_dagster.assets.hparams import validate_hparams
+from mloc_dagster.assets.rounds import ROUND_MERGE_JOB
 from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
 from mloc_dagster.core.chain import next_due
-from mloc_dagster.core.state import (
-    ACTIVE,
-    COMPLETED,
-    DROPPED,
-    FAILED,
-    HYPERPARAMETER,
-    PAUSED,
-    PIPELINE,
-    SUCCEEDED,
-    TTS,
-    StateStore,
-    TrainingRun,
-)
-from mloc_dagster.jobs import (
-    CANDIDATE_JOB,
-    CHAIN_JOBS,
-    ROUND_MERGE_JOB,
-    TRACK_JOBS,
-    TRAIN_JOB,
-    candidate_run_request,
-    train_run_request,
-)
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import ACTIVE, COMPLETED, DROPPED, FAILED, HYPERPARAMETER, PAUSED, PIPELINE, SUCCEEDED, TTS
+from mloc_dagster.jobs import CANDIDATE_JOB, CHAIN_JOBS, TRACK_JOBS, TRAIN_JOB, candidate_run_request, train_run_request
 from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests

@@ -18,7 +18,9 @@ with the reason and ``mloc run replay`` of that Dagster run promotes it.
 
 import dagster as dg
 
-from mloc_dagster.core.state import ACTIVE, PAUSED, Candidate, StateStore
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.candidates import Candidate
+from mloc_dagster.core.state.schema import ACTIVE, PAUSED
 
 
 def will_retry(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 
 DIALECT = "en-gb-scotland"
@@ -81,8 +82,8 @@ def test_unwritable_artifact_dir_fails_clearly_and_keeps_the_previous_checkpoint
 def test_config_defaults_match_the_core():
     from dataclasses import fields
 
-    from mloc_dagster.assets.adapters import AdapterJobConfig
-    from mloc_dagster.core.training import AdapterHParams
+    from mloc_dagster.assets.hparams import AdapterJobConfig
+    from mloc_dagster.core.train_spec import AdapterHParams
 
     config = AdapterJobConfig(run_id="x")
     for f in fields(AdapterHParams):
@@ -142,7 +143,7 @@ def test_the_timebox_starts_when_the_device_is_granted(registered_base, mloc_hom
     gets its whole timebox, and the run's max_runtime backstop is moved by the wait."""
     import threading
 
-    from mloc_dagster.core.arbiter import Arbiter
+    from mloc_dagster.core.arbiter.acquire import Arbiter
 
     instance, _ = registered_base
     arbiter = Arbiter(mloc_home / "gpu", cpu_slots=1)

@@ -8,7 +8,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.training_runs import start_run
 from tests.assets.conftest import DIALECT, register_base
@@ -246,7 +247,7 @@ def test_a_new_base_model_lists_the_production_adapters_it_makes_stale(line, lin
 def test_a_broken_gate_config_fails_the_gate_checks_with_the_reason(mloc_home, asset, file, content, message):
     import dagster as dg
 
-    from mloc_dagster.core.state import TTS
+    from mloc_dagster.core.state.schema import TTS
     from mloc_dagster.partitions import dialect_partitions
 
     (mloc_home / file).write_text(content)

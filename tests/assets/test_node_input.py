@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.training_runs import TrainingRunError, start_run
 from tests.assets.conftest import DIALECT
 from tests.assets.test_candidates import metadata, run_candidate_job, run_with_adapters

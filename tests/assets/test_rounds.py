@@ -10,7 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mloc_dagster.core.state import PlannedSlice, StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
+from mloc_dagster.core.state.rounds import PlannedSlice
 from mloc_dagster.definitions import defs
 from tests.assets.conftest import DIALECT
 

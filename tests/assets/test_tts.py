@@ -18,7 +18,8 @@ import shutil
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import TRACK_JOBS
 from mloc_dagster.training_runs import TrainingRunError, cancel_run, resume_run, start_run

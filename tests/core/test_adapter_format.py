@@ -27,7 +27,8 @@ from mloc_dagster.core.adapter_format import (
 )
 from mloc_dagster.core.lora_adapter import load_adapter
 from mloc_dagster.core.model import new_tiny_model, save_base_model
-from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
+from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+from mloc_dagster.core.training import train_adapter
 
 
 @pytest.fixture(scope="module")

@@ -21,24 +21,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mloc_dagster.core.arbiter import (
-    DEFAULT_POLICIES,
-    Arbiter,
-    BusyPolicy,
-    Device,
-    Lease,
-    MemoryInfo,
-    Outcome,
-    PynvmlBackend,
-    Reason,
-    TaskPolicy,
-    TaskType,
-    metrics_text,
-    read_snapshot,
-    resolve_policies,
-)
 from mloc_dagster.core.arbiter import devices as devices_module
 from mloc_dagster.core.arbiter import wakeup as wakeup_module
+from mloc_dagster.core.arbiter.acquire import Arbiter
+from mloc_dagster.core.arbiter.devices import Device, MemoryInfo, PynvmlBackend
+from mloc_dagster.core.arbiter.lease import Lease
+from mloc_dagster.core.arbiter.metrics import metrics_text
+from mloc_dagster.core.arbiter.policy import DEFAULT_POLICIES, BusyPolicy, Outcome, Reason, TaskPolicy, TaskType, resolve_policies
+from mloc_dagster.core.arbiter.snapshot import read_snapshot
 
 SPAWN = mp.get_context("spawn")
 

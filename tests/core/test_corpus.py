@@ -4,8 +4,9 @@ import json
 
 import soundfile as sf
 
+from mloc_dagster.core.batches import find_batches
 from mloc_dagster.core.corpus import WORDS, sentence_pools, synth_dialect
-from mloc_dagster.core.datasets import DatasetVersion, build_version, find_batches
+from mloc_dagster.core.datasets import DatasetVersion, build_version
 
 
 def test_synthesis_is_deterministic_and_real(tmp_path):

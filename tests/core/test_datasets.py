@@ -13,13 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from mloc_dagster.core.datasets import (
-    DatasetError,
-    DatasetVersion,
-    IngestSettings,
-    build_version,
-    find_batches,
-)
+from mloc_dagster.core.batches import DatasetError, IngestSettings, find_batches
+from mloc_dagster.core.datasets import DatasetVersion, build_version
 from tests.conftest import copy_batch, write_manifest
 
 DIALECT = "en-gb-scotland"

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from mloc_dagster.core.adapter_format import read_adapter_dir
-from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
+from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+from mloc_dagster.core.training import train_adapter
 
 CHILD = r"""
 import resource, signal, sys

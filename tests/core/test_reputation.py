@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mloc_dagster.core.gates import GateReport, GateResult, GateThresholds, Scores
+from mloc_dagster.core.gates import GateReport, GateResult, GateThresholds
 from mloc_dagster.core.reputation import (
     TRUST_BAR,
     ReputationUpdate,
@@ -16,6 +16,7 @@ from mloc_dagster.core.reputation import (
     reputation_from_screening,
     source_shares,
 )
+from mloc_dagster.core.scoring import Scores
 
 
 def test_a_node_pointing_elsewhere_is_untrusted_within_two_merges_an_honest_one_stays() -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from mloc_dagster.core.reputation import ReputationUpdate
-from mloc_dagster.core.state import DROPPED, FAILED, AdapterRef, PlannedSlice
+from mloc_dagster.core.state.candidates import AdapterRef
+from mloc_dagster.core.state.rounds import PlannedSlice
+from mloc_dagster.core.state.schema import DROPPED, FAILED
 
 
 def _run(store):

@@ -8,7 +8,8 @@ import pytest
 
 from mloc_dagster.core.placement import NodeSpeed, place
 from mloc_dagster.core.rounds import is_late, plan_slices, round_segments, round_state, split_segments
-from mloc_dagster.core.state import DROPPED, FAILED, QUEUED, REPLACED, RUNNING, SUCCEEDED, PlannedSlice
+from mloc_dagster.core.state.rounds import PlannedSlice
+from mloc_dagster.core.state.schema import DROPPED, FAILED, QUEUED, REPLACED, RUNNING, SUCCEEDED
 
 
 def _run(store):
@@ -42,7 +43,7 @@ def test_placed_shards_map_onto_stream_ranges_and_dropped_samples_come_back():
 
 
 def _slice(p: PlannedSlice, status: str, **kw):
-    from mloc_dagster.core.state import RoundSlice
+    from mloc_dagster.core.state.rounds import RoundSlice
 
     fields = {f: None for f in RoundSlice.__dataclass_fields__}
     fields.update(run_id="r", round_index=0, slice_index=p.slice_index, node_id=p.node_id, segments=p.segments,

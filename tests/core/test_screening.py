@@ -24,7 +24,8 @@ from mloc_dagster.core.screening import (
     reputation_updates,
     train_reference_update,
 )
-from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
+from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+from mloc_dagster.core.training import train_adapter
 
 HP = AdapterHParams(r=8, alpha=16.0, batch_size=8, warmup_steps=0, seed=3, lr=3e-3)
 

@@ -7,13 +7,9 @@ import threading
 
 import pytest
 
-from mloc_dagster.core.state import (
-    AdapterClaimConflict,
-    AdapterRef,
-    InvalidTransition,
-    StateStore,
-    UnknownRun,
-)
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.candidates import AdapterClaimConflict, AdapterRef
+from mloc_dagster.core.state.runs import InvalidTransition, UnknownRun
 from tests.conftest_pg import wait_for_a_lock_wait
 from tests.core.conftest import FakeClock
 
@@ -451,7 +447,7 @@ def test_sqlite_file_is_wal_and_parent_dir_created(tmp_path) -> None:
 
 
 def test_resolve_state_url(monkeypatch, tmp_path) -> None:
-    from mloc_dagster.core.state import resolve_state_url
+    from mloc_dagster.core.state.engine import resolve_state_url
 
     monkeypatch.delenv("MLOC_DATABASE_URL", raising=False)
     assert resolve_state_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'state.db'}"
@@ -520,7 +516,7 @@ def test_an_older_schema_is_migrated_in_place(tmp_path) -> None:
 def test_transient_errors_are_retried_with_backoff_then_raised() -> None:
     import sqlalchemy as sa
 
-    from mloc_dagster.core.state import retry_transient
+    from mloc_dagster.core.state.engine import retry_transient
 
     calls, logged, slept = [], [], []
 

@@ -18,14 +18,9 @@ from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON, 
 from mloc_dagster.core.evaluate import error_rates, transcribe
 from mloc_dagster.core.features import load_features
 from mloc_dagster.core.model import load_base_model
-from mloc_dagster.core.training import (
-    AdapterHParams,
-    AdapterJobSpec,
-    ResumeError,
-    latest_partial,
-    partial_dir,
-    train_adapter,
-)
+from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+from mloc_dagster.core.train_state import ResumeError, latest_partial, partial_dir
+from mloc_dagster.core.training import train_adapter
 
 N = 4  # steps before the interruption
 # dropout > 0, so the RNG state has to be restored exactly too

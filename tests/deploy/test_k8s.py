@@ -140,7 +140,7 @@ def test_training_run_becomes_a_gpu_job(k8s_launcher_and_instance, tmp_path):
 
 def test_a_slice_lands_on_the_node_it_was_placed_on(k8s_launcher_and_instance, tmp_path):
     """A slice of a distributed round: the GPU job, pinned to its pool node by the node name label."""
-    from mloc_dagster.core.state import PlannedSlice
+    from mloc_dagster.core.state.rounds import PlannedSlice
     from mloc_dagster.jobs import slice_run_request
 
     launcher, instance, batch_api = k8s_launcher_and_instance

@@ -16,7 +16,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.arbiter import Outcome, read_snapshot
+from mloc_dagster.core.arbiter.policy import Outcome
+from mloc_dagster.core.arbiter.snapshot import read_snapshot
 from mloc_dagster.resources.gpu import GpuArbiter, TaskPolicyConfig, default_state_dir
 
 

@@ -8,7 +8,8 @@ import json
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import CANDIDATE_JOB
 from mloc_dagster.training_runs import TrainingRunError, pause_run, resume_run, start_pipeline

@@ -6,7 +6,7 @@ import uuid
 
 import dagster as dg
 
-from mloc_dagster.core.state import DROPPED, QUEUED, RUNNING
+from mloc_dagster.core.state.schema import DROPPED, QUEUED, RUNNING
 from mloc_dagster.jobs import TRAIN_JOB
 from tests.sensors.conftest import tick
 

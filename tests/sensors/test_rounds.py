@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from mloc_dagster.core.state import DROPPED, QUEUED, REPLACED, RUNNING, StateStore
-from mloc_dagster.jobs import ROUND_MERGE_JOB, TRAIN_JOB
+from mloc_dagster.assets.rounds import ROUND_MERGE_JOB
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.schema import DROPPED, QUEUED, REPLACED, RUNNING
+from mloc_dagster.jobs import TRAIN_JOB
 from mloc_dagster.k8s import K8S_CONFIG_TAG, NODE_LABEL
 from mloc_dagster.training_runs import resume_run
 from tests.sensors.conftest import tick

@@ -20,7 +20,7 @@ SPACE = {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}
 
 @pytest.fixture()
 def store(mloc_home):
-    from mloc_dagster.core.state import resolve_state_url
+    from mloc_dagster.core.state.engine import resolve_state_url
 
     return StateStore(resolve_state_url())
 

@@ -6,7 +6,8 @@ import uuid
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.jobs import CANDIDATE_JOB, TRACK_JOBS, TRAIN_JOB
 from mloc_dagster.training_runs import cancel_run, pause_run, reactivate_run, resume_run

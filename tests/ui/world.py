@@ -34,7 +34,8 @@ def build_world(home: Path, espeak_batch: Path, tmp: Path) -> dict[str, str]:
     import dagster as dg
 
     from mloc_dagster.core.model import new_tiny_model, save_base_model
-    from mloc_dagster.core.state import StateStore, resolve_state_url
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
     from mloc_dagster.partitions import dialect_partitions
     from mloc_dagster.training_runs import pause_run, start_run

@@ -17,44 +17,4 @@ cannot have one. A file per responsibility, in the order a request meets them:
 No Dagster imports here: the resource in ``mloc_dagster.resources.gpu`` is a thin shell over this.
 """
 
-from mloc_dagster.core.arbiter.acquire import Arbiter
-from mloc_dagster.core.arbiter.devices import NVML_ERRORS, Device, MemoryInfo, NvmlBackend, PynvmlBackend
-from mloc_dagster.core.arbiter.lease import Lease
-from mloc_dagster.core.arbiter.metrics import metrics_text, write_textfile
-from mloc_dagster.core.arbiter.policy import (
-    DEFAULT_POLICIES,
-    OTHER_POLICY,
-    BusyPolicy,
-    Outcome,
-    Reason,
-    TaskPolicy,
-    TaskType,
-    normalize_task_type,
-    resolve_policies,
-)
-from mloc_dagster.core.arbiter.snapshot import read_snapshot
-from mloc_dagster.core.arbiter.store import DB_NAME, default_node_id
 
-__all__ = [
-    "DB_NAME",
-    "DEFAULT_POLICIES",
-    "NVML_ERRORS",
-    "OTHER_POLICY",
-    "Arbiter",
-    "BusyPolicy",
-    "Device",
-    "Lease",
-    "MemoryInfo",
-    "NvmlBackend",
-    "Outcome",
-    "PynvmlBackend",
-    "Reason",
-    "TaskPolicy",
-    "TaskType",
-    "default_node_id",
-    "metrics_text",
-    "normalize_task_type",
-    "read_snapshot",
-    "resolve_policies",
-    "write_textfile",
-]

@@ -15,54 +15,10 @@ All timestamps are UTC. Methods return frozen dataclasses, never ORM rows or ope
 A ``StateStore`` must not be shared across ``fork()``: build one per process.
 """
 
-from mloc_dagster.core.state.candidates import (
-    RELEASED,
-    AdapterClaimConflict,
-    AdapterRef,
-    Candidate,
-    CandidateStore,
-    Promotion,
-    newest_per_run,
-)
-from mloc_dagster.core.state.engine import resolve_state_url, retry_transient
-from mloc_dagster.core.state.nodes import NodeRecord, NodeStore
-from mloc_dagster.core.state.rounds import PlannedSlice, RoundSlice, RoundStore
-from mloc_dagster.core.state.runs import InvalidTransition, RunStore, TrainingJob, TrainingRun, UnknownRun
-from mloc_dagster.core.state.schema import (
-    ACTIVE,
-    ADAPTER_BRANCHES,
-    ASR,
-    CANCELLED,
-    COMPLETED,
-    DISCARDED,
-    DISTRIBUTED,
-    DROPPED,
-    FAILED,
-    HYPERPARAMETER,
-    JOB_STATUSES,
-    PAUSED,
-    PIPELINE,
-    QUEUED,
-    REPLACED,
-    RUN_KINDS,
-    RUN_STATUSES,
-    RUN_TRANSITIONS,
-    RUNNING,
-    SINGLE,
-    SUCCEEDED,
-    TERMINAL_RUN_STATUSES,
-    TRACKS,
-    TTS,
-)
-
-__all__ = [
-    "ACTIVE", "ADAPTER_BRANCHES", "CANCELLED", "COMPLETED", "DISCARDED", "DISTRIBUTED", "DROPPED", "FAILED", "HYPERPARAMETER",
-    "JOB_STATUSES", "PAUSED", "PIPELINE", "QUEUED", "RELEASED", "REPLACED", "RUNNING", "RUN_KINDS", "RUN_STATUSES",
-    "RUN_TRANSITIONS",
-    "SINGLE", "SUCCEEDED", "TERMINAL_RUN_STATUSES", "ASR", "TTS", "TRACKS", "PlannedSlice", "RoundSlice",
-    "AdapterClaimConflict", "AdapterRef", "Candidate", "InvalidTransition", "NodeRecord", "Promotion",
-    "StateStore", "TrainingJob", "TrainingRun", "UnknownRun", "newest_per_run", "resolve_state_url", "retry_transient",
-]
+from mloc_dagster.core.state.candidates import CandidateStore
+from mloc_dagster.core.state.nodes import NodeStore
+from mloc_dagster.core.state.rounds import RoundStore
+from mloc_dagster.core.state.runs import RunStore
 
 
 class StateStore(RunStore, RoundStore, CandidateStore, NodeStore):

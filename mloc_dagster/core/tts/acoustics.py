@@ -26,7 +26,7 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 
-from mloc_dagster.core.features import SAMPLING_RATE, default_feature_extractor
+from mloc_dagster.core.features import default_feature_extractor
 
 STACK = 2  # 10 ms frames per TTS frame (the ASR extractor's stride)
 MEL_BINS = 80
@@ -123,5 +123,3 @@ def mean_mcd(synth: Sequence[np.ndarray], real: Sequence[np.ndarray]) -> float:
     return float(np.nanmean(values)) if values else float("nan")
 
 
-__all__ = ["FRAME_DIM", "SAMPLING_RATE", "asr_features", "cepstra", "griffin_lim", "log_mel",
-           "mean_mcd", "mel_cepstral_distortion", "stack_frames", "tts_frames", "unstack_frames"]

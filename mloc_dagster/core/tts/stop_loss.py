@@ -24,7 +24,8 @@ import numpy as np
 import soundfile as sf
 
 from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.tts.acoustics import SAMPLING_RATE, mean_mcd
+from mloc_dagster.core.features import SAMPLING_RATE
+from mloc_dagster.core.tts.acoustics import mean_mcd
 from mloc_dagster.core.tts.judge import (
     Judge,
     TtsGateLimits,

@@ -1,0 +1,92 @@
+"""The import graph, read from the source: one import path per name, and a core without Dagster."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from functools import cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = [p for d in ("mloc_dagster", "tests", "bench") for p in sorted((REPO / d).rglob("*.py"))]
+
+
+def module_file(module: str) -> Path | None:
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@cache
+def defined_names(module: str) -> frozenset[str]:
+    """Names a module binds itself at top level (def, class, assignment, `import x`), not the
+    names it imports from another module."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(module_file(module).read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return frozenset(names)
+
+
+def imports(path: Path) -> list[tuple[int, str, str | None]]:
+    """(line, module, name) of every import in a file, at any depth (name None for `import m`)."""
+    out: list[tuple[int, str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out += [(node.lineno, node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, None) for a in node.names]
+    return out
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    """No re-export shims: `from mloc_dagster.x import name` names the module where `name` is
+    defined (or a submodule of package x), so every name has one import path."""
+    wrong = []
+    for path in SOURCES:
+        for line, module, name in imports(path):
+            if not module.startswith("mloc_dagster") or name is None or module_file(module) is None:
+                continue
+            if name not in defined_names(module) and module_file(f"{module}.{name}") is None:
+                wrong.append(f"{path.relative_to(REPO)}:{line}: {name} is not defined in {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_core_imports_neither_dagster_nor_the_layers_above_it():
+    """`mloc_dagster/core/` is plain Python: no Dagster, and nothing from assets, resources,
+    sensors, the CLI or the run service (only other core modules and the plain `paths`)."""
+    allowed = ("mloc_dagster.core", "mloc_dagster.paths")
+    wrong = [f"{path.relative_to(REPO)}:{line}: imports {module}"
+             for path in sorted((REPO / "mloc_dagster" / "core").rglob("*.py"))
+             for line, module, _ in imports(path)
+             if module.split(".")[0] in ("dagster", "dagster_k8s", "dagster_postgres", "dagster_pipes")
+             or (module.startswith("mloc_dagster") and not module.startswith(allowed))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checks_see_a_shim_and_an_upward_import(tmp_path, monkeypatch):
+    """The checks above can fail: a module that imports a name only to pass it on is caught."""
+    pkg = tmp_path / "mloc_dagster"
+    (pkg / "core").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core" / "__init__.py").write_text("")
+    (pkg / "core" / "real.py").write_text("def thing():\n    return 1\n")
+    (pkg / "core" / "shim.py").write_text("from mloc_dagster.core.real import thing\n")
+    caller = pkg / "caller.py"
+    caller.write_text("from mloc_dagster.core.shim import thing\nfrom mloc_dagster.core.real import thing as t\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    defined_names.cache_clear()
+    try:
+        assert "thing" not in defined_names("mloc_dagster.core.shim")
+        assert "thing" in defined_names("mloc_dagster.core.real")
+        assert [m for _, m, n in imports(caller) if n == "thing" and "thing" not in defined_names(m)] == [
+            "mloc_dagster.core.shim"]
+    finally:
+        defined_names.cache_clear()
