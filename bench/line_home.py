@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,13 +22,14 @@ def line_home(utterances: dict[str, int], env: dict[str, str] | None = None) -> 
     from mloc_dagster.core.model import new_tiny_model, save_base_model
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.core.state.engine import resolve_state_url
+    from mloc_dagster.daemon import DaemonProcess
     from mloc_dagster.definitions import defs
 
     home = Path(tempfile.mkdtemp(prefix="mloc-bench-line-"))
     (home / "dagster").mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
     os.environ.update(MLOC_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
-    daemon = log = None
+    daemon = None
     try:
         with dg.DagsterInstance.get() as instance:
             for dialect, n in utterances.items():
@@ -42,16 +40,9 @@ def line_home(utterances: dict[str, int], env: dict[str, str] | None = None) -> 
             defs.resolve_job_def("base_model_job").execute_in_process(
                 instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base)}}}})
             instance.all_instigator_state()  # create every storage before the daemon starts
-            log = open(home / "daemon.log", "wb")
-            daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-                                       str(REPO / "workspace.yaml")], cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      env={**os.environ, **(env or {})})
+            daemon = DaemonProcess(home / "daemon.log", env).start()
             yield home, instance, StateStore(resolve_state_url())
     finally:
         if daemon is not None:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(timeout=60)
-        if log is not None:
-            log.close()
+            daemon.stop()
         shutil.rmtree(home, ignore_errors=True)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,11 +16,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mloc_dagster.daemon import DaemonProcess
 from mloc_dagster.demo_tts import TtsDemo, tts_table
 from mloc_dagster.paths import MlocPaths
 
 console = Console()
-REPO = Path(__file__).resolve().parent.parent
 
 BASE_DIALECT = "en-us"
 TARGET_DIALECT = "en-gb-scotland"
@@ -138,10 +135,7 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
         instance.all_instigator_state()
         # The `gpu` pool gets one slot per CPU "device" (dagster instance concurrency set gpu 2).
         instance.event_log_storage.set_concurrency_slots("gpu", DEMO_CPU_SLOTS)
-    daemon_log = open(paths.home / "daemon.log", "ab")
-    daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-                               str(REPO / "workspace.yaml")], cwd=REPO, stdout=daemon_log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = DaemonProcess(paths.home / "daemon.log").start()
     console.print(f"[green]dagster-daemon[/] started (pid {daemon.pid}, log {paths.home / 'daemon.log'})")
     store = StateStore(resolve_state_url())
     tts_demo = None
@@ -232,9 +226,7 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
     finally:
         if tts_demo is not None:
             tts_demo.stop()
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=60)
-        daemon_log.close()
+        daemon.stop()
 
     summary = Table(title="mloc_dagster demo summary")
     summary.add_column("step")

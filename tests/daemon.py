@@ -1,31 +1,20 @@
 """A real `dagster-daemon run` for the tests that depend on it, and polling with diagnostics."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
+from mloc_dagster.daemon import DaemonProcess
 
 
-class Daemon:
-    """`dagster-daemon run` on the test's DAGSTER_HOME, as a user starts it."""
+class Daemon(DaemonProcess):
+    """`dagster-daemon run` on the test's DAGSTER_HOME (``mloc_dagster/daemon.py``), with what tests
+    add: a crash (``kill``) and the log's tail for a failure message."""
 
     def __init__(self, home: Path, **env):
-        self.log_path = home / "daemon.log"
-        self.env = os.environ.copy() | env
-        self.proc = None
-
-    def start(self):
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-                                      str(REPO / "workspace.yaml")], cwd=REPO, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        super().__init__(home / "daemon.log", env)
 
     def kill(self, sig=signal.SIGKILL):
         """Kill the daemon and its code server with no chance to clean up. Run workers it launched
@@ -36,11 +25,6 @@ class Daemon:
                 child.send_signal(sig)
         parent.send_signal(sig)
         self.proc.wait(timeout=60)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=60)
 
     def tail(self) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()

@@ -280,7 +280,7 @@ class Arbiter:
         log.info("GPU request %s (%s): %s after %.0f ms (%s)", holder, task, outcome.value, lease.wait_ms, reason.value)
         return lease
 
-    def _release(self, lease: Lease) -> None:
+    def release_lease(self, lease: Lease) -> None:
         if self._keeper is not None:
             self._keeper.remove(lease)
         if lease.device_kind == "cuda":
@@ -303,7 +303,7 @@ class Arbiter:
             )
         self._maybe_write_metrics()
 
-    def _heartbeat(self, lease_ids: list[str]) -> tuple[set[str], set[str]]:
+    def heartbeat_leases(self, lease_ids: list[str]) -> tuple[set[str], set[str]]:
         """Refresh heartbeats; returns the ids still held and the ids whose watchdog has fired."""
         self._wake_all(self.granter.liveness_pass())
         with self.store.txn() as conn:

@@ -9,15 +9,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Self
+from typing import Protocol, Self
 
 from mloc_dagster.core.arbiter.devices import Device
 from mloc_dagster.core.arbiter.policy import Outcome, Reason, TaskPolicy
 
-if TYPE_CHECKING:
-    from mloc_dagster.core.arbiter.acquire import Arbiter
-
 log = logging.getLogger("mloc_dagster.arbiter")
+
+
+class LeaseOwner(Protocol):
+    """What a lease and its keeper need from the arbiter that granted it (``Arbiter`` is one)."""
+
+    heartbeat_ttl_s: float
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease's device back and wake whoever waits for it."""
+
+    def heartbeat_leases(self, lease_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Refresh the leases' heartbeats; returns the ids still held and those whose watchdog fired."""
 
 
 @dataclass(eq=False)
@@ -48,7 +57,7 @@ class Lease:
     ticket: int | None = None
     watchdog_exceeded: bool = False
     lost: bool = False
-    _arbiter: Arbiter | None = field(default=None, repr=False)
+    _owner: LeaseOwner | None = field(default=None, repr=False)
     _started: float = field(default_factory=time.monotonic, repr=False)
     _released: bool = field(default=False, repr=False)
 
@@ -67,8 +76,8 @@ class Lease:
             return
         self._released = True
         self.hold_ms = (time.monotonic() - self._started) * 1000.0
-        if self.acquired and self._arbiter is not None:
-            self._arbiter._release(self)
+        if self.acquired and self._owner is not None:
+            self._owner.release_lease(self)
 
     def metadata(self) -> dict[str, str | float | bool]:
         """Flat, JSON-able metadata for a step's MaterializeResult."""
@@ -104,7 +113,7 @@ class Lease:
 
 def granted_lease(
     conn: sqlite3.Connection,
-    arbiter: Arbiter,
+    arbiter: LeaseOwner,
     task: str,
     holder: str,
     policy: TaskPolicy,
@@ -145,13 +154,13 @@ def granted_lease(
         granted_at=row["granted_at"],
         enqueued_at=row["enqueued_at"],
         ticket=row["ticket"],
-        _arbiter=arbiter,
+        _owner=arbiter,
         _started=now_mono,
     )
 
 
 def busy_lease(
-    arbiter: Arbiter,
+    arbiter: LeaseOwner,
     outcome: Outcome,
     reason: Reason,
     task: str,
@@ -173,7 +182,7 @@ def busy_lease(
         cuda_visible_devices="" if cpu else None,
         device_kind="cpu" if cpu else None,
         wait_ms=(time.monotonic() - started) * 1000.0,
-        _arbiter=arbiter,
+        _owner=arbiter,
     )
 
 
@@ -191,9 +200,9 @@ class Keeper(threading.Thread):
     acquire/release path.
     """
 
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, owner: LeaseOwner) -> None:
         super().__init__(name="gpu-arbiter-keeper", daemon=True)
-        self._arbiter = arbiter
+        self._owner = owner
         self._held: dict[str, _Held] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -220,7 +229,7 @@ class Keeper(threading.Thread):
             self._cond.notify()
 
     def run(self) -> None:
-        interval = self._arbiter.heartbeat_ttl_s / 3.0
+        interval = self._owner.heartbeat_ttl_s / 3.0
         next_beat = time.monotonic() + interval
         while True:
             with self._cond:
@@ -237,7 +246,7 @@ class Keeper(threading.Thread):
                     self._cond.wait(wake_at - now)
                 held = list(self._held.values())
             try:  # outside the condition: the transaction may wait for the lock
-                alive, fired = self._arbiter._heartbeat([h.lease.lease_id for h in held])
+                alive, fired = self._owner.heartbeat_leases([h.lease.lease_id for h in held])
             except sqlite3.Error as exc:  # a transient problem must not kill the heartbeat
                 log.warning("GPU lease heartbeat failed: %s", exc)
                 next_beat = time.monotonic() + min(1.0, interval)
@@ -260,7 +269,7 @@ class Keeper(threading.Thread):
                 lease.lease_id[:8],
                 lease.holder,
                 lease.device_uuid,
-                self._arbiter.heartbeat_ttl_s,
+                self._owner.heartbeat_ttl_s,
             )
             return
         if fired and not lease.watchdog_exceeded:
