@@ -89,7 +89,7 @@ class LengthGroupedBatches:
     pre-training, which never resumes mid-way; adapter jobs keep the stream's exact order.
     """
 
-    def __init__(self, stream: SampleStream, lengths: np.ndarray, batch_size: int, group: int = 16):
+    def __init__(self, stream: SampleStream, lengths: np.ndarray, batch_size: int, group: int = 4):
         self.stream, self.lengths, self.batch_size, self.group = stream, np.asarray(lengths), batch_size, group
         self._pending: list[list[int]] = []
         self._draws = 0
