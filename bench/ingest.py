@@ -33,7 +33,8 @@ DIALECT = "en-gb-scotland"
 CHILD = r"""
 import json, os, resource, sys, time
 from pathlib import Path
-from mloc_dagster.core.datasets import build_version, find_batches
+from mloc_dagster.core.batches import find_batches
+from mloc_dagster.core.datasets import build_version
 home = Path(sys.argv[1])
 t0, c0 = time.perf_counter(), os.times()
 r = build_version(sys.argv[2], find_batches(home / "incoming", sys.argv[2]), home / "datasets" / sys.argv[2])

@@ -35,7 +35,8 @@ fi
 
 "$bin/python" - <<'PY' && ok "mloc database answers with its tables" || ko "mloc database (MLOC_DATABASE_URL)"
 import os, sqlalchemy as sa
-from mloc_dagster.core.state import StateStore, resolve_state_url
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.engine import resolve_state_url
 url = resolve_state_url()
 store = StateStore(url)
 engine = sa.create_engine(url)

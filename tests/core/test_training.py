@@ -94,7 +94,8 @@ def test_chained_jobs_reproduce_the_uninterrupted_run(pretrained_base, corpus, t
 
 _CHILD = r"""
 import json, sys, time
-from mloc_dagster.core.training import AdapterHParams, AdapterJobSpec, train_adapter
+from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
+from mloc_dagster.core.training import train_adapter
 a = json.loads(sys.argv[1])
 
 def progress(p):
