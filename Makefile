@@ -15,7 +15,7 @@ demo: setup
 	$(BIN)/mloc demo $(DEMO_ARGS)
 
 ui: setup  # dagster dev; Ctrl-C or SIGTERM stops it and every child within ~10 s
-	$(BIN)/python -m mloc_dagster.ui --host 127.0.0.1 --port 3000
+	$(BIN)/python -m mloc_dagster.cli.ui --host 127.0.0.1 --port 3000
 
 test: setup
 	@bash scripts/test.sh $(PYTEST_ARGS)

@@ -34,9 +34,9 @@ console = Console()
 def tick_time(n_history: int, repeats: int = 7) -> float:
     import dagster as dg
 
+    from mloc_dagster.assets.training.adapters import TRAIN_JOB
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.definitions import defs
-    from mloc_dagster.jobs import TRAIN_JOB
     from mloc_dagster.resources.state import StateStoreResource
     from mloc_dagster.sensors.training_chain import training_chain_sensor
 
@@ -102,8 +102,8 @@ def chain_gap(jobs: int = 6, steps_per_job: int = 10) -> dict:
     import dagster as dg
     from line_home import line_home
 
-    from mloc_dagster.demo import BASE_DIALECT, DEMO_DIALECTS, DEMO_HPARAMS, TARGET_DIALECT
-    from mloc_dagster.training_runs import start_run
+    from mloc_dagster.cli.demo import BASE_DIALECT, DEMO_DIALECTS, DEMO_HPARAMS, TARGET_DIALECT
+    from mloc_dagster.runs.service import start_run
 
     data = {d: DEMO_DIALECTS[d] for d in (BASE_DIALECT, TARGET_DIALECT)}
     with line_home(data) as (_home, instance, store):

@@ -41,11 +41,11 @@ from rich.table import Table  # noqa: E402
 
 from bench.learning import dataset, test_rates  # noqa: E402
 from bench.report import report  # noqa: E402
-from mloc_dagster.core.features import load_features  # noqa: E402
-from mloc_dagster.core.pretrain import pretrain_base
-from mloc_dagster.core.search import Search, SearchConfig, parse_space, space_json  # noqa: E402
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter  # noqa: E402
+from mloc_dagster.core.data.features import load_features  # noqa: E402
+from mloc_dagster.core.models.pretrain import pretrain_base
+from mloc_dagster.core.search.study import Search, SearchConfig, parse_space, space_json  # noqa: E402
+from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 BASE_DIALECT = "en-us"
 HPARAM_NAMES = [f for f in AdapterHParams.__dataclass_fields__]

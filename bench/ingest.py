@@ -26,15 +26,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from report import report  # noqa: E402
 
-from mloc_dagster.core.corpus import synth_dialect  # noqa: E402
+from mloc_dagster.core.data.corpus import synth_dialect  # noqa: E402
 
 DIALECT = "en-gb-scotland"
 
 CHILD = r"""
 import json, os, resource, sys, time
 from pathlib import Path
-from mloc_dagster.core.batches import find_batches
-from mloc_dagster.core.datasets import build_version
+from mloc_dagster.core.data.batches import find_batches
+from mloc_dagster.core.data.datasets import build_version
 home = Path(sys.argv[1])
 t0, c0 = time.perf_counter(), os.times()
 r = build_version(sys.argv[2], find_batches(home / "incoming", sys.argv[2]), home / "datasets" / sys.argv[2])
@@ -52,7 +52,7 @@ def build(home: Path) -> dict:
 
 
 def baseline_rss() -> float:
-    code = "import resource, mloc_dagster.core.datasets; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+    code = "import resource, mloc_dagster.core.data.datasets; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
     return float(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True,
                                 text=True).stdout)
 

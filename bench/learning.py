@@ -36,16 +36,16 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench.report import report  # noqa: E402
-from mloc_dagster.core.batches import find_batches  # noqa: E402
-from mloc_dagster.core.corpus import synth_dialect  # noqa: E402
-from mloc_dagster.core.datasets import DatasetVersion, build_version
-from mloc_dagster.core.evaluate import error_rates, transcribe  # noqa: E402
-from mloc_dagster.core.features import load_features  # noqa: E402
-from mloc_dagster.core.model import load_base_model  # noqa: E402
-from mloc_dagster.core.pretrain import pretrain_base
-from mloc_dagster.core.train_loop import cpu_threads  # noqa: E402
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter  # noqa: E402
+from mloc_dagster.core.data.batches import find_batches  # noqa: E402
+from mloc_dagster.core.data.corpus import synth_dialect  # noqa: E402
+from mloc_dagster.core.data.datasets import DatasetVersion, build_version
+from mloc_dagster.core.data.features import load_features  # noqa: E402
+from mloc_dagster.core.models.ctc import load_base_model  # noqa: E402
+from mloc_dagster.core.models.evaluate import error_rates, transcribe  # noqa: E402
+from mloc_dagster.core.models.pretrain import pretrain_base
+from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.runtime import cpu_threads  # noqa: E402
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 BASE_DIALECT = "en-us"
 console = Console()

@@ -18,12 +18,12 @@ def line_home(utterances: dict[str, int], env: dict[str, str] | None = None) -> 
     """Yields ``(home, instance, store)`` with the daemon running; removes everything after."""
     import dagster as dg
 
-    from mloc_dagster.core.corpus import synth_dialect
-    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.core.data.corpus import synth_dialect
+    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.core.state.engine import resolve_state_url
-    from mloc_dagster.daemon import DaemonProcess
     from mloc_dagster.definitions import defs
+    from mloc_dagster.execution.daemon import DaemonProcess
 
     home = Path(tempfile.mkdtemp(prefix="mloc-bench-line-"))
     (home / "dagster").mkdir()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from report import report  # noqa: E402
 
-from mloc_dagster.core.placement import METHODS, NodeSpeed, optimal_makespan, place  # noqa: E402
+from mloc_dagster.core.pool.placement import METHODS, NodeSpeed, optimal_makespan, place  # noqa: E402
 
 console = Console()
 NODE_COUNTS = (2, 4, 8, 16)

@@ -21,7 +21,7 @@ for the same pool with every node honest:
    the measured throughput (``core.placement.optimal_makespan``).
 
 ``--unscreened`` adds a third pool: the pool as given, merged without a reference (no direction
-score, no dev-loss baseline: only rules 1, 2 and 5 of ``core/screening.py``), to show what the
+score, no dev-loss baseline: only rules 1, 2 and 5 of ``core/merging/screening.py``), to show what the
 trusted reference buys. Prints a table per round and the summary through ``bench/report.py`` (table + JSON; the
 per-round detail goes next to it as ``<out>-rounds.json``). Goal (issue 10): with 1 of 4 nodes
 shuffling, merged dev CER within 5 % of the all-honest pool's and that node below 0.7 within 2
@@ -47,14 +47,14 @@ from rich.table import Table  # noqa: E402
 
 from bench.pool_nodes import BEHAVIOURS, TRAINS, forge, shuffled_copy  # noqa: E402
 from bench.report import report  # noqa: E402
-from mloc_dagster.core.adapter_format import read_node_result  # noqa: E402
-from mloc_dagster.core.candidates import Recognizer, load_trusted, merge_candidate  # noqa: E402
-from mloc_dagster.core.placement import NodeSpeed, optimal_makespan, place  # noqa: E402
-from mloc_dagster.core.reputation import TRUST_BAR  # noqa: E402
-from mloc_dagster.core.scoring import score  # noqa: E402
-from mloc_dagster.core.screening import reputation_updates, train_reference_update  # noqa: E402
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter  # noqa: E402
+from mloc_dagster.core.adapters.format import read_node_result  # noqa: E402
+from mloc_dagster.core.gates.scoring import score  # noqa: E402
+from mloc_dagster.core.merging.candidates import Recognizer, load_trusted, merge_candidate  # noqa: E402
+from mloc_dagster.core.merging.screening import reputation_updates, train_reference_update  # noqa: E402
+from mloc_dagster.core.pool.placement import NodeSpeed, optimal_makespan, place  # noqa: E402
+from mloc_dagster.core.pool.reputation import TRUST_BAR  # noqa: E402
+from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 console = Console(width=150)
 DIALECT = "en-gb-scotland"
@@ -207,10 +207,10 @@ def print_round(mixed: dict, honest: dict, unscreened: dict | None) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     """A dataset version and a base model: given, or built (espeak corpus, short pre-training)."""
-    from mloc_dagster.core.batches import find_batches
-    from mloc_dagster.core.corpus import synth_dialect
-    from mloc_dagster.core.datasets import build_version
-    from mloc_dagster.core.pretrain import pretrain_base
+    from mloc_dagster.core.data.batches import find_batches
+    from mloc_dagster.core.data.corpus import synth_dialect
+    from mloc_dagster.core.data.datasets import build_version
+    from mloc_dagster.core.models.pretrain import pretrain_base
 
     base, dataset = args.base, args.dataset
     if dataset is None or base is None:

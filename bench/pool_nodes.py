@@ -25,12 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mloc_dagster.core.adapter_format import RESULT_JSON
-from mloc_dagster.core.batches import SHARD_SCHEMA
-from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.features import cache_path, default_feature_extractor
-from mloc_dagster.core.lora_adapter import Adapter, save_adapter
-from mloc_dagster.core.screening import update_norm, updates
+from mloc_dagster.core.adapters.format import RESULT_JSON
+from mloc_dagster.core.adapters.lora import Adapter, save_adapter
+from mloc_dagster.core.data.batches import SHARD_SCHEMA
+from mloc_dagster.core.data.datasets import DatasetVersion
+from mloc_dagster.core.data.features import cache_path, default_feature_extractor
+from mloc_dagster.core.merging.screening import update_norm, updates
 
 BEHAVIOURS = ("honest", "shuffle", "noise", "scale", "freeride")
 TRAINS = {"honest", "shuffle", "scale"}

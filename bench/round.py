@@ -41,9 +41,9 @@ console = Console()
 
 
 def round_overhead(slices: int, slice_samples: int, cpu_slots: int, rounds: int) -> list[dict]:
-    from mloc_dagster.core.rounds import base_model_hash
-    from mloc_dagster.demo import BASE_DIALECT, DEMO_DIALECTS, TARGET_DIALECT
-    from mloc_dagster.training_runs import start_run
+    from mloc_dagster.cli.demo import BASE_DIALECT, DEMO_DIALECTS, TARGET_DIALECT
+    from mloc_dagster.core.pool.rounds import base_model_hash
+    from mloc_dagster.runs.service import start_run
 
     data = {d: DEMO_DIALECTS[d] for d in (BASE_DIALECT, TARGET_DIALECT)}
     env = {"MLOC_NODE_TTL_S": "3600", "MLOC_CPU_SLOTS": str(cpu_slots)}

@@ -41,18 +41,18 @@ from rich.table import Table
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.adapter_format import read_adapter_dir
-from mloc_dagster.core.batches import find_batches
-from mloc_dagster.core.corpus import synth_dialect
-from mloc_dagster.core.datasets import build_version
-from mloc_dagster.core.evaluate import error_rates, transcribe
-from mloc_dagster.core.features import collate, load_features
-from mloc_dagster.core.model import default_lora_targets, load_base_model
-from mloc_dagster.core.pretrain import pretrain_base
-from mloc_dagster.core.sample_stream import SampleStream
-from mloc_dagster.core.train_loop import auto_cpu_threads, cpu_threads, seed_everything
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobResult, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter
+from mloc_dagster.core.adapters.format import read_adapter_dir
+from mloc_dagster.core.data.batches import find_batches
+from mloc_dagster.core.data.corpus import synth_dialect
+from mloc_dagster.core.data.datasets import build_version
+from mloc_dagster.core.data.features import collate, load_features
+from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model
+from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.pretrain import pretrain_base
+from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.runtime import auto_cpu_threads, cpu_threads, seed_everything
+from mloc_dagster.core.training.sample_stream import SampleStream
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobResult, AdapterJobSpec
 
 RunJob = Callable[[AdapterJobSpec], AdapterJobResult]
 BASE_DIALECT = "en-us"

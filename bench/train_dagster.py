@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train as train_bench  # noqa: E402
 
-from mloc_dagster.core.train_spec import AdapterJobResult, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter  # noqa: E402
+from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.spec import AdapterJobResult, AdapterJobSpec
 from mloc_dagster.resources.gpu import GpuArbiter  # noqa: E402
 
 STATE = Path(tempfile.mkdtemp(prefix="mloc-bench-dagster-"))

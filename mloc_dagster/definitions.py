@@ -4,11 +4,18 @@ import os
 
 import dagster as dg
 
-from mloc_dagster import jobs, training_runs
-from mloc_dagster.assets import adapters, candidates, datasets, models, reports, rounds, tts_candidates, tts_training
+from mloc_dagster.assets.candidates import asr as candidates
+from mloc_dagster.assets.datasets import versions as datasets
+from mloc_dagster.assets.models import base_model as models
+from mloc_dagster.assets.operations import reports
+from mloc_dagster.assets.pool import rounds
+from mloc_dagster.assets.training import adapters
+from mloc_dagster.assets.tts import candidates as tts_candidates
+from mloc_dagster.assets.tts import training as tts_training
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.runs import service as training_runs
 from mloc_dagster.sensors import incoming, training_chain, watchdog
 
 defs = dg.Definitions.merge(
@@ -24,7 +31,6 @@ defs = dg.Definitions.merge(
     tts_training.defs,
     tts_candidates.defs,
     reports.defs,
-    dg.Definitions(jobs=[jobs.train_adapter_job]),
     training_runs.defs,
     incoming.defs,
     training_chain.defs,

@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# The checkout (or installed tree) holding the package: workspace.yaml and dagster.yaml sit here.
+REPO = Path(__file__).resolve().parent.parent
+
 
 def mloc_home() -> Path:
     return Path(os.environ.get("MLOC_HOME", ".mloc")).absolute()

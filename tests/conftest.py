@@ -29,7 +29,7 @@ def mloc_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def espeak_batch(tmp_path_factory) -> Path:
     """One real espeak batch (en-gb-scotland, 36 utterances, 12 speakers), synthesized once."""
-    from mloc_dagster.core.corpus import synth_dialect
+    from mloc_dagster.core.data.corpus import synth_dialect
 
     root = tmp_path_factory.mktemp("espeak")
     return synth_dialect("en-gb-scotland", 36, root / "incoming", seed=3, speakers=12, batch_id="b0001")
@@ -52,7 +52,7 @@ def registered_base(mloc_home, espeak_batch, tmp_path):
     and an untrained tiny base model registered through base_model's checkpoint_dir path."""
     import dagster as dg
 
-    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
     from mloc_dagster.definitions import defs
     from mloc_dagster.partitions import dialect_partitions
 

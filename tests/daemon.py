@@ -6,11 +6,11 @@ from pathlib import Path
 
 import psutil
 
-from mloc_dagster.daemon import DaemonProcess
+from mloc_dagster.execution.daemon import DaemonProcess
 
 
 class Daemon(DaemonProcess):
-    """`dagster-daemon run` on the test's DAGSTER_HOME (``mloc_dagster/daemon.py``), with what tests
+    """`dagster-daemon run` on the test's DAGSTER_HOME (``mloc_dagster/execution/daemon.py``), with what tests
     add: a crash (``kill``) and the log's tail for a failure message."""
 
     def __init__(self, home: Path, **env):

@@ -9,7 +9,7 @@ import pytest
 from mloc_dagster.core.arbiter.acquire import Arbiter
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.training_runs import resume_run, start_run
+from mloc_dagster.runs.service import resume_run, start_run
 from tests.daemon import Daemon, wait_for
 
 DIALECT = "en-gb-scotland"

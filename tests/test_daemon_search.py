@@ -5,10 +5,10 @@ in the middle. Slow by nature."""
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.search import Search
+from mloc_dagster.core.search.study import Search
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.training_runs import start_run
+from mloc_dagster.runs.service import start_run
 from tests.daemon import Daemon, wait_for
 
 SPACE = {"lr": [1e-4, 3e-2, "log"], "r": [2, 4, 8]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from mloc_dagster.core.gates import GateThresholds
-from mloc_dagster.demo import DEMO_GATES, TARGET_DIALECT, describe_thresholds, learning_curve
+from mloc_dagster.cli.demo import DEMO_GATES, TARGET_DIALECT, describe_thresholds, learning_curve
+from mloc_dagster.core.gates.gate import GateThresholds
 
 
 def test_demo_gate_is_relative_and_not_looser_than_production() -> None:

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from mloc_dagster.cli import app
+from mloc_dagster.cli.main import app
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.export import SCHEMA_VERSION, TABLES
+from mloc_dagster.operations.export import SCHEMA_VERSION, TABLES
 
 DIALECT = "en-gb-scotland"
 

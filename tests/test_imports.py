@@ -88,6 +88,46 @@ def test_the_core_imports_neither_dagster_nor_the_layers_above_it():
     assert not wrong, "\n".join(wrong)
 
 
+# The house, bottom to top (docs/architecture.md). A module imports only from its own floor or below,
+# at module level or inside a function: lazy imports are no way around the order.
+LAYERS = [
+    ("mloc_dagster.paths", "mloc_dagster.core"),
+    ("mloc_dagster.partitions", "mloc_dagster.resources", "mloc_dagster.execution", "mloc_dagster.operations"),
+    ("mloc_dagster.assets",),
+    ("mloc_dagster.runs",),
+    ("mloc_dagster.sensors",),
+    ("mloc_dagster.definitions",),
+    ("mloc_dagster.cli",),
+]
+
+
+def floor(module: str) -> int | None:
+    return next((i for i, prefixes in enumerate(LAYERS) for p in prefixes
+                 if module == p or module.startswith(p + ".")), None)
+
+
+def upward_imports(root: Path) -> list[str]:
+    wrong = []
+    for path in sorted((root / "mloc_dagster").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        own = floor(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        for line, module, _ in imports(path):
+            if module.startswith("mloc_dagster") and own is not None and (other := floor(module)) is not None \
+                    and other > own:
+                wrong.append(f"{path.relative_to(root)}:{line}: imports {module} (a floor above)")
+    return wrong
+
+
+def test_no_import_goes_up_a_floor(tmp_path):
+    assert floor("mloc_dagster.core.state.runs") == 0 and floor("mloc_dagster.cli.main") == len(LAYERS) - 1
+    assert all(floor(".".join(p.relative_to(REPO).with_suffix("").parts)) is not None
+               for p in (REPO / "mloc_dagster").rglob("*.py") if p.name != "__init__.py"), "a module outside LAYERS"
+    (tmp_path / "mloc_dagster" / "runs").mkdir(parents=True)  # the check can fail: a lazy upward import
+    (tmp_path / "mloc_dagster" / "runs" / "x.py").write_text("def f():\n    from mloc_dagster.sensors.y import z\n")
+    assert upward_imports(tmp_path) == ["mloc_dagster/runs/x.py:2: imports mloc_dagster.sensors.y (a floor above)"]
+    assert upward_imports(REPO) == []
+
+
 def module_graph() -> dict[str, set[str]]:
     """mloc_dagster module → the mloc_dagster modules it imports at module level (imports inside a
     function run when it is called and are left out)."""

@@ -7,8 +7,8 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.launcher import WORKER_TAG, WarmForkRunLauncher, _worker_process
-from mloc_dagster.training_runs import cancel_run, start_run
+from mloc_dagster.execution.launcher import WORKER_TAG, WarmForkRunLauncher, _worker_process
+from mloc_dagster.runs.service import cancel_run, start_run
 from tests.daemon import Daemon, wait_for
 
 DIALECT = "en-gb-scotland"

@@ -11,8 +11,8 @@ import dagster as dg
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.lifecycle import lifecycle, log_tail
-from mloc_dagster.training_runs import pause_run, start_run
+from mloc_dagster.runs.lifecycle import lifecycle, log_tail
+from mloc_dagster.runs.service import pause_run, start_run
 
 
 def test_lifecycle_words_and_log_lines_of_a_real_job(registered_base):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mloc_dagster import metrics
 from mloc_dagster.core.arbiter.acquire import Arbiter
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
+from mloc_dagster.operations import metrics
 
 MLOC = str(Path(sys.executable).parent / "mloc")
 
@@ -79,7 +79,7 @@ def test_a_scrape_shows_jobs_candidates_gates_and_the_arbiter(line_state: StateS
 
 
 def test_textfile_and_unwritable_target(line_state: StateStore, mloc_home: Path, tmp_path: Path) -> None:
-    from mloc_dagster.cli_metrics import metrics_app
+    from mloc_dagster.cli.metrics import metrics_app
 
     runner = CliRunner()
     out = tmp_path / "textfile" / "mloc.prom"

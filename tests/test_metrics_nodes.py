@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from mloc_dagster.core.state import StateStore
-from mloc_dagster.metrics import LineCollector
+from mloc_dagster.operations.metrics import LineCollector
 
 
 def test_scrape_shows_each_nodes_figures(tmp_path) -> None:

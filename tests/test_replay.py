@@ -15,7 +15,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.training_runs import start_run
+from mloc_dagster.runs.service import start_run
 from tests.daemon import Daemon, wait_for
 
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""`make ui` / `mloc demo --ui` (`python -m mloc_dagster.ui`) stop on Ctrl-C or SIGTERM and leave no
+"""`make ui` / `mloc demo --ui` (`python -m mloc_dagster.cli.ui`) stop on Ctrl-C or SIGTERM and leave no
 child process behind. Within ~10 s on an idle machine; the bound here is STOP_BOUND_S because the
 suite runs on 2 busy cores (make waits for its recipe, which stops dagster dev and its children),
 and the time it took is printed."""
@@ -26,7 +26,7 @@ STOP_BOUND_S = 60
                                               (signal.SIGTERM, True)], ids=["ctrl-c", "sigterm", "sigterm-to-make"])
 def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: bool) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "mloc_dagster.ui", "--port", str(port)]
+    command = [sys.executable, "-m", "mloc_dagster.cli.ui", "--port", str(port)]
     if via_make:  # GNU make does not forward SIGTERM to its recipe: the UI must notice make is gone
         (tmp_path / "Makefile").write_text(f"ui:\n\t{' '.join(command)}\n")
         command = ["make", "-s", "-C", str(tmp_path), "ui"]

@@ -74,7 +74,7 @@ def publish_copy(source: str | os.PathLike[str], target: str | os.PathLike[str],
                  content_hash: str | None = None) -> Path:
     """Publish a copy of ``source`` as ``target``; a target already holding the same content
     (``content_hash``, default: the source's) is kept, any other is rebuilt."""
-    from mloc_dagster.core.model import model_dir_hash
+    from mloc_dagster.core.models.ctc import model_dir_hash
 
     source, target = Path(source), Path(target)
     expected = content_hash or model_dir_hash(source)
@@ -84,7 +84,7 @@ def publish_copy(source: str | os.PathLike[str], target: str | os.PathLike[str],
 def publish_version(built: str | os.PathLike[str], parent: str | os.PathLike[str]) -> tuple[str, Path]:
     """Move a freshly written directory (on the same filesystem) to ``parent/<content hash>``;
     returns (version, directory). A whole directory of that version is kept, a half one rebuilt."""
-    from mloc_dagster.core.model import model_dir_hash
+    from mloc_dagster.core.models.ctc import model_dir_hash
 
     built = Path(built)
     version = model_dir_hash(built)
@@ -100,7 +100,7 @@ def publish_version(built: str | os.PathLike[str], parent: str | os.PathLike[str
 
 def is_whole(target: str | os.PathLike[str], content_hash: str) -> bool:
     """``target`` exists and holds exactly the content of ``content_hash``."""
-    from mloc_dagster.core.model import model_dir_hash
+    from mloc_dagster.core.models.ctc import model_dir_hash
 
     return Path(target).is_dir() and model_dir_hash(target) == content_hash
 

@@ -5,8 +5,8 @@ import json
 
 import dagster as dg
 
-from mloc_dagster.assets.datasets import ingest_job
-from mloc_dagster.core.batches import find_batches
+from mloc_dagster.assets.datasets.versions import ingest_job
+from mloc_dagster.core.data.batches import find_batches
 from mloc_dagster.partitions import dialect_partitions, is_valid_dialect
 from mloc_dagster.paths import mloc_home
 

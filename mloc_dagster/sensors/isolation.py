@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import dagster as dg
 
-from mloc_dagster.assets.hparams import InvalidHParams
-from mloc_dagster.core.pipeline import PipelineSpecError
+from mloc_dagster.assets.training.hparams import InvalidHParams
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.schema import ACTIVE, FAILED, PAUSED
+from mloc_dagster.core.training.pipeline import PipelineSpecError
 
 DEFINITION_ERRORS = (InvalidHParams, PipelineSpecError)
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """The pipeline half of the training chain: a declared sequence of stages, one after another.
 
-A pipeline (run kind ``pipeline``) keeps its stages in its ``spec`` (``core/pipeline.py``). Every
+A pipeline (run kind ``pipeline``) keeps its stages in its ``spec`` (``core/training/pipeline.py``). Every
 tick, for an active pipeline, each stage's state is read from what Dagster and the state store
 already record -- nothing is mirrored:
 
@@ -14,24 +14,23 @@ A stage whose ``after`` stages all succeeded starts, with their outputs pinned: 
 takes the base model its upstream ``base_model`` stage materialized (that run's metadata), a
 candidate merges its upstream training run's adapter. A stage that failed stops the pipeline with
 the reason; when every stage succeeded the pipeline completes. Pausing, resuming and cancelling
-the pipeline apply to its training runs (``training_runs.py``). A spec that fails its checks here
+the pipeline apply to its training runs (``runs/service.py``). A spec that fails its checks here
 (one written around ``mloc run start``) fails its pipeline alone, with the reason
 (``sensors/isolation.py``).
 """
 
 import dagster as dg
 
-from mloc_dagster.assets.adapters import rehearsal_dataset
-from mloc_dagster.assets.hparams import InvalidHParams, pin_hparams, validate_hparams
 from mloc_dagster.assets.lineage import latest_metadata
-from mloc_dagster.core.pipeline import PipelineSpecError, Stage, load_spec, upstream
+from mloc_dagster.assets.training.adapters import rehearsal_dataset
+from mloc_dagster.assets.training.hparams import pin_hparams
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, CANCELLED, COMPLETED, FAILED
-from mloc_dagster.jobs import CANDIDATE_JOB
-from mloc_dagster.lifecycle import newest_dagster_run
-from mloc_dagster.partitions import is_valid_dialect
-from mloc_dagster.sensors.verdicts import failure_reason, will_retry
+from mloc_dagster.core.training.pipeline import Stage, load_spec, upstream
+from mloc_dagster.runs.lifecycle import newest_dagster_run
+from mloc_dagster.runs.pipelines import STAGE_JOBS, check_stage, stage_run_config
+from mloc_dagster.runs.verdicts import failure_reason, will_retry
 
 IN_FLIGHT = "in flight"
 
@@ -84,42 +83,11 @@ def stage_dagster_run(instance: dg.DagsterInstance, pipeline: TrainingRun, stage
     return newest_dagster_run(instance, {"mloc/pipeline": pipeline.run_id, "mloc/stage": stage.name})
 
 
-STAGE_JOBS = {"base_model": "base_model_job", "candidate": CANDIDATE_JOB}
-
-
-def stage_run_config(stage: Stage) -> dict:
-    config = dict(stage.fields.get("config") or {})
-    return {"ops": {"base_model": {"config": config}}} if stage.kind == "base_model" else {"ops": config}
-
-
-def check_stage(stage: Stage) -> None:
-    """What only the Dagster layer can check, as a ``PipelineSpecError`` naming the stage: a
-    training stage's dialect key and hparams, a job stage's run config against its job. Checked
-    when the pipeline starts and again before the stage starts (a spec stored around the start
-    must fail its pipeline, not the sensor's tick)."""
-    from mloc_dagster.definitions import defs
-
-    if stage.kind == "training_run":
-        if not is_valid_dialect(stage.fields["dialect"]):
-            raise PipelineSpecError(f"stage {stage.name}: dialect {stage.fields['dialect']!r}: dialect keys are "
-                                    "lowercase [a-z0-9-]")
-        try:
-            validate_hparams(stage.fields.get("hparams") or {})
-        except InvalidHParams as exc:
-            raise PipelineSpecError(f"stage {stage.name}: {exc}") from exc
-        return
-    try:
-        dg.validate_run_config(defs.resolve_job_def(STAGE_JOBS[stage.kind]), stage_run_config(stage))
-    except dg.DagsterInvalidConfigError as exc:
-        errors = "; ".join(e.message for e in exc.errors) or str(exc)
-        raise PipelineSpecError(f"stage {stage.name}: config: {errors}") from exc
-
-
 def start_stage(context: dg.SensorEvaluationContext, store: StateStore, pipeline: TrainingRun,
                 stages: list[Stage], stage: Stage) -> list:
     tags = {"mloc/pipeline": pipeline.run_id, "mloc/stage": stage.name}
     key = f"{pipeline.run_id}/{stage.name}"
-    check_stage(stage)
+    check_stage(stage, context.repository_def.get_job)
     if stage.kind == "base_model":
         return [dg.RunRequest(job_name=STAGE_JOBS[stage.kind], run_key=key, tags=tags,
                               run_config=stage_run_config(stage))]

@@ -28,16 +28,17 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from mloc_dagster.core.placement import PlacementError, eligible_nodes, place_and_take_quota
-from mloc_dagster.core.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
+from mloc_dagster.core.pool.placement import PlacementError, eligible_nodes, place_and_take_quota
+from mloc_dagster.core.pool.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
 from mloc_dagster.core.state.rounds import RoundSlice
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, DROPPED, FAILED, PAUSED, QUEUED, REPLACED, RUNNING
-from mloc_dagster.jobs import TRAIN_JOB, round_merge_request, slice_run_request
-from mloc_dagster.sensors.verdicts import will_retry
-from mloc_dagster.training_runs import IN_FLIGHT
+from mloc_dagster.runs.requests import round_merge_request, slice_run_request
+from mloc_dagster.runs.service import IN_FLIGHT
+from mloc_dagster.runs.verdicts import will_retry
 
 SILENT_AFTER_S = float(os.environ.get("MLOC_SLICE_SILENT_S", "60"))
 

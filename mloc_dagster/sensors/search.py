@@ -1,7 +1,7 @@
 """The hyperparameter half of the training chain: one search, its trials, its pruner.
 
 A search (run kind ``hyperparameter``) is an Optuna study in the project's database
-(``core/search.py``); each trial is a training run of kind ``single`` (``parent_run_id``,
+(``core/search/study.py``); each trial is a training run of kind ``single`` (``parent_run_id``,
 ``trial_number``) that the training chain advances like any run, one timeboxed job at a time.
 Every tick, before the trials' next jobs are requested:
 
@@ -19,17 +19,17 @@ second, so a crash between them leaves a running trial without a run): such a tr
 re-launched, its run written from the hparams the study stored for it (a sample the training job
 refuses fails the trial instead); a trial run whose trial is not in the study fails with the reason.
 
-Pausing, resuming or cancelling the search applies to its trials (``training_runs.py``).
+Pausing, resuming or cancelling the search applies to its trials (``runs/service.py``).
 """
 
 import dagster as dg
 
-from mloc_dagster.assets.hparams import InvalidHParams, validate_hparams
-from mloc_dagster.core.search import Search, SearchError, SearchSpaceError
+from mloc_dagster.assets.training.hparams import InvalidHParams, validate_hparams
+from mloc_dagster.core.search.study import Search, SearchError, SearchSpaceError
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, CANCELLED, COMPLETED, FAILED, PAUSED, SUCCEEDED
-from mloc_dagster.jobs import CANDIDATE_JOB, chain_run_key
+from mloc_dagster.runs.requests import CANDIDATE_JOB, chain_run_key
 from mloc_dagster.sensors.isolation import isolated
 
 

@@ -1,5 +1,5 @@
 """The TTS stop-loss, as the training chain applies it: a TTS run whose candidate failed its
-gate (``assets/tts_candidates.py: tts_gate_report``) is paused, with the reason, and resumes only
+gate (``assets/tts/candidates.py: tts_gate_report``) is paused, with the reason, and resumes only
 by a user's decision (``mloc run resume``).
 
 Identity: only candidates the run's own chain asked for count (``training_run_id``), and only
@@ -10,7 +10,7 @@ The stop-loss fails closed and stops the loss (``verdict_pending``): a TTS run's
 job is requested only once the candidate before it has a verdict (no job trains past a candidate
 nobody judged), and any run completes only once its last candidate has one. A candidate job that
 ended without a verdict (crashed or canceled before its gate spoke) never counts as one: the
-training chain pauses the run with the reason (``sensors/verdicts.py``).
+training chain pauses the run with the reason (``runs/verdicts.py``).
 """
 
 import json
@@ -22,8 +22,8 @@ from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.candidates import Candidate
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, PAUSED, TTS
-from mloc_dagster.jobs import TRACK_JOBS
-from mloc_dagster.sensors.verdicts import has_verdict
+from mloc_dagster.runs.requests import TRACK_JOBS
+from mloc_dagster.runs.verdicts import has_verdict
 
 
 def gate_summary(candidate: Candidate) -> str:

@@ -15,7 +15,7 @@ A job that ends badly is handled with Dagster's own signals:
 - a job that refused to start because its training run was paused or cancelled (tag
   ``mloc/refused``) needs nothing: resume re-requests it.
 
-Candidate jobs (``candidate_job``, ``tts_candidate_job``) are read too (``sensors/verdicts.py``):
+Candidate jobs (``candidate_job``, ``tts_candidate_job``) are read too (``runs/verdicts.py``):
 one that failed or was canceled before its gate spoke pauses its training run with the reason and
 releases its candidate's adapters; resume requests it again. A failed gate is a verdict, not a
 failure of the job. A run completes only once its last candidate has its verdict, and a TTS run's
@@ -43,21 +43,22 @@ from datetime import datetime
 
 import dagster as dg
 
-from mloc_dagster.assets.hparams import validate_hparams
-from mloc_dagster.assets.rounds import ROUND_MERGE_JOB
-from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
-from mloc_dagster.core.chain import next_due
+from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
+from mloc_dagster.assets.training.hparams import validate_hparams
+from mloc_dagster.assets.tts.training import TTS_TRAIN_JOB
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, COMPLETED, DROPPED, FAILED, HYPERPARAMETER, PAUSED, PIPELINE, SUCCEEDED, TTS
-from mloc_dagster.jobs import CANDIDATE_JOB, CHAIN_JOBS, TRACK_JOBS, TRAIN_JOB, candidate_run_request, train_run_request
+from mloc_dagster.core.training.chain import next_due
 from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.runs.requests import CANDIDATE_JOB, CHAIN_JOBS, TRACK_JOBS, candidate_run_request, train_run_request
+from mloc_dagster.runs.verdicts import failure_reason, handle_ended_candidate, has_verdict, will_retry
 from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests
 from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
 from mloc_dagster.sensors.stop_loss import IN_FLIGHT, apply_stop_loss, newest_candidate_run, verdict_pending
-from mloc_dagster.sensors.verdicts import failure_reason, handle_ended_candidate, has_verdict, will_retry
 
 FAILURE_BATCH = 100
 # Runs of these jobs that ended badly since the cursor's time are read every tick.

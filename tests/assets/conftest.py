@@ -25,13 +25,13 @@ class Line:
 
 @pytest.fixture(scope="session")
 def line(tmp_path_factory) -> Line:
-    from mloc_dagster.core.batches import find_batches
-    from mloc_dagster.core.corpus import synth_dialect
-    from mloc_dagster.core.datasets import build_version
-    from mloc_dagster.core.model import new_tiny_model, save_base_model
-    from mloc_dagster.core.pretrain import pretrain_base
-    from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-    from mloc_dagster.core.training import train_adapter
+    from mloc_dagster.core.data.batches import find_batches
+    from mloc_dagster.core.data.corpus import synth_dialect
+    from mloc_dagster.core.data.datasets import build_version
+    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.pretrain import pretrain_base
+    from mloc_dagster.core.training.loops import train_adapter
+    from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
     root = tmp_path_factory.mktemp("line")
     incoming, features = root / "incoming", root / "features"

@@ -82,8 +82,8 @@ def test_unwritable_artifact_dir_fails_clearly_and_keeps_the_previous_checkpoint
 def test_config_defaults_match_the_core():
     from dataclasses import fields
 
-    from mloc_dagster.assets.hparams import AdapterJobConfig
-    from mloc_dagster.core.train_spec import AdapterHParams
+    from mloc_dagster.assets.training.hparams import AdapterJobConfig
+    from mloc_dagster.core.training.spec import AdapterHParams
 
     config = AdapterJobConfig(run_id="x")
     for f in fields(AdapterHParams):
@@ -118,7 +118,7 @@ def test_a_job_with_no_training_time_fails_instead_of_succeeding_with_zero_steps
     timebox -- simulated with a slow load, as from a network disk: not one step fits."""
     import time
 
-    import mloc_dagster.core.training as training
+    import mloc_dagster.core.training.loops as training
 
     real_load = training.load_base_model
 
@@ -175,7 +175,7 @@ def test_launchpad_takes_typed_hparams_and_rejects_unknown_ones(registered_base)
     store = StateStore(resolve_state_url())
     run = store.list_runs(limit=1)[0]
     assert run.hparams["r"] == 8 and isinstance(run.hparams["r"], int)
-    from mloc_dagster.jobs import train_run_request
+    from mloc_dagster.runs.requests import train_run_request
 
     config = train_run_request(run, 0).run_config["ops"]["adapter_checkpoint"]["config"]
     trained = defs.resolve_job_def("train_adapter_job").execute_in_process(
@@ -217,9 +217,9 @@ def test_a_run_pins_its_rehearsal_dataset_at_start(registered_base):
     dialect's dataset version when it starts, and jobs read that, not whatever is latest."""
     from dataclasses import replace
 
-    from mloc_dagster.assets.adapters import run_rehearsal
     from mloc_dagster.assets.lineage import require_metadata
-    from mloc_dagster.training_runs import start_run
+    from mloc_dagster.assets.training.adapters import run_rehearsal
+    from mloc_dagster.runs.service import start_run
 
     instance, _ = registered_base
     store = StateStore(resolve_state_url())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.training_runs import start_run
+from mloc_dagster.runs.service import start_run
 from tests.assets.conftest import DIALECT, register_base
 
 # The pre-trained base is a 150-step model: CER/WER limits sit above what it reaches, the
@@ -123,7 +123,7 @@ def test_a_base_model_change_never_merges_or_compares_across_bases(line, line_in
 
     from typer.testing import CliRunner
 
-    from mloc_dagster.cli import app
+    from mloc_dagster.cli.main import app
 
     listed = json.loads(CliRunner().invoke(app, ["candidate", "list", "--json"]).stdout)
     stale = {c["candidate_id"]: c["stale"] for c in listed}
@@ -199,8 +199,8 @@ def test_thresholds_from_the_gates_file(line, line_instance, store, mloc_home):
 
 
 def test_warm_start_continues_from_the_production_adapter(line, line_instance, store):
-    from mloc_dagster.jobs import train_run_request
-    from mloc_dagster.training_runs import TrainingRunError
+    from mloc_dagster.runs.requests import train_run_request
+    from mloc_dagster.runs.service import TrainingRunError
 
     with pytest.raises(TrainingRunError, match="has no stable production adapter yet"):
         start_run(line_instance, store, DIALECT, init_from="production")

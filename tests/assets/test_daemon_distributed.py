@@ -10,10 +10,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.rounds import base_model_hash
+from mloc_dagster.core.pool.rounds import base_model_hash
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.training_runs import start_run
+from mloc_dagster.runs.service import start_run
 from tests.assets.conftest import DIALECT
 from tests.daemon import Daemon, wait_for
 

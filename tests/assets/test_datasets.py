@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.assets.datasets import dataset_version
+from mloc_dagster.assets.datasets.versions import dataset_version
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from tests.conftest import copy_batch, write_manifest

@@ -1,4 +1,4 @@
-"""What a node hands in is checked before anything is evaluated (core/adapter_format.py), through
+"""What a node hands in is checked before anything is evaluated (core/adapters/format.py), through
 Dagster on a real instance: a slice or adapter whose result.json is malformed is refused with the
 reason, kept on disk, and the round merge, the candidate merge and the gate go on without it."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.training_runs import TrainingRunError, start_run
+from mloc_dagster.runs.service import TrainingRunError, start_run
 from tests.assets.conftest import DIALECT
 from tests.assets.test_candidates import metadata, run_candidate_job, run_with_adapters
 from tests.assets.test_rounds import came_in, distributed_run, merge_round

@@ -9,13 +9,13 @@ import uuid
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.model import model_dir_hash
+from mloc_dagster.core.models.ctc import model_dir_hash
 from mloc_dagster.core.publish import unique_id
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.core.state.schema import ASR, TTS
 from mloc_dagster.definitions import defs
-from mloc_dagster.training_runs import start_run
+from mloc_dagster.runs.service import start_run
 
 DIALECT = "en-gb-scotland"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.assets.reports import pool_report, pool_report_daily, sparkline
+from mloc_dagster.assets.operations.reports import pool_report, pool_report_daily, sparkline
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.resources.artifacts import ArtifactStore

@@ -90,12 +90,12 @@ def test_a_slice_that_starts_slowly_keeps_beating_and_is_not_replaced(mloc_home,
 
     import dagster as dg
 
-    from mloc_dagster.assets.training_step import TrainingStep
+    from mloc_dagster.assets.training.step import TrainingStep
     from mloc_dagster.partitions import dialect_partitions
     from mloc_dagster.resources.gpu import GpuArbiter
     from tests.sensors.conftest import tick
 
-    monkeypatch.setattr("mloc_dagster.assets.training_step.KEEPALIVE_EVERY_S", 0.1)
+    monkeypatch.setattr("mloc_dagster.assets.training.step.KEEPALIVE_EVERY_S", 0.1)
     monkeypatch.setattr("mloc_dagster.sensors.rounds.SILENT_AFTER_S", 1.0)
     base = "ab" * 32
     store = StateStore(resolve_state_url())

@@ -21,8 +21,8 @@ import pytest
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.jobs import TRACK_JOBS
-from mloc_dagster.training_runs import TrainingRunError, cancel_run, resume_run, start_run
+from mloc_dagster.runs.requests import TRACK_JOBS
+from mloc_dagster.runs.service import TrainingRunError, cancel_run, resume_run, start_run
 from tests.sensors.conftest import tick
 
 pytestmark = pytest.mark.slow  # a TTS base, two TTS runs, four syntheses of 8 sentences: ~5 min

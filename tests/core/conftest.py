@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mloc_dagster.core.batches import find_batches
-from mloc_dagster.core.corpus import synth_dialect
-from mloc_dagster.core.datasets import build_version
+from mloc_dagster.core.data.batches import find_batches
+from mloc_dagster.core.data.corpus import synth_dialect
+from mloc_dagster.core.data.datasets import build_version
 
 PRETRAIN_STEPS = 150
 
@@ -42,7 +42,7 @@ def corpus(tmp_path_factory) -> Corpus:
 def pretrained_base(corpus, tmp_path_factory) -> tuple[Path, dict]:
     """The tiny model pre-trained for PRETRAIN_STEPS steps on en-us: far from converged, but it
     transcribes (CER well below 1), so adaptation has something to improve."""
-    from mloc_dagster.core.pretrain import pretrain_base
+    from mloc_dagster.core.models.pretrain import pretrain_base
 
     out = tmp_path_factory.mktemp("ml-base") / "base"
     metrics = pretrain_base(corpus.en_us, out, train_seconds=900, max_steps=PRETRAIN_STEPS, seed=0,

@@ -1,4 +1,4 @@
-"""What a node may hand in (core/adapter_format.py): a real saved checkpoint is accepted, and every
+"""What a node may hand in (core/adapters/format.py): a real saved checkpoint is accepted, and every
 refused case names the file, the key or field, and what was expected; the files stay on disk."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mloc_dagster.core.adapter_format import (
+from mloc_dagster.core.adapters.format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RESULT_JSON,
@@ -25,10 +25,10 @@ from mloc_dagster.core.adapter_format import (
     read_node_result,
     validate_adapter_config,
 )
-from mloc_dagster.core.lora_adapter import load_adapter
-from mloc_dagster.core.model import new_tiny_model, save_base_model
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter
+from mloc_dagster.core.adapters.lora import load_adapter
+from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_what_peft_writes_for_our_asr_and_tts_models_is_accepted(corpus, tmp_pat
     """peft 0.21's save_pretrained output (model card, auto_mapping, megatron_core, peft_version...)."""
     from peft import LoraConfig, get_peft_model
 
-    from mloc_dagster.core.model import default_lora_targets
+    from mloc_dagster.core.models.ctc import default_lora_targets
     from mloc_dagster.core.tts.model import DEFAULT_TTS_LORA_TARGETS, TINY_CONFIG, TtsStats, new_tiny_tts
 
     asr = new_tiny_model()
@@ -327,7 +327,7 @@ def test_result_json_optional_for_an_adapter_required_for_a_node_result(ckpt):
 def test_peft_can_load_what_we_accept(trained, ckpt):
     from peft import PeftModel
 
-    from mloc_dagster.core.model import load_base_model
+    from mloc_dagster.core.models.ctc import load_base_model
     read_adapter_dir(ckpt, base_model=trained[0])
     model = PeftModel.from_pretrained(load_base_model(trained[0]).model, ckpt)
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 5

@@ -4,9 +4,9 @@ import json
 
 import soundfile as sf
 
-from mloc_dagster.core.batches import find_batches
-from mloc_dagster.core.corpus import WORDS, sentence_pools, synth_dialect
-from mloc_dagster.core.datasets import DatasetVersion, build_version
+from mloc_dagster.core.data.batches import find_batches
+from mloc_dagster.core.data.corpus import WORDS, sentence_pools, synth_dialect
+from mloc_dagster.core.data.datasets import DatasetVersion, build_version
 
 
 def test_synthesis_is_deterministic_and_real(tmp_path):
@@ -38,7 +38,7 @@ def test_heldout_sentences_only_in_dev_and_test(tmp_path):
 def test_many_distinct_speakers_and_sentences():
     from collections import Counter
 
-    from mloc_dagster.core.corpus import DEFAULT_SPEAKERS, TEMPLATES, make_sentences, make_speakers
+    from mloc_dagster.core.data.corpus import DEFAULT_SPEAKERS, TEMPLATES, make_sentences, make_speakers
 
     speakers = make_speakers("en-gb-scotland", 400, seed=0)
     assert len({s.id for s in speakers}) == 400
@@ -57,8 +57,8 @@ def test_many_distinct_speakers_and_sentences():
 def test_demo_sized_corpus_gives_five_dev_and_test_speakers_with_150_utterances(tmp_path):
     from collections import Counter
 
-    from mloc_dagster.core.corpus import make_speakers
-    from mloc_dagster.core.splits import assign_splits
+    from mloc_dagster.core.data.corpus import make_speakers
+    from mloc_dagster.core.data.splits import assign_splits
 
     # the split the dataset builder will make for 1,200 utterances of the default 40 speakers
     voices = make_speakers("en-gb-scotland", 40, 0)

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from mloc_dagster.core.batches import DatasetError, IngestSettings, find_batches
-from mloc_dagster.core.datasets import DatasetVersion, build_version
+from mloc_dagster.core.data.batches import DatasetError, IngestSettings, find_batches
+from mloc_dagster.core.data.datasets import DatasetVersion, build_version
 from tests.conftest import copy_batch, write_manifest
 
 DIALECT = "en-gb-scotland"
@@ -201,7 +201,7 @@ def test_version_depends_on_content_not_file_times(tmp_path, espeak_batch):
 def test_splits_guarantee_minimum_evaluation_speakers_and_rows():
     from collections import Counter
 
-    from mloc_dagster.core.splits import SplitPolicy, assign_splits, split_report
+    from mloc_dagster.core.data.splits import SplitPolicy, assign_splits, split_report
 
     # the demo corpus shape: 40 speakers × 30 utterances
     splits = assign_splits("en-gb-scotland", {f"spk{i:02d}": [30, 60.0] for i in range(40)})
@@ -232,7 +232,7 @@ def test_manifest_records_test_speakers_and_warns_when_too_few(tmp_path, espeak_
     assert result.manifest["split"]["sufficient_test_speakers"] and not result.warnings
     assert version.min_test_speakers == 5
 
-    from mloc_dagster.core.splits import SplitPolicy
+    from mloc_dagster.core.data.splits import SplitPolicy
     strict = build_version(DIALECT, find_batches(tmp_path / "incoming", DIALECT), tmp_path / "strict" / DIALECT,
                            split_policy=SplitPolicy(min_test_speakers=8))
     assert strict.manifest["split"]["test_speakers"] < 8

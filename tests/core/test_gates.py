@@ -8,9 +8,9 @@ import random
 import jiwer
 import pytest
 
-from mloc_dagster.core.gate_config import load_thresholds
-from mloc_dagster.core.gates import GATE_NAMES, GateConfigError, GateReport, GateThresholds, evaluate_gates
-from mloc_dagster.core.scoring import UttResult, score
+from mloc_dagster.core.gates.config import load_thresholds
+from mloc_dagster.core.gates.gate import GATE_NAMES, GateConfigError, GateReport, GateThresholds, evaluate_gates
+from mloc_dagster.core.gates.scoring import UttResult, score
 
 # 29 characters, 5 words, no 'x': substituting k letters by 'x' is exactly k character edits.
 REF = "abcde fghij klmno pqrst uvwyz"

@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from mloc_dagster.core.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, InvalidAdapter
-from mloc_dagster.core.lora_adapter import (
+from mloc_dagster.core.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, InvalidAdapter
+from mloc_dagster.core.adapters.lora import (
     Adapter,
     adapter_sha256,
     delta_weights,
@@ -21,7 +21,7 @@ from mloc_dagster.core.lora_adapter import (
     load_adapters,
     save_adapter,
 )
-from mloc_dagster.core.merge import merge_adapters
+from mloc_dagster.core.merging.merge import merge_adapters
 
 R, ALPHA = 4, 8
 SHAPES = {"enc": (16, 8), "out": (4, 16)}  # module -> (out_features, in_features)
@@ -51,7 +51,7 @@ def peft_adapter(base: Tiny, out_dir: Path, seed: int, **lora_kw: object) -> tor
     model = get_peft_model(copy.deepcopy(base), config).eval()
     model.save_pretrained(str(out_dir))
     # peft names this test module as the model's library (auto_mapping); a node's adapter may only
-    # name mloc_dagster's or transformers' (core/adapter_format.py), so the test model's says none.
+    # name mloc_dagster's or transformers' (core/adapters/format.py), so the test model's says none.
     config_file = out_dir / ADAPTER_CONFIG
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"auto_mapping": None}))
     return model

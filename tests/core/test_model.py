@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCTC, Wav2Vec2BertConfig, Wav2Vec2BertForCTC
 
-from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.evaluate import error_rates, transcribe
-from mloc_dagster.core.features import collate, default_feature_extractor, load_features
-from mloc_dagster.core.model import (
+from mloc_dagster.core.data.datasets import DatasetVersion
+from mloc_dagster.core.data.features import collate, default_feature_extractor, load_features
+from mloc_dagster.core.models.ctc import (
     CharTokenizer,
     TinyCtcConfig,
     TinyCtcForCTC,
@@ -22,6 +21,7 @@ from mloc_dagster.core.model import (
     new_tiny_model,
     save_base_model,
 )
+from mloc_dagster.core.models.evaluate import error_rates, transcribe
 
 
 def _inputs(seed: int = 0):

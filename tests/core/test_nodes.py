@@ -7,8 +7,8 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from mloc_dagster.core.placement import NodeSpeed, eligible_nodes, place_and_take_quota, unavailable_reason
-from mloc_dagster.core.reputation import ReputationUpdate, node_shares, reputation_from_gate, reputation_from_screening
+from mloc_dagster.core.pool.placement import NodeSpeed, eligible_nodes, place_and_take_quota, unavailable_reason
+from mloc_dagster.core.pool.reputation import ReputationUpdate, node_shares, reputation_from_gate, reputation_from_screening
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.nodes import DeviceInfo, InvalidNodeId, canonical_node_id
 from tests.core.conftest import FakeClock

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from mloc_dagster.core.placement import (
+from mloc_dagster.core.pool.placement import (
     METHODS,
     NodeSpeed,
     PlacementError,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mloc_dagster.core.gates import GateReport, GateResult, GateThresholds
-from mloc_dagster.core.reputation import (
+from mloc_dagster.core.gates.gate import GateReport, GateResult, GateThresholds
+from mloc_dagster.core.gates.scoring import Scores
+from mloc_dagster.core.pool.reputation import (
     TRUST_BAR,
     ReputationUpdate,
     direction_score,
@@ -16,7 +17,6 @@ from mloc_dagster.core.reputation import (
     reputation_from_screening,
     source_shares,
 )
-from mloc_dagster.core.scoring import Scores
 
 
 def test_a_node_pointing_elsewhere_is_untrusted_within_two_merges_an_honest_one_stays() -> None:

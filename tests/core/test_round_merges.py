@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mloc_dagster.core.reputation import ReputationUpdate
+from mloc_dagster.core.pool.reputation import ReputationUpdate
 from mloc_dagster.core.state.candidates import AdapterRef
 from mloc_dagster.core.state.rounds import PlannedSlice
 from mloc_dagster.core.state.schema import DROPPED, FAILED

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from mloc_dagster.core.placement import NodeSpeed, place
-from mloc_dagster.core.rounds import is_late, plan_slices, round_segments, round_state, split_segments
+from mloc_dagster.core.pool.placement import NodeSpeed, place
+from mloc_dagster.core.pool.rounds import is_late, plan_slices, round_segments, round_state, split_segments
 from mloc_dagster.core.state.rounds import PlannedSlice
 from mloc_dagster.core.state.schema import DROPPED, FAILED, QUEUED, REPLACED, RUNNING, SUCCEEDED
 

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from bench.pool_nodes import forge, shuffled_copy
-from mloc_dagster.core.candidates import load_trusted, merge_candidate
-from mloc_dagster.core.lora_adapter import delta_weights, load_adapter
-from mloc_dagster.core.reputation import TRUST_BAR
-from mloc_dagster.core.screening import (
+from mloc_dagster.core.adapters.lora import delta_weights, load_adapter
+from mloc_dagster.core.merging.candidates import load_trusted, merge_candidate
+from mloc_dagster.core.merging.screening import (
     DEV_LOSS_NOT_SANE,
     EMPTY_UPDATE,
     dev_loss_sane,
@@ -24,8 +23,9 @@ from mloc_dagster.core.screening import (
     reputation_updates,
     train_reference_update,
 )
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter
+from mloc_dagster.core.pool.reputation import TRUST_BAR
+from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 HP = AdapterHParams(r=8, alpha=16.0, batch_size=8, warmup_steps=0, seed=3, lr=3e-3)
 
@@ -156,7 +156,7 @@ def test_dev_loss_rule():
 
 
 def test_the_shuffled_copy_permutes_training_transcripts_only(corpus, tmp_path):
-    from mloc_dagster.core.datasets import DatasetVersion
+    from mloc_dagster.core.data.datasets import DatasetVersion
 
     src, dst = DatasetVersion(corpus.scottish), DatasetVersion(shuffled_copy(corpus.scottish, tmp_path, seed=1))
     assert dst.version != src.version and dst.splits == src.splits

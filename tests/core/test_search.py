@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from mloc_dagster.core.search import Search, SearchConfig, SearchError, SearchSpaceError, parse_space, space_json
+from mloc_dagster.core.search.study import Search, SearchConfig, SearchError, SearchSpaceError, parse_space, space_json
 
 ALLOWED = ("alpha", "batch_size", "dropout", "lr", "r", "seed", "target_modules", "warmup_steps")
 SPACE = {"lr": [1e-4, 1e-1, "log"], "r": [4, 8, 16]}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mloc_dagster.core.adapter_format import RESULT_JSON
-from mloc_dagster.core.sample_stream import LengthGroupedBatches, SampleStream, check_segments, segment_cursor
-from mloc_dagster.core.train_spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training import train_adapter
+from mloc_dagster.core.adapters.format import RESULT_JSON
+from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.sample_stream import LengthGroupedBatches, SampleStream, check_segments, segment_cursor
+from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 HP = {"r": 4, "alpha": 8.0, "batch_size": 8, "warmup_steps": 0, "seed": 3}
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON
-from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.model import load_base_model, model_dir_hash
-from mloc_dagster.core.train_state import ResumeError
+from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON
+from mloc_dagster.core.data.datasets import DatasetVersion
+from mloc_dagster.core.models.ctc import load_base_model, model_dir_hash
+from mloc_dagster.core.training.checkpoint import ResumeError
 from mloc_dagster.core.tts import acoustics
 from mloc_dagster.core.tts.align import ctc_viterbi, even_durations
 from mloc_dagster.core.tts.judge import (
@@ -104,7 +104,7 @@ def _random_like(adapter: Path, out: Path, seed: int = 0) -> Path:
 
 
 def test_frames_are_the_asr_features_before_normalization(corpus):
-    from mloc_dagster.core.features import default_feature_extractor, extract
+    from mloc_dagster.core.data.features import default_feature_extractor, extract
 
     u = next(DatasetVersion(corpus.en_us).iter_utterances("test"))
     asr = extract(default_feature_extractor(), [u.audio])[0]

@@ -20,10 +20,11 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster_k8s import launcher as k8s_launcher
 from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
 
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.definitions import defs
-from mloc_dagster.jobs import TRAIN_JOB, train_run_request
-from mloc_dagster.k8s import K8S_CONFIG_TAG, gpu_k8s_config
+from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, gpu_k8s_config
+from mloc_dagster.runs.requests import train_run_request
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((REPO / "deploy" / "k8s" / "values.yaml").read_text())
@@ -141,7 +142,7 @@ def test_training_run_becomes_a_gpu_job(k8s_launcher_and_instance, tmp_path):
 def test_a_slice_lands_on_the_node_it_was_placed_on(k8s_launcher_and_instance, tmp_path):
     """A slice of a distributed round: the GPU job, pinned to its pool node by the node name label."""
     from mloc_dagster.core.state.rounds import PlannedSlice
-    from mloc_dagster.jobs import slice_run_request
+    from mloc_dagster.runs.requests import slice_run_request
 
     launcher, instance, batch_api = k8s_launcher_and_instance
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
-from mloc_dagster.assets.datasets import dataset_version
+from mloc_dagster.assets.datasets.versions import dataset_version
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.definitions import defs
-from mloc_dagster.jobs import TRAIN_JOB
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.state import StateStoreResource

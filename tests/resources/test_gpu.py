@@ -214,7 +214,7 @@ if __name__ == "__main__":
 def test_mloc_gpu_status_shows_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from mloc_dagster.cli_gpu import gpu_app
+    from mloc_dagster.cli.gpu import gpu_app
 
     monkeypatch.setenv("MLOC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")  # rich's table width

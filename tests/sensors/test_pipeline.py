@@ -11,8 +11,8 @@ import pytest
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.jobs import CANDIDATE_JOB
-from mloc_dagster.training_runs import TrainingRunError, pause_run, resume_run, start_pipeline
+from mloc_dagster.runs.requests import CANDIDATE_JOB
+from mloc_dagster.runs.service import TrainingRunError, pause_run, resume_run, start_pipeline
 from tests.sensors.conftest import tick
 
 
@@ -48,10 +48,10 @@ def drive(instance, store, pipeline, stop_at=None, ticks=12):
 def test_stages_run_in_order_with_their_outputs_pinned(registered_base, tmp_path):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
 
     fresh = save_base_model(new_tiny_model(), tmp_path / "fresh-base")
-    pipeline = start_pipeline(instance, store, json.dumps(spec(fresh)))
+    pipeline = start_pipeline(instance, store, json.dumps(spec(fresh)), defs.resolve_job_def)
     assert pipeline.kind == "pipeline" and pipeline.spec["stages"][1]["after"] == ["base"]
 
     candidate = drive(instance, store, pipeline, stop_at=CANDIDATE_JOB)
@@ -74,7 +74,7 @@ def test_a_failed_stage_stops_the_pipeline_and_pause_applies_to_its_runs(registe
     two = {"stages": [{"name": "adapt", "kind": "training_run", "dialect": "en-gb-scotland", "jobs": 2,
                        "timebox_s": 60, "hparams": {"max_steps": 1, "batch_size": 4}},
                       {"name": "later", "kind": "training_run", "dialect": "en-gb-wales", "jobs": 1}]}
-    pipeline = start_pipeline(instance, store, two)
+    pipeline = start_pipeline(instance, store, two, defs.resolve_job_def)
     tick(instance, store)
     assert pause_run(store, pipeline.run_id)
     assert store.get_run(f"{pipeline.run_id}-adapt").status == "paused"
@@ -115,5 +115,5 @@ def test_a_failed_stage_stops_the_pipeline_and_pause_applies_to_its_runs(registe
 def test_a_bad_spec_starts_nothing(mloc_home, bad, message):
     store = StateStore(resolve_state_url())
     with pytest.raises(TrainingRunError, match=message):
-        start_pipeline(dg.DagsterInstance.ephemeral(), store, bad)
+        start_pipeline(dg.DagsterInstance.ephemeral(), store, bad, defs.resolve_job_def)
     assert store.list_runs() == []

@@ -6,8 +6,8 @@ import uuid
 
 import dagster as dg
 
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.state.schema import DROPPED, QUEUED, RUNNING
-from mloc_dagster.jobs import TRAIN_JOB
 from tests.sensors.conftest import tick
 
 BASE = "cd" * 32

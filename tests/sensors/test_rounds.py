@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from mloc_dagster.assets.rounds import ROUND_MERGE_JOB
+from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.schema import DROPPED, QUEUED, REPLACED, RUNNING
-from mloc_dagster.jobs import TRAIN_JOB
-from mloc_dagster.k8s import K8S_CONFIG_TAG, NODE_LABEL
-from mloc_dagster.training_runs import resume_run
+from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, NODE_LABEL
+from mloc_dagster.runs.service import resume_run
 from tests.sensors.conftest import tick
 
 BASE = "ab" * 32  # a base model directory named by its content hash, as the base_model asset writes it

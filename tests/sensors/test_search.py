@@ -8,10 +8,11 @@ import threading
 
 import pytest
 
-from mloc_dagster.core.search import Search
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
+from mloc_dagster.core.search.study import Search
 from mloc_dagster.core.state import StateStore
-from mloc_dagster.jobs import CANDIDATE_JOB, TRAIN_JOB
-from mloc_dagster.training_runs import TrainingRunError, cancel_run, pause_run, resume_run, search_config, start_run
+from mloc_dagster.runs.requests import CANDIDATE_JOB
+from mloc_dagster.runs.service import TrainingRunError, cancel_run, pause_run, resume_run, search_config, start_run
 from tests.conftest_pg import wait_for_a_lock_wait
 from tests.sensors.conftest import tick
 

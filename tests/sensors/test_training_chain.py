@@ -6,11 +6,12 @@ import uuid
 import dagster as dg
 import pytest
 
+from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.jobs import CANDIDATE_JOB, TRACK_JOBS, TRAIN_JOB
-from mloc_dagster.training_runs import cancel_run, pause_run, reactivate_run, resume_run
+from mloc_dagster.runs.requests import CANDIDATE_JOB, TRACK_JOBS
+from mloc_dagster.runs.service import cancel_run, pause_run, reactivate_run, resume_run
 from tests.sensors.conftest import tick
 
 DIALECT = "en-gb-scotland"
@@ -425,8 +426,8 @@ def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, s
 def test_each_track_with_every_default_pinned_passes_the_range_checks(instance, store):
     """The checks that refuse a corrupt row accept what `mloc run start` stores (TTS dropout -1: the
     model's default)."""
-    from mloc_dagster.assets.hparams import pin_hparams
-    from mloc_dagster.assets.tts_training import TTS_TRAIN_JOB
+    from mloc_dagster.assets.training.hparams import pin_hparams
+    from mloc_dagster.assets.tts.training import TTS_TRAIN_JOB
 
     runs = {track: store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
                                     hparams=pin_hparams({}, track), timebox_s=60, max_jobs=2, candidate_every=2,

@@ -33,12 +33,12 @@ def build_world(home: Path, espeak_batch: Path, tmp: Path) -> dict[str, str]:
     """Materialize the world under ``home`` (MLOC_HOME; DAGSTER_HOME is home/dagster)."""
     import dagster as dg
 
-    from mloc_dagster.core.model import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
     from mloc_dagster.partitions import dialect_partitions
-    from mloc_dagster.training_runs import pause_run, start_run
+    from mloc_dagster.runs.service import pause_run, start_run
 
     dialects = ["en-us", DIALECT]
     for dialect in dialects:

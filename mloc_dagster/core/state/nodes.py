@@ -33,7 +33,7 @@ from mloc_dagster.core.state.engine import StoreEngine
 from mloc_dagster.core.state.schema import DEFAULT_NODE_REPUTATION, nodes
 
 if TYPE_CHECKING:
-    from mloc_dagster.core.reputation import ReputationUpdate
+    from mloc_dagster.core.pool.reputation import ReputationUpdate
 
 DEFAULT_NODE_TTL_S = 120.0
 DEFAULT_DAILY_QUOTA = 10
@@ -116,7 +116,7 @@ class NodeRecord:
 
     def to_json(self, now: datetime | None = None, ttl_s: float | None = None,
                 default_quota: int | None = None) -> dict[str, Any]:
-        from mloc_dagster.core.placement import unavailable_reason
+        from mloc_dagster.core.pool.placement import unavailable_reason
 
         out = asdict(self)
         for key in ("updated_at", "last_seen_at", "registered_at"):

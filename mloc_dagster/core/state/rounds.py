@@ -33,7 +33,7 @@ from mloc_dagster.core.state.schema import (
 )
 
 if TYPE_CHECKING:
-    from mloc_dagster.core.reputation import ReputationUpdate
+    from mloc_dagster.core.pool.reputation import ReputationUpdate
     from mloc_dagster.core.state.candidates import AdapterRef
 
 _KEY = (round_slices.c.run_id, round_slices.c.round_index, round_slices.c.slice_index)

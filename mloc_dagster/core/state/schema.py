@@ -109,7 +109,7 @@ training_runs = sa.Table(
     # A trial of a hyperparameter search: the search's run id and the Optuna trial number.
     sa.Column("parent_run_id", sa.String(64), index=True),
     sa.Column("trial_number", sa.Integer),
-    sa.Column("spec", sa.JSON),  # a pipeline's stages (core/pipeline.py)
+    sa.Column("spec", sa.JSON),  # a pipeline's stages (core/training/pipeline.py)
     sa.Column("track", sa.String(8)),  # TRACKS; NULL: asr
 )
 

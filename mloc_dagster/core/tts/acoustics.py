@@ -1,6 +1,6 @@
 """The TTS model's acoustic frames, the Griffin-Lim vocoder, and mel-cepstral distortion.
 
-**Frames.** The TTS predicts exactly the log-mel the ASR front end computes (``core/features.py``:
+**Frames.** The TTS predicts exactly the log-mel the ASR front end computes (``core/data/features.py``:
 the w2v-BERT / SeamlessM4T Kaldi-style fbank, 80 bins every 10 ms, natural log of mel power),
 *before* the ASR's per-utterance normalization, two 10 ms frames stacked into one 160-dim frame
 every 20 ms (the ASR's 50 Hz input rate). Keeping the absolute level makes the frames invertible
@@ -26,7 +26,7 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 
-from mloc_dagster.core.features import default_feature_extractor
+from mloc_dagster.core.data.features import default_feature_extractor
 
 STACK = 2  # 10 ms frames per TTS frame (the ASR extractor's stride)
 MEL_BINS = 80

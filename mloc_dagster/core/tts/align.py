@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mloc_dagster.core.features import FeatureSet, collate
-from mloc_dagster.core.model import BaseModel, output_lengths
+from mloc_dagster.core.data.features import FeatureSet, collate
+from mloc_dagster.core.models.ctc import BaseModel, output_lengths
 
 _NEG = -1e30
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mloc_dagster.core.datasets import DatasetVersion, Utterance
-from mloc_dagster.core.features import FeatureSet
-from mloc_dagster.core.model import BaseModel
+from mloc_dagster.core.data.datasets import DatasetVersion, Utterance
+from mloc_dagster.core.data.features import FeatureSet
+from mloc_dagster.core.models.ctc import BaseModel
 from mloc_dagster.core.tts.acoustics import FRAME_DIM, MEL_BINS, STACK, asr_features, tts_frames
 from mloc_dagster.core.tts.align import align_durations
 from mloc_dagster.core.tts.model import TtsStats

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from transformers import FastSpeech2ConformerConfig, FastSpeech2ConformerModel
 
-from mloc_dagster.core.model import CharTokenizer, _own_memory, quiet_progress_bars
-from mloc_dagster.core.train_state import write_dir_atomically
+from mloc_dagster.core.models.ctc import CharTokenizer, _own_memory, quiet_progress_bars
+from mloc_dagster.core.training.checkpoint import write_dir_atomically
 from mloc_dagster.core.tts.acoustics import FRAME_DIM
 
 TTS_FILE = "tts.json"

@@ -1,6 +1,6 @@
 """TTS base pre-training: the tiny FastSpeech2Conformer from scratch on the base dialect.
 
-The same parts as ASR pre-training (``core/pretrain.py``): the ``SampleStream`` data order,
+The same parts as ASR pre-training (``core/models/pretrain.py``): the ``SampleStream`` data order,
 ``train_step`` and the ``Timebox``; warm-up then cosine over the budget (time or steps, whichever
 runs out first). Durations come from the base ASR (``aligner_dir``), whose content hash is
 written into ``tts.json`` so adapters are trained on durations from the same aligner.
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.optim import AdamW
 
-from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.model import load_base_model, model_dir_hash
-from mloc_dagster.core.sample_stream import SampleStream
-from mloc_dagster.core.train_loop import LossLog, Timebox, cpu_threads, default_device, seed_everything, train_step
+from mloc_dagster.core.data.datasets import DatasetVersion
+from mloc_dagster.core.models.ctc import load_base_model, model_dir_hash
+from mloc_dagster.core.training.runtime import LossLog, Timebox, cpu_threads, default_device, seed_everything, train_step
+from mloc_dagster.core.training.sample_stream import SampleStream
 from mloc_dagster.core.tts.data import TtsRows, fit_stats, load_rows, make_tts_batch
 from mloc_dagster.core.tts.model import TtsModel, new_tiny_tts, save_tts_model
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.features import SAMPLING_RATE
+from mloc_dagster.core.data.datasets import DatasetVersion
+from mloc_dagster.core.data.features import SAMPLING_RATE
 from mloc_dagster.core.tts.acoustics import mean_mcd
 from mloc_dagster.core.tts.judge import (
     Judge,

@@ -2,12 +2,12 @@
 
 The contract is ``core.training.train_adapter``'s, built from the same parts:
 
-- ``SampleStream`` (``core/sample_stream.py``): the data order, exact to the sample;
+- ``SampleStream`` (``core/training/sample_stream.py``): the data order, exact to the sample;
 - ``TrainState`` + ``write_checkpoint`` / ``write_partial`` / ``latest_partial`` / ``check_resumable``
-  (``core/train_state.py``): weights, optimizer, scheduler, RNG and data position as safetensors +
+  (``core/training/checkpoint.py``): weights, optimizer, scheduler, RNG and data position as safetensors +
   JSON, written atomically, checked before resuming (hyper-parameters, base model hash, dataset
   version; here also ``aligner_hash``, the ASR whose alignment gave the durations);
-- ``train_step``, ``Timebox``, ``LossLog``, ``cpu_threads``, ``seed_everything`` (``core/train_loop.py``).
+- ``train_step``, ``Timebox``, ``LossLog``, ``cpu_threads``, ``seed_everything`` (``core/training/runtime.py``).
 
 **Where a job starts** (same rules as ASR; every checkpoint read is validated first):
 ``<out_dir>/result.json`` → the job already finished, return its result; else the newest
@@ -38,11 +38,19 @@ from peft import LoraConfig, get_peft_model
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from mloc_dagster.core.adapter_format import ADAPTER_WEIGHTS, RESULT_JSON, read_adapter_dir
-from mloc_dagster.core.datasets import DatasetVersion
-from mloc_dagster.core.model import file_sha256, load_base_model, model_dir_hash
-from mloc_dagster.core.sample_stream import SampleStream
-from mloc_dagster.core.train_loop import (
+from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, RESULT_JSON, read_adapter_dir
+from mloc_dagster.core.data.datasets import DatasetVersion
+from mloc_dagster.core.models.ctc import file_sha256, load_base_model, model_dir_hash
+from mloc_dagster.core.training.checkpoint import (
+    ResumeError,
+    TrainState,
+    check_resumable,
+    latest_partial,
+    partial_dir,
+    write_checkpoint,
+    write_partial,
+)
+from mloc_dagster.core.training.runtime import (
     LossLog,
     StopRule,
     Timebox,
@@ -52,15 +60,7 @@ from mloc_dagster.core.train_loop import (
     seed_everything,
     train_step,
 )
-from mloc_dagster.core.train_state import (
-    ResumeError,
-    TrainState,
-    check_resumable,
-    latest_partial,
-    partial_dir,
-    write_checkpoint,
-    write_partial,
-)
+from mloc_dagster.core.training.sample_stream import SampleStream
 from mloc_dagster.core.tts.data import load_rows, make_tts_batch, shuffle_texts
 from mloc_dagster.core.tts.model import DEFAULT_TTS_LORA_TARGETS, load_tts_model
 from mloc_dagster.core.tts.pretrain import frame_l1
@@ -306,7 +306,7 @@ def train_tts_adapter(spec: TtsAdapterJobSpec) -> TtsAdapterJobResult:
 
 def load_tts_adapter(base_tts_dir: str | Path, adapter_dir: str | Path, device: str = "cpu"):
     """The base TTS with an adapter checkpoint's LoRA merged in (a ``TtsModel``, eval mode): what
-    a candidate synthesizes with. The checkpoint is validated first (``core/adapter_format.py``: no
+    a candidate synthesizes with. The checkpoint is validated first (``core/adapters/format.py``: no
     pickle or code, LoRA A/B pairs only, shapes of this base model)."""
     from peft import PeftModel
 

@@ -1,0 +1,290 @@
+"""Starting, pausing, resuming and cancelling training runs: shared by the `mloc run` CLI and the
+`start_training_run` job of the UI launchpad."""
+
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from mloc_dagster.assets.lineage import latest_metadata
+from mloc_dagster.assets.training.adapters import rehearsal_dataset
+from mloc_dagster.assets.training.hparams import HPARAM_KEYS, InvalidHParams, pin_hparams, validate_hparams
+from mloc_dagster.core.adapters.format import InvalidAdapter, read_adapter_dir
+from mloc_dagster.core.state import StateStore
+from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import (
+    ACTIVE,
+    ADAPTER_BRANCHES,
+    ASR,
+    CANCELLED,
+    DISTRIBUTED,
+    FAILED,
+    HYPERPARAMETER,
+    PAUSED,
+    PIPELINE,
+    QUEUED,
+    RUNNING,
+    SINGLE,
+    TRACKS,
+    TTS,
+)
+from mloc_dagster.partitions import is_valid_dialect
+from mloc_dagster.resources.state import StateStoreResource
+from mloc_dagster.runs.pipelines import JobResolver, check_stage
+
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+class TrainingRunError(ValueError):
+    pass
+
+
+def resolve_warm_start(store: StateStore, dialect: str, base_version: str, spec: str) -> tuple[str, str, Path]:
+    """``production[:stable|experimental]`` or a candidate id → (label, candidate id, adapter dir).
+    The adapter must be of this dialect and trained on the base model the new run pins."""
+    if spec == "production" or spec.startswith("production:"):
+        branch = spec.partition(":")[2] or "stable"
+        if branch not in ADAPTER_BRANCHES:
+            raise TrainingRunError(f"--from {spec}: branch is one of {', '.join(ADAPTER_BRANCHES)}")
+        promotion = store.production(dialect, branch)
+        if promotion is None:
+            raise TrainingRunError(f"--from {spec}: {dialect} has no {branch} production adapter yet")
+        candidate = store.get_candidate(promotion.candidate_id)
+        label = f"production:{branch}"
+    else:
+        candidate, label = store.get_candidate(spec), spec
+        if candidate is None:
+            raise TrainingRunError(f"--from {spec}: no such candidate (see `mloc candidate list`)")
+    assert candidate is not None
+    if candidate.dialect != dialect:
+        raise TrainingRunError(f"--from {spec}: {candidate.candidate_id} is an adapter of {candidate.dialect}, "
+                               f"not {dialect}")
+    if candidate.base_model != base_version:
+        raise TrainingRunError(f"--from {spec}: {candidate.candidate_id} was trained on base model "
+                               f"{(candidate.base_model or 'unknown')[:12]}, the current base is {base_version[:12]}; "
+                               "an adapter only continues on its own base")
+    adapter_dir = Path(candidate.adapter_path)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise TrainingRunError(f"--from {spec}: the adapter of {candidate.candidate_id} is gone from {adapter_dir} "
+                               "(removed from disk); pick another (`mloc candidate list`)")
+    return label, candidate.candidate_id, adapter_dir
+
+
+def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
+    """A warm start continues the adapter's own LoRA shape (rank, alpha, target modules); the
+    adapter must pass what a node may hand in (``core/adapters/format.py``), else nothing starts."""
+    try:
+        cfg = read_adapter_dir(adapter_dir).config
+    except InvalidAdapter as exc:
+        raise TrainingRunError(f"--from: {exc}") from exc
+    shape = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "target_modules": sorted(cfg["target_modules"])}
+    clash = {k: hparams[k] for k in shape if k in hparams and hparams[k] != shape[k]}
+    if clash:
+        raise TrainingRunError(f"hparams {clash} differ from the warm-start adapter's {shape}; leave them out")
+    return {**hparams, **shape}
+
+
+def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, jobs: int = 6,
+              candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None,
+              init_from: str | None = None, kind: str = SINGLE, parallelism: int = 1,
+              round_samples: int = 0, space: str | dict | None = None, trials: int = 0,
+              track: str = ASR) -> TrainingRun:
+    """Pin the dialect's latest dataset version and the latest base model, and create the run
+    (from the base alone, or warm-started from an adapter of the dialect: ``init_from``).
+    The training_chain_sensor launches its first job on its next tick.
+
+    ``kind="distributed"``: ``jobs`` rounds of ``round_samples`` samples, each placed as up to
+    ``parallelism`` slices on the pool's nodes and merged (``sensors/rounds.py``).
+    ``kind="hyperparameter"``: ``trials`` single runs of ``jobs`` jobs with hparams sampled from
+    ``space``, up to ``parallelism`` at once, pruned between jobs (``sensors/search.py``).
+    ``track="tts"``: TTS adapters on the latest ``tts_base_model`` (single runs; docs/tts.md)."""
+    if not is_valid_dialect(dialect):
+        raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
+    if track not in TRACKS:
+        raise TrainingRunError(f"--track {track!r}: one of {', '.join(TRACKS)}")
+    if track == TTS and (kind != SINGLE or init_from):
+        raise TrainingRunError("a tts run is of kind single, from the TTS base (no --kind, no --from)")
+    check_run_params(kind, jobs=jobs, candidate_every=candidate_every, timebox_s=timebox_s,
+                     parallelism=parallelism, round_samples=round_samples, trials=trials)
+    try:
+        hparams = validate_hparams(hparams or {}, track)
+    except InvalidHParams as exc:
+        raise TrainingRunError(str(exc)) from exc
+    search = search_config(kind, space, trials, jobs, parallelism)  # every input checked: nothing started yet
+    dataset = latest_metadata(instance, "dataset_version", dialect)
+    if dataset is None:
+        raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
+    base_asset = "tts_base_model" if track == TTS else "base_model"
+    base = latest_metadata(instance, base_asset)
+    if base is None:
+        raise TrainingRunError(f"no {base_asset} yet: materialize {base_asset} first")
+    label = init_adapter = None
+    if init_from:
+        label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
+        hparams = warm_start_hparams(adapter_dir, hparams)
+        label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
+    try:
+        run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
+                                hparams=pin_hparams(hparams, track), timebox_s=timebox_s, max_jobs=jobs,
+                                candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
+                                kind=kind, parallelism=parallelism, round_samples=round_samples,
+                                rehearsal_dataset=(rehearsal_dataset(instance, dialect) or "") if track == ASR else "",
+                                track=track)
+    except ValueError as exc:
+        raise TrainingRunError(str(exc)) from exc
+    if search is not None:
+        from mloc_dagster.core.search.study import Search
+
+        Search.create(store.url, run.run_id, search)
+    return run
+
+
+def start_pipeline(instance: dg.DagsterInstance, store: StateStore, spec, job_def: JobResolver) -> TrainingRun:
+    """A pipeline run from a spec (dict, JSON/YAML text or file; ``core/training/pipeline.py``), checked
+    before anything starts (``job_def``: the code location's jobs by name); the training_chain_sensor
+    starts its first stage on its next tick."""
+    from mloc_dagster.core.training.pipeline import PipelineSpecError, load_spec, spec_json
+
+    try:
+        stages = load_spec(spec)
+        for s in stages:
+            check_stage(s, job_def)
+    except (PipelineSpecError, OSError) as exc:
+        raise TrainingRunError(f"pipeline spec: {exc}") from exc
+    training = [s for s in stages if s.kind == "training_run"]
+    dialect = training[0].fields["dialect"] if training else "en-us"
+    return store.create_run(dialect=dialect, dataset_version="", base_model_version="", kind=PIPELINE,
+                            max_jobs=len(stages), candidate_every=1, spec=spec_json(stages))
+
+
+def check_run_params(kind: str, **values: Any) -> None:
+    """The numbers of a run, each named as `mloc run start` and the launchpad call it, checked
+    before anything is created."""
+    if kind not in (SINGLE, DISTRIBUTED, HYPERPARAMETER):
+        raise TrainingRunError(f"--kind {kind!r}: one of {SINGLE}, {DISTRIBUTED}, {HYPERPARAMETER} "
+                               "(a pipeline starts from its --spec)")
+    lows = {"jobs": 1, "candidate_every": 1, "timebox_s": 1, "parallelism": 1, "round_samples": 0, "trials": 0}
+    if kind == DISTRIBUTED:
+        lows["round_samples"] = values["parallelism"] if isinstance(values["parallelism"], int) else 1
+    if kind == HYPERPARAMETER:
+        lows["trials"] = 1
+    for name, low in lows.items():
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            why = " (one sample per slice at least: >= parallelism)" if name == "round_samples" and low > 0 else ""
+            raise TrainingRunError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+
+
+def search_config(kind: str, space: str | dict | None, trials: int, jobs: int, parallelism: int):
+    """A search's configuration, checked (``core.search``), or None for other kinds."""
+    if kind != HYPERPARAMETER:
+        if space:
+            raise TrainingRunError(f"--space is for --kind hyperparameter, not {kind}")
+        return None
+    from mloc_dagster.core.search.study import SearchConfig, SearchError, SearchSpaceError, parse_space, space_json
+
+    try:
+        parsed = parse_space(space if space is not None else {}, HPARAM_KEYS, validate_hparams)
+        return SearchConfig(space=space_json(parsed), trials=trials, jobs=jobs, parallelism=parallelism)
+    except (SearchError, SearchSpaceError) as exc:
+        raise TrainingRunError(str(exc)) from exc
+
+
+def pause_run(store: StateStore, run_id: str) -> bool:
+    """The job in flight finishes; no next job is requested (a search: none of its trials')."""
+    paused = store.transition_run(run_id, ACTIVE, PAUSED, "paused by user")
+    for trial in store.list_runs(status=ACTIVE, parent_run_id=run_id, limit=None) if paused else []:
+        store.transition_run(trial.run_id, ACTIVE, PAUSED, f"its search {run_id} was paused")
+    return paused
+
+
+def resume_run(store: StateStore, run_id: str) -> bool:
+    """The next job resumes from the last checkpoint (a new generation of run keys: a job, a
+    distributed run's queued slices or its round merge that were canceled or refused while paused
+    are requested again); a search resumes its trials."""
+    resumed = store.transition_run(run_id, PAUSED, ACTIVE, None)
+    for trial in store.list_runs(status=PAUSED, parent_run_id=run_id, limit=None) if resumed else []:
+        store.transition_run(trial.run_id, PAUSED, ACTIVE, None)
+    return resumed
+
+
+def reactivate_run(store: StateStore, run_id: str, job_index: int, reason: str) -> bool:
+    """A run that failed because job ``job_index`` exhausted its retries becomes active again (a
+    new generation, the reason recorded) and the job is queued: its replay (``mloc run replay``)
+    resumes it from the run's last checkpoint. False if the run is not failed (any more)."""
+    if not store.transition_run(run_id, FAILED, ACTIVE, reason):
+        return False
+    store.record_job_queued(run_id, job_index)
+    return True
+
+
+def cancel_run(instance: dg.DagsterInstance, store: StateStore, run_id: str) -> list[str]:
+    """Cancel the run and terminate its Dagster runs in flight; returns their ids. A search
+    cancels its live trials too."""
+    terminated = []
+    for trial in store.list_runs(status=(ACTIVE, PAUSED), parent_run_id=run_id, limit=None):
+        terminated += cancel_run(instance, store, trial.run_id)
+    store.transition_run(run_id, (ACTIVE, PAUSED), CANCELLED, "cancelled by user")
+    for job in store.jobs_for_run(run_id):
+        if job.status in (QUEUED, RUNNING):
+            store.mark_job_failed(run_id, job.job_index, "cancelled by user")
+    for record in instance.get_run_records(dg.RunsFilter(tags={"mloc/run_id": run_id}, statuses=IN_FLIGHT)):
+        run = record.dagster_run
+        # A run not started yet is simply cancelled; a started one is terminated by its launcher.
+        # If the launcher cannot reach it, the worker still stops at its next heartbeat (the job
+        # is marked failed above) and the run is recorded as cancelled here.
+        if run.status not in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED) and \
+                instance.run_coordinator.cancel_run(run.run_id):
+            terminated.append(run.run_id)
+            continue
+        instance.report_run_canceled(run, message="cancelled by `mloc run cancel`")
+        terminated.append(run.run_id)
+    return terminated
+
+
+class StartRunConfig(dg.Config):
+    dialect: str
+    jobs: int = 6
+    candidate_every: int = 6
+    timebox_s: int = 3600
+    # Ints, floats and lists as the training job takes them, e.g. {"r": 8, "lr": 0.002,
+    # "target_modules": ["head"]}; unknown or ill-typed keys fail with the allowed ones listed.
+    hparams: dict[str, Any] = {}
+    # Warm start: "production", "production:experimental" or a candidate id ("" = from the base).
+    init_from: str = ""
+    # "distributed": `jobs` rounds of `round_samples` samples, each on up to `parallelism` pool nodes.
+    kind: str = SINGLE
+    parallelism: int = 1
+    round_samples: int = 0
+    # "hyperparameter": `trials` runs with hparams from `space`, e.g. {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}.
+    space: dict[str, Any] = {}
+    trials: int = 0
+    # "tts": TTS adapters on the base TTS, gated by the stop-loss (docs/tts.md); "asr": speech recognition.
+    track: str = ASR
+
+
+@dg.op(description="Create a training run; the training_chain_sensor then chains its jobs.")
+def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
+                        state: StateStoreResource) -> str:
+    try:
+        run = start_run(context.instance, state.store(), config.dialect, config.jobs, config.candidate_every,
+                        config.timebox_s, dict(config.hparams), config.init_from or None, config.kind,
+                        config.parallelism, config.round_samples, dict(config.space) or None, config.trials,
+                        config.track)
+    except TrainingRunError as exc:
+        raise dg.Failure(str(exc)) from exc
+    context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "track": run.track,
+                                 "jobs": run.max_jobs,
+                                 "hparams": dg.MetadataValue.json(run.hparams), "init_from": run.init_from or ""})
+    context.log.info(f"training run {run.run_id} started for {run.dialect}")
+    return run.run_id
+
+
+@dg.job(description="Start a training run from the UI launchpad (same as `mloc run start`).")
+def start_training_run():
+    create_training_run()
+
+
+defs = dg.Definitions(jobs=[start_training_run])
