@@ -27,11 +27,12 @@ STOP_BOUND_S = 60
 def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: bool) -> None:
     port = free_port()
     command = [sys.executable, "-m", "mloc_dagster.cli.ui", "--port", str(port)]
-    if via_make:  # GNU make does not forward SIGTERM to its recipe: the UI must notice make is gone
+    if via_make:  # make passes SIGTERM on to its recipe and waits for it, then dies of the signal
         (tmp_path / "Makefile").write_text(f"ui:\n\t{' '.join(command)}\n")
         command = ["make", "-s", "-C", str(tmp_path), "ui"]
+    log = (tmp_path / "ui.log").open("w")
     proc = subprocess.Popen(command, env=dict(os.environ) | {"PYTHONPATH": str(Path(__file__).parent.parent)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -46,7 +47,10 @@ def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: b
         assert len(children) >= 3  # dagster dev, its webserver, daemon and code server
         started = time.monotonic()
         proc.send_signal(sig)
-        returncode = proc.wait(timeout=STOP_BOUND_S)
+        try:
+            returncode = proc.wait(timeout=STOP_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(_hang_report(proc, children, tmp_path / "ui.log"))
         assert returncode == (-signal.SIGTERM if via_make else 0)
         while time.monotonic() - started < STOP_BOUND_S and any(_alive(c) for c in children):
             time.sleep(0.2)
@@ -56,6 +60,20 @@ def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: b
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _hang_report(proc: subprocess.Popen, children: list[psutil.Process], log: Path) -> str:
+    """What is still running after the bound, and where the UI's Python is (faulthandler on SIGUSR1)."""
+    lines = [f"not stopped {STOP_BOUND_S} s after the signal:"]
+    for p in [psutil.Process(proc.pid), *children]:
+        if _alive(p):
+            lines.append(f"  {p.pid} {p.status()} {' '.join(p.cmdline())[:160]}")
+            sig = [ln for ln in Path(f"/proc/{p.pid}/status").read_text().splitlines() if ln.startswith(("Sig", "ShdPnd"))]
+            lines.append("    " + " ".join(sig))  # blocked / ignored / pending signals: was the signal seen?
+            if "mloc_dagster.ui" in p.cmdline():
+                p.send_signal(signal.SIGUSR1)
+    time.sleep(2)
+    return "\n".join(lines) + "\n--- ui log (tail) ---\n" + log.read_text()[-6000:]
 
 
 def _alive(p: psutil.Process) -> bool:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from mloc_dagster.cli.stop_signals import StopSignals
 from mloc_dagster.operations import metrics
 from mloc_dagster.paths import MlocPaths
 
@@ -75,18 +74,16 @@ def serve(
     except OSError as exc:
         typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc} (is another exporter running?)", err=True)
         raise typer.Exit(2) from exc
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     typer.echo(f"serving http://{host}:{server.server_port}/metrics" + (f", textfile {textfile}" if textfile else ""))
     try:
-        while not stop.is_set():
-            if textfile is not None:
-                try:
-                    metrics.write_textfile(reg, textfile)
-                except OSError as exc:
-                    typer.echo(f"warning: cannot write {textfile}: {exc}", err=True)
-            stop.wait(interval)
+        with StopSignals() as stop:
+            while not stop.requested:
+                if textfile is not None:
+                    try:
+                        metrics.write_textfile(reg, textfile)
+                    except OSError as exc:
+                        typer.echo(f"warning: cannot write {textfile}: {exc}", err=True)
+                stop.wait(interval)
     finally:
         server.shutdown()
         server.server_close()

@@ -12,16 +12,17 @@ behind and the stop takes at most ``stop_timeout_s`` plus a moment.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from mloc_dagster.cli.stop_signals import StopSignals
 from mloc_dagster.paths import REPO
 
 STOP_TIMEOUT_S = 8.0
@@ -72,22 +73,18 @@ def serve(host: str = "127.0.0.1", port: int = 3000, workspace: Path = REPO / "w
     cwd = home if home and Path(home).is_dir() else None
     proc = subprocess.Popen([str(dagster), "dev", "-w", str(Path(workspace).absolute()), "-h", host, "-p", str(port)],
                             start_new_session=True, cwd=cwd)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopped = False
     parent = os.getppid()
-    try:
-        # GNU make does not pass SIGTERM on to its recipe: when `make ui` dies, this process is
-        # re-parented, and that is a stop request too.
-        while proc.poll() is None and not stop.is_set() and os.getppid() == parent:
-            stop.wait(0.5)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if proc.poll() is None:  # asked to stop (or interrupted): take the whole tree down
-            print("stopping dagster dev ...", file=sys.stderr, flush=True)
-            stop_process_tree(proc, stop_timeout_s)
-            stopped = True
+    with StopSignals() as stop:
+        try:
+            # A parent that goes away (re-parented: a `make ui` killed hard) is a stop request too.
+            while proc.poll() is None and not stop.wait(0.5) and os.getppid() == parent:
+                pass
+        finally:
+            if proc.poll() is None:  # asked to stop (or interrupted): take the whole tree down
+                print("stopping dagster dev ...", file=sys.stderr, flush=True)
+                stop_process_tree(proc, stop_timeout_s)
+                stopped = True
     return 0 if stopped else proc.returncode
 
 
@@ -98,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--workspace", type=Path, default=REPO / "workspace.yaml")
     args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where a stop hangs
     return serve(args.host, args.port, args.workspace)
 
 
