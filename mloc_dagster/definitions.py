@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from mloc_dagster.assets.candidates import asr as candidates
+from mloc_dagster.assets.candidates import gate, merge, promotion
 from mloc_dagster.assets.datasets import versions as datasets
 from mloc_dagster.assets.models import base_model as models
 from mloc_dagster.assets.operations import reports
@@ -27,7 +27,9 @@ defs = dg.Definitions.merge(
     models.defs,
     adapters.defs,
     rounds.defs,
-    candidates.defs,
+    merge.defs,
+    gate.defs,
+    promotion.defs,
     tts_training.defs,
     tts_candidates.defs,
     reports.defs,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mloc_dagster.assets.candidates.asr import candidate_job
+from mloc_dagster.assets.candidates.promotion import candidate_job
 from mloc_dagster.assets.models.base_model import base_model_job
 from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB, round_merge_job
 from mloc_dagster.assets.training.adapters import TRAIN_JOB, train_adapter_job

@@ -1,6 +1,6 @@
 """tts_candidate → tts_gate_report (the stop-loss, blocking checks) → tts_production_adapter.
 
-The TTS track's candidates follow the ASR ones (``assets/candidates/asr.py``): a candidate is the
+The TTS track's candidates follow the ASR ones (``assets/candidates/``): a candidate is the
 merge of the dialect's unclaimed TTS adapters on the run's TTS base, recorded under the Dagster
 run that merged it, and gated and promoted by that identity.
 
@@ -26,16 +26,15 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from mloc_dagster.assets.candidates.asr import (
+from mloc_dagster.assets.candidates.gate import config_refusal, gate_candidate
+from mloc_dagster.assets.candidates.merge import (
     MIN_TRUSTED_REPUTATION,
     already_merged,
-    config_refusal,
     discard_unrecorded,
-    gate_candidate,
     pinned_inputs,
-    promote,
     root_run_id,
 )
+from mloc_dagster.assets.candidates.promotion import promote
 from mloc_dagster.assets.tts.training import aligner_of, tts_adapter_checkpoint
 from mloc_dagster.core.gates.config import dialect_settings
 from mloc_dagster.core.gates.gate import GateConfigError

@@ -1,7 +1,7 @@
 """Reading a gate's settings: the per-dialect files in $MLOC_HOME (``gates.json`` for the ASR
 gate, ``tts_gate.json`` for the TTS stop-loss) under the run config's overrides. A malformed
 file, entry or value is a ``GateConfigError`` naming the file (or run config) and the key; the
-gate assets turn it into failed gate checks with that reason (``assets/candidates/asr.py``)."""
+gate assets turn it into failed gate checks with that reason (``assets/candidates/gate.py``)."""
 
 from __future__ import annotations
 

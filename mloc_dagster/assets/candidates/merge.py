@@ -1,4 +1,5 @@
-"""merged_candidate → gate_report (blocking checks) → production_adapter, per dialect.
+"""merged_candidate: the adapters of a dialect, screened and merged into a candidate (then
+``gate.py``: gate_report, ``promotion.py``: production_adapter and candidate_job).
 
 Identity, not recency: the candidate a run merges is the one that run gates and promotes. The
 merge records the candidate under the run's root Dagster run id (a re-execution from failure
@@ -30,35 +31,23 @@ mean of theirs by merged samples. It is trusted as its round merges judged it (`
 slice inside came from a node at or above the bar when it was merged. A slice of a node below the
 bar went into its round's experimental sibling only, so the stable candidate is built without it
 and the experimental companion merges the sibling in the round adapter's place.
-
-Gates judge the model, not the node (``core.reputation.evidence_of_harm``): a passed gate raises
-the reputation of the nodes inside the candidate, by their share; a failed one lowers it only
-with evidence of harm (worse than production or the base model, a base-dialect regression), never
-for missing an absolute CER/WER limit alone.
 """
 
-
-import json
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 
-from mloc_dagster.assets.lineage import latest_metadata, require_metadata
+from mloc_dagster.assets.lineage import require_metadata
 from mloc_dagster.assets.training.adapters import adapter_checkpoint
-from mloc_dagster.core.adapters.format import InvalidAdapter, read_node_result
-from mloc_dagster.core.gates.config import load_thresholds
-from mloc_dagster.core.gates.gate import GateConfigError, GateThresholds, evaluate_gates
-from mloc_dagster.core.gates.scoring import score
-from mloc_dagster.core.merging.candidates import Recognizer, merge_candidate
+from mloc_dagster.core.merging.candidates import merge_candidate
 from mloc_dagster.core.merging.merge import MergeResult
 from mloc_dagster.core.merging.screening import markdown_table, reputation_updates
-from mloc_dagster.core.pool.reputation import evidence_of_harm, reputation_from_gate, source_shares
-from mloc_dagster.core.publish import publish_copy, unique_id
+from mloc_dagster.core.pool.reputation import source_shares
+from mloc_dagster.core.publish import unique_id
 from mloc_dagster.core.state import StateStore
-from mloc_dagster.core.state.candidates import RELEASED, AdapterClaimConflict, AdapterRef, Candidate
+from mloc_dagster.core.state.candidates import AdapterClaimConflict, AdapterRef
 from mloc_dagster.core.state.schema import ASR, TTS
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
@@ -66,8 +55,8 @@ from mloc_dagster.resources.gpu import GpuArbiter
 from mloc_dagster.resources.state import StateStoreResource
 
 MIN_TRUSTED_REPUTATION = 0.7
-GATES = ("cer_gate", "wer_gate", "improvement_gate", "regression_gate")
 CLAIM_ATTEMPTS = 3
+
 
 
 class MergeConfig(dg.Config):
@@ -267,226 +256,10 @@ def record_companion(context: dg.AssetExecutionContext, store: StateStore, compa
     return companion
 
 
-def learning_curves(candidate: Candidate) -> str:
-    """Each source run's dev CER per job (from its checkpoint's result.json), as markdown."""
-    lines = ["| run | job | samples seen | dev CER |", "|---|---|---|---|"]
-    for src in candidate.sources:
-        try:
-            curve = read_node_result(src.path, required=False).get("learning_curve") or []
-        except InvalidAdapter as exc:  # the gate reports on; what is wrong with the file is said here
-            lines.append(f"| {src.run_id} | {src.job_index} | – | {exc.reason} |")
-            continue
-        lines += [f"| {src.run_id} | {p.get('job_index')} | {p.get('total_samples', '')} | "
-                  f"{float(p.get('dev_cer', float('nan'))):.4f} |" for p in curve]
-    return "\n".join(lines) if len(lines) > 2 else "no learning curve recorded"
-
-
-GATES_FILE = "gates.json"  # $MLOC_HOME/gates.json: {"<dialect>": {"max_cer": 0.2, ...}}
-
-
-class GateConfig(dg.Config):
-    # Per-dialect overrides of GateThresholds, e.g. {"en-gb-scotland": {"max_cer": 0.2}}; they win
-    # over $MLOC_HOME/gates.json, which wins over the defaults (CER 0.15, WER 0.20, ...).
-    thresholds: dict[str, dict[str, float]] = {}
-    bootstrap_samples: int = 2000
-    # Re-gate a named candidate instead of the one this run merged (e.g. after changing thresholds).
-    candidate_id: str = ""
-
-
-def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candidate_id: str = "",
-                   track: str = ASR) -> Candidate:
-    """The candidate of ``track`` this run merged (or the one named in config)."""
-    candidate = (store.get_candidate(candidate_id) if candidate_id
-                 else store.candidate_of_dagster_run(root_run_id(context)))
-    job = "tts_candidate_job" if track == TTS else "candidate_job"
-    if candidate is None or candidate.track != track:
-        raise dg.Failure(f"no {track} candidate {candidate_id}" if candidate_id else
-                         f"this run merged no {track} candidate: run the gate with its merge ({job}), "
-                         "or name one in config candidate_id")
-    if candidate.dialect != context.partition_key:
-        raise dg.Failure(f"candidate {candidate.candidate_id} is for {candidate.dialect}, not {context.partition_key}")
-    if candidate.gate_decision == RELEASED:  # runs/verdicts.py: its adapters may be in another candidate now
-        raise dg.Failure(f"candidate {candidate.candidate_id} was released ({(candidate.details or {}).get('released')}): "
-                         "it is never gated or promoted; its adapters go into the next candidate")
-    return candidate
-
-
-def thresholds_for(dialect: str, config: GateConfig, artifacts: ArtifactStore) -> GateThresholds:
-    return load_thresholds(artifacts.paths.home / GATES_FILE, dialect, {"bootstrap_samples": config.bootstrap_samples},
-                           config.thresholds.get(dialect, {}))
-
-
-def config_refusal(store: StateStore, candidate: Candidate, checks: Sequence[str], reason: str,
-                   path: Path) -> dg.MaterializeResult:
-    """A gate whose own configuration is broken judges nothing: every check fails with the
-    reason (so promotion is blocked and the run's chain hears of it), nobody's reputation moves,
-    and the candidate can be re-gated once the file is fixed (config ``candidate_id``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gates = [{"name": name, "passed": False, "value": None, "limit": None, "floor": None,
-              "description": f"gate configuration: {reason}"} for name in checks]
-    path.write_text(json.dumps({"candidate_id": candidate.candidate_id, "decision": "failed",
-                                "config_error": reason, "gates": gates}, indent=2))
-    store.set_gate_result(candidate.candidate_id, "failed", str(path))
-    return dg.MaterializeResult(
-        metadata={"candidate_id": candidate.candidate_id, "decision": "failed", "config_error": reason,
-                  "path": dg.MetadataValue.path(str(path))},
-        check_results=[dg.AssetCheckResult(check_name=name, passed=False, metadata={"reason": reason})
-                       for name in checks])
-
-
-def companion_of(store: StateStore, candidate: Candidate) -> Candidate | None:
-    """The experimental companion merged beside this (stable) candidate, if any."""
-    companion_id = (candidate.details or {}).get("experimental_candidate")
-    return store.get_candidate(companion_id) if companion_id else None
-
-
-def write_gate_report(artifacts: ArtifactStore, dialect: str, candidate_id: str, report, store: StateStore) -> Path:
-    path = artifacts.paths.reports / dialect / f"{candidate_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.to_json())
-    store.set_gate_result(candidate_id, report.decision, str(path))
-    return path
-
-
-@dg.asset(partitions_def=dialect_partitions, deps=[merged_candidate], group_name="candidates",
-          kinds={"pytorch"}, pool="gpu",
-          check_specs=[dg.AssetCheckSpec(name, asset="gate_report", blocking=True) for name in GATES],
-          description="The candidate this run merged, on its own base model, against production on that base "
-                      "(else the base model) and the base dialect; always materializes (a failed gate is a "
-                      "report too). Its blocking checks guard production_adapter.")
-def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts: ArtifactStore,
-                state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
-    dialect = context.partition_key
-    store = state.store()
-    candidate = gate_candidate(context, store, config.candidate_id)
-    try:
-        thresholds = thresholds_for(dialect, config, artifacts)
-    except GateConfigError as exc:
-        return config_refusal(store, candidate, GATES, str(exc),
-                              artifacts.paths.reports / dialect / f"{candidate.candidate_id}.json")
-    base = require_metadata(context.instance, "base_model")
-    dataset_path = candidate.dataset_version or require_metadata(context.instance, "dataset_version", dialect)["path"]
-    base_dataset = require_metadata(context.instance, "dataset_version", base["base_dialect"])
-    production = store.production(dialect, "stable")
-    stale = production is not None and production.base_model != candidate.base_model
-
-    with gpu.lease("EVAL", context) as lease:
-        recognize = Recognizer(candidate.base_model_path or base["path"], artifacts.paths.home / "features",
-                               lease.torch_device)
-        cand = recognize(candidate.adapter_path, dataset_path)
-        dialect_base = recognize(None, dataset_path)
-        prod = recognize(production.adapter_path, dataset_path) if production and not stale else None
-        base_cand = recognize(candidate.adapter_path, base_dataset["path"])
-        base_ref = recognize(None, base_dataset["path"])
-        companion = None if config.candidate_id else companion_of(store, candidate)
-        if companion is not None:
-            comp_results = (recognize(companion.adapter_path, dataset_path),
-                            recognize(companion.adapter_path, base_dataset["path"]))
-    reference_label = "production" if prod is not None else "base model"
-    report = evaluate_gates(cand, prod if prod is not None else dialect_base, base_candidate=base_cand,
-                            base_reference=base_ref, thresholds=thresholds, reference_label=reference_label,
-                            dialect_base=dialect_base)
-    path = write_gate_report(artifacts, dialect, candidate.candidate_id, report, store)
-    moved = {} if config.candidate_id else store.apply_reputation_updates(reputation_from_gate(  # re-gating: once
-        report.decision, source_shares(map(store.adapter_nodes, candidate.sources)), harm=evidence_of_harm(report)))
-    experimental: dict = {}
-    if companion is not None:  # its gate is the way back for the untrusted nodes: it moves only them
-        comp_report = evaluate_gates(comp_results[0], prod if prod is not None else dialect_base,
-                                     base_candidate=comp_results[1], base_reference=base_ref, thresholds=thresholds,
-                                     reference_label=reference_label, dialect_base=dialect_base)
-        write_gate_report(artifacts, dialect, companion.candidate_id, comp_report, store)
-        stable_nodes = {n for s in candidate.sources for n in store.adapter_nodes(s)}
-        shares = {n: v for n, v in source_shares(map(store.adapter_nodes, companion.sources)).items()
-                  if n not in stable_nodes}
-        experimental = {
-            "experimental_candidate": companion.candidate_id, "experimental_decision": comp_report.decision,
-            "cer_experimental": comp_report.candidate.cer,
-            "experimental_reputation_after": dg.MetadataValue.json(store.apply_reputation_updates(
-                reputation_from_gate(comp_report.decision, shares, harm=evidence_of_harm(comp_report))))}
-    base_scores = score(dialect_base)
-    return dg.MaterializeResult(
-        metadata={
-            "candidate_id": candidate.candidate_id, "decision": report.decision,
-            "base_model": candidate.base_model or "", "compared_with": report.reference_label,
-            "production_candidate": production.candidate_id if production else "",
-            "production_stale": stale, "test_speakers": len(report.speakers),
-            "reputation_after": dg.MetadataValue.json(moved),
-            "harm": dg.MetadataValue.json(evidence_of_harm(report)),
-            "cer_base_model": base_scores.cer, "wer_base_model": base_scores.wer,
-            "cer_candidate": report.candidate.cer, "wer_candidate": report.candidate.wer,
-            "cer_production": report.production.cer if prod is not None else float("nan"),
-            "base_dialect_regression_rel": report.base_regression_rel,
-            **{k: v for k, v in report.metrics().items() if k not in ("candidate_cer", "candidate_wer")},
-            "report": dg.MetadataValue.md(report.to_markdown() + "\n### Learning curve of the sources\n\n"
-                                          + learning_curves(candidate) + "\n"),
-            "path": dg.MetadataValue.path(str(path)),
-            **experimental,
-            **lease.metadata(),
-        },
-        check_results=[
-            dg.AssetCheckResult(check_name=g.name, passed=g.passed,
-                                metadata={"value": float("nan") if g.value is None else float(g.value),
-                                          "threshold": float(g.threshold), "description": g.description})
-            for g in report.gates
-        ],
-    )
-
-
-@dg.asset(partitions_def=dialect_partitions, deps=[gate_report], group_name="candidates",
-          kinds={"safetensors"},
-          description="The promoted adapter of the dialect: the candidate this run merged and gated, on branch "
-                      "stable (experimental when every source node is below the trust bar); its experimental "
-                      "companion, when it passed its own gate, on branch experimental.")
-def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
-                       state: StateStoreResource) -> dg.MaterializeResult:
-    dialect = context.partition_key
-    store = state.store()
-    candidate = gate_candidate(context, store)
-    if candidate.gate_decision != "passed":
-        raise dg.Failure(f"candidate {candidate.candidate_id} has not passed its gate ({candidate.gate_decision})")
-    branch = "stable" if candidate.trusted else "experimental"
-    out = promote(artifacts, store, dialect, branch, candidate)
-    companion = companion_of(store, candidate)
-    experimental = {}
-    if companion is not None:
-        experimental = {"experimental_candidate": companion.candidate_id,
-                        "experimental_decision": companion.gate_decision or "not gated"}
-        if companion.gate_decision == "passed":
-            experimental["experimental_path"] = dg.MetadataValue.path(
-                str(promote(artifacts, store, dialect, "experimental", companion)))
-    current = latest_metadata(context.instance, "base_model")
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(candidate.sha256),
-        metadata={"branch": branch, "candidate_id": candidate.candidate_id, "sha256": candidate.sha256,
-                  "base_model": candidate.base_model or "",
-                  "stale": bool(current and candidate.base_model != current.get("version")),
-                  "path": dg.MetadataValue.path(str(out)), **experimental},
-    )
-
-
-def promote(artifacts: ArtifactStore, store: StateStore, dialect: str, branch: str, candidate: Candidate,
-            track: str = ASR) -> Path:
-    """Publish the candidate's adapter under production (whole or not at all; a half copy left by a
-    crash is rebuilt, core/publish.py) and record the promotion."""
-    parts = ("tts",) if track == TTS else ()
-    out = publish_copy(candidate.adapter_path,
-                       artifacts.paths.adapters.joinpath("production", *parts, dialect, branch, candidate.candidate_id))
-    store.record_promotion(dialect, branch, candidate.candidate_id)
-    return out
-
-
 def discard_unrecorded(*paths: Path) -> None:
     """Directories merged by an attempt whose candidate was never recorded: nothing refers to them."""
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
 
 
-candidate_job = dg.define_asset_job(
-    "candidate_job", selection=[merged_candidate, gate_report, production_adapter],
-    partitions_def=dialect_partitions,
-    # A failed gate is a decision, not a crash: never retry it.
-    tags={"dagster/max_retries": "0"},
-    description="Merge the dialect's new adapters, evaluate the candidate at the gate, promote if it passes.",
-)
-
-defs = dg.Definitions(assets=[merged_candidate, gate_report, production_adapter], jobs=[candidate_job])
+defs = dg.Definitions(assets=[merged_candidate])
