@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from mloc_dagster.assets.training.hparams import InvalidHParams, validate_hparams
+from mloc_dagster.assets.tracks import validate_hparams
+from mloc_dagster.assets.training.hparams import InvalidHParams
 from mloc_dagster.core.training.pipeline import PipelineSpecError, Stage
 from mloc_dagster.partitions import is_valid_dialect
 from mloc_dagster.runs.requests import CANDIDATE_JOB

@@ -7,14 +7,13 @@ import dagster as dg
 from mloc_dagster.assets.candidates.promotion import candidate_job
 from mloc_dagster.assets.models.base_model import base_model_job
 from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB, round_merge_job
+from mloc_dagster.assets.tracks import track_of, validate_hparams
 from mloc_dagster.assets.training.adapters import TRAIN_JOB, train_adapter_job
-from mloc_dagster.assets.training.hparams import validate_hparams
 from mloc_dagster.assets.training.step import TIMEBOX_MARGIN_S
 from mloc_dagster.assets.tts.candidates import tts_candidate_job
-from mloc_dagster.assets.tts.training import TTS_TRAIN_JOB, tts_base_model_job, tts_train_adapter_job
+from mloc_dagster.assets.tts.training import tts_base_model_job, tts_train_adapter_job
 from mloc_dagster.core.state.rounds import RoundSlice
 from mloc_dagster.core.state.runs import TrainingRun
-from mloc_dagster.core.state.schema import ASR, TTS
 from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, node_k8s_config
 
 CANDIDATE_JOB = candidate_job.name
@@ -22,9 +21,6 @@ CANDIDATE_JOB = candidate_job.name
 # Every job the training chain launches (a pipeline's base_model stage too), both tracks.
 CHAIN_JOBS = [train_adapter_job, candidate_job, round_merge_job, base_model_job, tts_train_adapter_job,
               tts_candidate_job, tts_base_model_job]
-# What a run of each track requests: (training job, its asset's op, candidate job).
-TRACK_JOBS = {ASR: (TRAIN_JOB, "adapter_checkpoint", CANDIDATE_JOB),
-              TTS: (TTS_TRAIN_JOB, "tts_adapter_checkpoint", tts_candidate_job.name)}
 
 
 def chain_run_key(run: TrainingRun, *parts: object) -> str:
@@ -37,10 +33,10 @@ def chain_run_key(run: TrainingRun, *parts: object) -> str:
 def train_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
     # Validated when the run was created; checked again so a bad row fails loudly, never silently.
     hparams = validate_hparams(run.hparams, run.track)
-    job_name, op, _ = TRACK_JOBS[run.track]
+    track = track_of(run.track)
     return dg.RunRequest(
-        job_name=job_name, partition_key=run.dialect, run_key=chain_run_key(run, job_index),
-        run_config={"ops": {op: {"config": {
+        job_name=track.train_job, partition_key=run.dialect, run_key=chain_run_key(run, job_index),
+        run_config={"ops": {track.train_op: {"config": {
             "run_id": run.run_id, "job_index": job_index, "timebox_s": run.timebox_s, **hparams}}}},
         # The backstop; the job moves it once its device is granted (adapters.start_timebox).
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(job_index),
@@ -67,7 +63,7 @@ def slice_run_request(run: TrainingRun, s: RoundSlice) -> dg.RunRequest:
 def candidate_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
     """The candidate job (merge, gate, promotion) of the run's track, after job ``job_index``."""
     return dg.RunRequest(
-        job_name=TRACK_JOBS[run.track][2], partition_key=run.dialect,
+        job_name=track_of(run.track).candidate_job, partition_key=run.dialect,
         run_key=chain_run_key(run, "candidate", job_index),
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(job_index)})
 

@@ -8,8 +8,9 @@ from typing import Any
 import dagster as dg
 
 from mloc_dagster.assets.lineage import latest_metadata
+from mloc_dagster.assets.tracks import TRACKS, pin_hparams, validate_hparams
 from mloc_dagster.assets.training.adapters import rehearsal_dataset
-from mloc_dagster.assets.training.hparams import HPARAM_KEYS, InvalidHParams, pin_hparams, validate_hparams
+from mloc_dagster.assets.training.hparams import InvalidHParams
 from mloc_dagster.core.adapters.format import InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
@@ -26,8 +27,6 @@ from mloc_dagster.core.state.schema import (
     QUEUED,
     RUNNING,
     SINGLE,
-    TRACKS,
-    TTS,
 )
 from mloc_dagster.partitions import is_valid_dialect
 from mloc_dagster.resources.state import StateStoreResource
@@ -104,8 +103,9 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
         raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
     if track not in TRACKS:
         raise TrainingRunError(f"--track {track!r}: one of {', '.join(TRACKS)}")
-    if track == TTS and (kind != SINGLE or init_from):
-        raise TrainingRunError("a tts run is of kind single, from the TTS base (no --kind, no --from)")
+    if kind not in TRACKS[track].kinds or (init_from and not TRACKS[track].warm_start):
+        raise TrainingRunError(f"a {track} run is of kind {' or '.join(TRACKS[track].kinds)}"
+                               + ("" if TRACKS[track].warm_start else f", from the {TRACKS[track].base_asset} (no --from)"))
     check_run_params(kind, jobs=jobs, candidate_every=candidate_every, timebox_s=timebox_s,
                      parallelism=parallelism, round_samples=round_samples, trials=trials)
     try:
@@ -116,7 +116,7 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
     dataset = latest_metadata(instance, "dataset_version", dialect)
     if dataset is None:
         raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
-    base_asset = "tts_base_model" if track == TTS else "base_model"
+    base_asset = TRACKS[track].base_asset
     base = latest_metadata(instance, base_asset)
     if base is None:
         raise TrainingRunError(f"no {base_asset} yet: materialize {base_asset} first")
@@ -130,7 +130,7 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, job
                                 hparams=pin_hparams(hparams, track), timebox_s=timebox_s, max_jobs=jobs,
                                 candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
                                 kind=kind, parallelism=parallelism, round_samples=round_samples,
-                                rehearsal_dataset=(rehearsal_dataset(instance, dialect) or "") if track == ASR else "",
+                                rehearsal_dataset=(rehearsal_dataset(instance, dialect) or "") if TRACKS[track].rehearsal else "",
                                 track=track)
     except ValueError as exc:
         raise TrainingRunError(str(exc)) from exc
@@ -186,7 +186,7 @@ def search_config(kind: str, space: str | dict | None, trials: int, jobs: int, p
     from mloc_dagster.core.search.study import SearchConfig, SearchError, SearchSpaceError, parse_space, space_json
 
     try:
-        parsed = parse_space(space if space is not None else {}, HPARAM_KEYS, validate_hparams)
+        parsed = parse_space(space if space is not None else {}, TRACKS[ASR].hparam_keys, validate_hparams)
         return SearchConfig(space=space_json(parsed), trials=trials, jobs=jobs, parallelism=parallelism)
     except (SearchError, SearchSpaceError) as exc:
         raise TrainingRunError(str(exc)) from exc

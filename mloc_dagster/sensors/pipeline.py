@@ -22,8 +22,8 @@ the pipeline apply to its training runs (``runs/service.py``). A spec that fails
 import dagster as dg
 
 from mloc_dagster.assets.lineage import latest_metadata
+from mloc_dagster.assets.tracks import pin_hparams
 from mloc_dagster.assets.training.adapters import rehearsal_dataset
-from mloc_dagster.assets.training.hparams import pin_hparams
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, CANCELLED, COMPLETED, FAILED

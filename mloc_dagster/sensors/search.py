@@ -24,7 +24,8 @@ Pausing, resuming or cancelling the search applies to its trials (``runs/service
 
 import dagster as dg
 
-from mloc_dagster.assets.training.hparams import InvalidHParams, validate_hparams
+from mloc_dagster.assets.tracks import validate_hparams
+from mloc_dagster.assets.training.hparams import InvalidHParams
 from mloc_dagster.core.search.study import Search, SearchError, SearchSpaceError
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun

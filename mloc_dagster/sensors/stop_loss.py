@@ -18,11 +18,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from mloc_dagster.assets.tracks import track_of
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.candidates import Candidate
 from mloc_dagster.core.state.runs import TrainingRun
-from mloc_dagster.core.state.schema import ACTIVE, PAUSED, TTS
-from mloc_dagster.runs.requests import TRACK_JOBS
+from mloc_dagster.core.state.schema import ACTIVE, PAUSED
 from mloc_dagster.runs.verdicts import has_verdict
 
 
@@ -43,7 +43,7 @@ IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dag
 def newest_candidate_run(instance: dg.DagsterInstance, run: TrainingRun) -> dg.DagsterRun | None:
     """The newest Dagster run of the candidate job the run's chain asked for (a replay included)."""
     records = instance.get_run_records(
-        dg.RunsFilter(job_name=TRACK_JOBS[run.track][2], tags={"mloc/run_id": run.run_id}),
+        dg.RunsFilter(job_name=track_of(run.track).candidate_job, tags={"mloc/run_id": run.run_id}),
         limit=1, order_by="create_timestamp", ascending=False)
     return records[0].dagster_run if records else None
 
@@ -65,7 +65,7 @@ def verdict_pending(context: dg.SensorEvaluationContext, store: StateStore, run:
 
 def apply_stop_loss(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun) -> bool:
     """Pause ``run`` if its newest gated candidate of this generation failed; True if it did."""
-    if run.track != TTS or run.status != ACTIVE:
+    if not track_of(run.track).stop_loss or run.status != ACTIVE:
         return False
     for candidate in store.list_candidates(run.dialect, limit=5, training_run_id=run.run_id):
         if candidate.gate_decision not in ("passed", "failed"):

@@ -44,15 +44,13 @@ from datetime import datetime
 import dagster as dg
 
 from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB
-from mloc_dagster.assets.training.adapters import TRAIN_JOB
-from mloc_dagster.assets.training.hparams import validate_hparams
-from mloc_dagster.assets.tts.training import TTS_TRAIN_JOB
+from mloc_dagster.assets.tracks import TRACKS, track_of, validate_hparams
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
-from mloc_dagster.core.state.schema import ACTIVE, COMPLETED, DROPPED, FAILED, HYPERPARAMETER, PAUSED, PIPELINE, SUCCEEDED, TTS
+from mloc_dagster.core.state.schema import ACTIVE, COMPLETED, DROPPED, FAILED, HYPERPARAMETER, PAUSED, PIPELINE, SUCCEEDED
 from mloc_dagster.core.training.chain import next_due
 from mloc_dagster.resources.state import StateStoreResource
-from mloc_dagster.runs.requests import CANDIDATE_JOB, CHAIN_JOBS, TRACK_JOBS, candidate_run_request, train_run_request
+from mloc_dagster.runs.requests import CHAIN_JOBS, candidate_run_request, train_run_request
 from mloc_dagster.runs.verdicts import failure_reason, handle_ended_candidate, has_verdict, will_retry
 from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests
@@ -62,10 +60,10 @@ from mloc_dagster.sensors.stop_loss import IN_FLIGHT, apply_stop_loss, newest_ca
 
 FAILURE_BATCH = 100
 # Runs of these jobs that ended badly since the cursor's time are read every tick.
-FAILURE_CURSORS = {TRAIN_JOB: "failures_after", ROUND_MERGE_JOB: "merge_failures_after",
-                   TTS_TRAIN_JOB: "tts_failures_after", CANDIDATE_JOB: "candidate_failures_after",
-                   TRACK_JOBS[TTS][2]: "tts_candidate_failures_after"}
-CANDIDATE_JOBS = {CANDIDATE_JOB, TRACK_JOBS[TTS][2]}
+FAILURE_CURSORS = {ROUND_MERGE_JOB: "merge_failures_after"} | {
+    job: f"{t.cursor_prefix}{what}_after" for t in TRACKS.values()
+    for job, what in ((t.train_job, "failures"), (t.candidate_job, "candidate_failures"))}
+CANDIDATE_JOBS = {t.candidate_job for t in TRACKS.values()}
 ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 PARENT_REQUESTS = {HYPERPARAMETER: search_requests, PIPELINE: pipeline_requests}
 
@@ -135,7 +133,7 @@ def train_requested_in(context: dg.SensorEvaluationContext, store: StateStore, r
     if entry is not None and job is not None and job.status != FAILED:
         return entry[1]
     in_flight = context.instance.get_run_records(dg.RunsFilter(
-        job_name=TRACK_JOBS[run.track][0], statuses=IN_FLIGHT,
+        job_name=track_of(run.track).train_job, statuses=IN_FLIGHT,
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(nxt)}), limit=1)
     return nxt if in_flight else nxt - 1
 
@@ -169,7 +167,7 @@ def next_requests(context: dg.SensorEvaluationContext, store: StateStore, run: T
         train_req = run.max_jobs
     for due in next_due(run, train_req, cand_req):
         if due.kind == "train":
-            if run.track == TTS and verdict_pending(context, store, run, just_requested=cand_req != asked):
+            if track_of(run.track).stop_loss and verdict_pending(context, store, run, just_requested=cand_req != asked):
                 continue  # a TTS run's next job waits for the stop-loss of the candidate before it
             request = train_run_request(run, due.job_index)
             store.record_job_queued(run.run_id, due.job_index)

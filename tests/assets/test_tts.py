@@ -18,10 +18,10 @@ import shutil
 import dagster as dg
 import pytest
 
+from mloc_dagster.assets.tracks import TRACKS
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.runs.requests import TRACK_JOBS
 from mloc_dagster.runs.service import TrainingRunError, cancel_run, resume_run, start_run
 from tests.sensors.conftest import tick
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # a TTS base, two TTS runs, four syntheses of 8 s
 
 DIALECT = "en-us"
 ROWS = 8
-TTS_CANDIDATE_JOB = TRACK_JOBS["tts"][2]
+TTS_CANDIDATE_JOB = TRACKS["tts"].candidate_job
 MEMORISING_BASE = {"train_limit": ROWS, "max_steps": 600, "train_seconds": 900, "lr": 3e-3, "batch_size": ROWS,
                    "warmup_steps": 10, "schedule": "constant", "dropout": 0.0}
 WORKING = {"max_steps": 10, "lr": 1e-3, "train_limit": ROWS, "batch_size": ROWS}

@@ -6,16 +6,17 @@ import uuid
 import dagster as dg
 import pytest
 
+from mloc_dagster.assets.tracks import TRACKS
 from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.runs.requests import CANDIDATE_JOB, TRACK_JOBS
+from mloc_dagster.runs.requests import CANDIDATE_JOB
 from mloc_dagster.runs.service import cancel_run, pause_run, reactivate_run, resume_run
 from tests.sensors.conftest import tick
 
 DIALECT = "en-gb-scotland"
-TTS_TRAIN_JOB, _, TTS_CANDIDATE_JOB = TRACK_JOBS["tts"]
+TTS_TRAIN_JOB, TTS_CANDIDATE_JOB = TRACKS["tts"].train_job, TRACKS["tts"].candidate_job
 
 
 @pytest.fixture()
@@ -415,7 +416,7 @@ def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, s
     result, cursor = tick(instance, store)
     assert keys(result) == [(TRAIN_JOB, f"{good.run_id}/0")]
     paused = store.get_run(odd.run_id)
-    assert paused.status == "paused" and "could not decide on it (KeyError: 'video')" in paused.status_reason
+    assert paused.status == "paused" and "could not decide on it (ValueError: track 'video' is not one of asr, tts)" in paused.status_reason
     assert f"mloc run resume {odd.run_id}" in paused.status_reason
     write_around_start(store, odd.run_id, track="asr")  # fixed: nothing was lost
     assert resume_run(store, odd.run_id)
@@ -426,7 +427,7 @@ def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, s
 def test_each_track_with_every_default_pinned_passes_the_range_checks(instance, store):
     """The checks that refuse a corrupt row accept what `mloc run start` stores (TTS dropout -1: the
     model's default)."""
-    from mloc_dagster.assets.training.hparams import pin_hparams
+    from mloc_dagster.assets.tracks import pin_hparams
     from mloc_dagster.assets.tts.training import TTS_TRAIN_JOB
 
     runs = {track: store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",

@@ -15,6 +15,7 @@ import dagster as dg
 
 from mloc_dagster.assets.candidates.merge import merged_candidate, root_run_id
 from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.assets.tracks import track_of
 from mloc_dagster.core.adapters.format import InvalidAdapter, read_node_result
 from mloc_dagster.core.gates.config import load_thresholds
 from mloc_dagster.core.gates.gate import GateConfigError, GateThresholds, evaluate_gates
@@ -23,7 +24,7 @@ from mloc_dagster.core.merging.candidates import Recognizer
 from mloc_dagster.core.pool.reputation import evidence_of_harm, reputation_from_gate, source_shares
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.candidates import RELEASED, Candidate
-from mloc_dagster.core.state.schema import ASR, TTS
+from mloc_dagster.core.state.schema import ASR
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -63,7 +64,7 @@ def gate_candidate(context: dg.AssetExecutionContext, store: StateStore, candida
     """The candidate of ``track`` this run merged (or the one named in config)."""
     candidate = (store.get_candidate(candidate_id) if candidate_id
                  else store.candidate_of_dagster_run(root_run_id(context)))
-    job = "tts_candidate_job" if track == TTS else "candidate_job"
+    job = track_of(track).candidate_job
     if candidate is None or candidate.track != track:
         raise dg.Failure(f"no {track} candidate {candidate_id}" if candidate_id else
                          f"this run merged no {track} candidate: run the gate with its merge ({job}), "

@@ -40,6 +40,7 @@ from pathlib import Path
 import dagster as dg
 
 from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.assets.tracks import track_of
 from mloc_dagster.assets.training.adapters import adapter_checkpoint
 from mloc_dagster.core.merging.candidates import merge_candidate
 from mloc_dagster.core.merging.merge import MergeResult
@@ -48,7 +49,7 @@ from mloc_dagster.core.pool.reputation import source_shares
 from mloc_dagster.core.publish import unique_id
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.candidates import AdapterClaimConflict, AdapterRef
-from mloc_dagster.core.state.schema import ASR, TTS
+from mloc_dagster.core.state.schema import ASR
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.gpu import GpuArbiter
@@ -76,14 +77,14 @@ def pinned_inputs(context: dg.AssetExecutionContext, store: StateStore, dialect:
                   track: str = ASR) -> dict[str, str]:
     """Base model (hash, path) and dataset version of the training run of ``track`` that asked
     for this candidate (tag ``mloc/run_id``); for a candidate materialized by hand, the current
-    ones (``base_model``, or ``tts_base_model`` for the TTS track)."""
+    ones (the track's base asset: ``base_model``, ``tts_base_model``)."""
     run = store.get_run(context.run.tags.get("mloc/run_id", ""))
     if run is not None and run.track == track:
         hashes = [j.base_model for j in store.jobs_for_run(run.run_id) if j.base_model]
         if hashes:
             return {"base_model": hashes[-1], "base_model_path": run.base_model_version,
                     "dataset_version": run.dataset_version, "training_run_id": run.run_id}
-    base = require_metadata(context.instance, "tts_base_model" if track == TTS else "base_model")
+    base = require_metadata(context.instance, track_of(track).base_asset)
     dataset = require_metadata(context.instance, "dataset_version", dialect)
     return {"base_model": base["version"], "base_model_path": base["path"], "dataset_version": dataset["path"],
             "training_run_id": run.run_id if run else None}

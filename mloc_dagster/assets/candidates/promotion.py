@@ -9,10 +9,11 @@ import dagster as dg
 from mloc_dagster.assets.candidates.gate import companion_of, gate_candidate, gate_report
 from mloc_dagster.assets.candidates.merge import merged_candidate
 from mloc_dagster.assets.lineage import latest_metadata
+from mloc_dagster.assets.tracks import track_of
 from mloc_dagster.core.publish import publish_copy
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.candidates import Candidate
-from mloc_dagster.core.state.schema import ASR, TTS
+from mloc_dagster.core.state.schema import ASR
 from mloc_dagster.partitions import dialect_partitions
 from mloc_dagster.resources.artifacts import ArtifactStore
 from mloc_dagster.resources.state import StateStoreResource
@@ -54,7 +55,7 @@ def promote(artifacts: ArtifactStore, store: StateStore, dialect: str, branch: s
             track: str = ASR) -> Path:
     """Publish the candidate's adapter under production (whole or not at all; a half copy left by a
     crash is rebuilt, core/publish.py) and record the promotion."""
-    parts = ("tts",) if track == TTS else ()
+    parts = track_of(track).subdir
     out = publish_copy(candidate.adapter_path,
                        artifacts.paths.adapters.joinpath("production", *parts, dialect, branch, candidate.candidate_id))
     store.record_promotion(dialect, branch, candidate.candidate_id)

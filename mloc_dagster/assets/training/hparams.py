@@ -1,18 +1,13 @@
-"""The contract of a training job's run config, per track, and the one rule for hparams.
+"""The contract of a training job's run config, per track, and what each hparam may be.
 
 ``AdapterJobConfig`` (ASR, ``adapter_checkpoint``) and ``TtsAdapterJobConfig`` (TTS,
 ``tts_adapter_checkpoint``) are what the chain sends each job. What a training run may set per
-job is every field but the ones the chain sets itself; ``validate_hparams`` and ``pin_hparams``
-are used by `mloc run start`, the launchpad, searches, pipelines and the chain alike.
+job is every field but the ones the chain sets itself; the one rule that checks them is the
+track's (``assets/tracks.py: Track.validate``), used by `mloc run start`, the launchpad,
+searches and pipelines alike.
 """
 
-from collections.abc import Mapping
-from typing import Any
-
 import dagster as dg
-import pydantic
-
-from mloc_dagster.core.state.schema import ASR, TTS
 
 
 class AdapterJobConfig(dg.Config):
@@ -58,18 +53,6 @@ class TtsAdapterJobConfig(dg.Config):
     shuffle_texts: bool = False
 
 
-JOB_CONFIGS: dict[str, type[dg.Config]] = {ASR: AdapterJobConfig, TTS: TtsAdapterJobConfig}
-CHAIN_SET = {"run_id", "job_index", "slice_index", "timebox_s"}
-
-
-def hparam_keys(track: str = ASR) -> tuple[str, ...]:
-    """What a training run of ``track`` may set per job."""
-    return tuple(sorted(set(JOB_CONFIGS[track].model_fields) - CHAIN_SET))
-
-
-HPARAM_KEYS = hparam_keys(ASR)
-
-
 class InvalidHParams(ValueError):
     pass
 
@@ -78,40 +61,8 @@ class InvalidHParams(ValueError):
 _AT_LEAST_0 = (">= 0", lambda v: v >= 0)
 _ABOVE_0 = ("> 0", lambda v: v > 0)
 _FRACTION = ("within [0, 1)", lambda v: 0 <= v < 1)
-LIMITS = {"r": (">= 1", lambda v: v >= 1), "alpha": _ABOVE_0, "dropout": _FRACTION, "lr": _ABOVE_0,
-          "batch_size": (">= 1", lambda v: v >= 1), "warmup_steps": _AT_LEAST_0, "seed": _AT_LEAST_0,
-          "checkpoint_every_s": _ABOVE_0, "max_steps": _AT_LEAST_0, "rehearsal_fraction": _FRACTION,
-          "distill_weight": _AT_LEAST_0, "train_limit": _AT_LEAST_0}
-TRACK_LIMITS = {ASR: LIMITS, TTS: {**LIMITS, "dropout": ("< 1 (< 0: the model's default)", lambda v: v < 1)}}
-
-
-def validate_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, Any]:
-    """The hparams as the training job will receive them (ints stay ints, lists lists); an unknown
-    or ill-typed key, or a value out of range, is an ``InvalidHParams`` naming it and what is allowed."""
-    keys = hparam_keys(track)
-    if not isinstance(hparams, Mapping):
-        raise InvalidHParams(f"hparams must be a JSON object of name: value, e.g. {{\"lr\": 0.002, \"r\": 8}}; "
-                             f"got {hparams!r}")
-    unknown = sorted(set(hparams) - set(keys))
-    if unknown:
-        what = "hparam(s)" if track == ASR else f"{track} hparam(s)"
-        raise InvalidHParams(f"unknown {what} {', '.join(unknown)}; allowed: {', '.join(keys)}")
-    try:
-        checked = JOB_CONFIGS[track].model_validate({"run_id": "-", **hparams})
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
-        raise InvalidHParams(f"ill-typed hparam(s): {problems}") from exc
-    values = {k: getattr(checked, k) for k in hparams}
-    limits = TRACK_LIMITS[track]
-    bad = [f"{k} must be {limits[k][0]} (got {v!r})" for k, v in values.items() if k in limits and not limits[k][1](v)]
-    if bad:
-        raise InvalidHParams(f"hparam(s) out of range: {'; '.join(bad)}")
-    return values
-
-
-def pin_hparams(hparams: Mapping[str, Any], track: str = ASR) -> dict[str, Any]:
-    """Every hparam a job takes, the run's own values over today's defaults: a run stores this,
-    so a release that changes a default never changes a run in flight (its resume checks them)."""
-    fields = JOB_CONFIGS[track].model_fields
-    defaults = {k: fields[k].get_default(call_default_factory=True) for k in hparam_keys(track)}
-    return {**defaults, **validate_hparams(hparams, track)}
+ASR_LIMITS = {"r": (">= 1", lambda v: v >= 1), "alpha": _ABOVE_0, "dropout": _FRACTION, "lr": _ABOVE_0,
+              "batch_size": (">= 1", lambda v: v >= 1), "warmup_steps": _AT_LEAST_0, "seed": _AT_LEAST_0,
+              "checkpoint_every_s": _ABOVE_0, "max_steps": _AT_LEAST_0, "rehearsal_fraction": _FRACTION,
+              "distill_weight": _AT_LEAST_0, "train_limit": _AT_LEAST_0}
+TTS_LIMITS = {**ASR_LIMITS, "dropout": ("< 1 (< 0: the model's default)", lambda v: v < 1)}
