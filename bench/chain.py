@@ -103,12 +103,12 @@ def chain_gap(jobs: int = 6, steps_per_job: int = 10) -> dict:
     from line_home import line_home
 
     from mloc_dagster.cli.demo import BASE_DIALECT, DEMO_DIALECTS, DEMO_HPARAMS, TARGET_DIALECT
-    from mloc_dagster.runs.service import start_run
+    from mloc_dagster.runs.service import StartRequest, start_run
 
     data = {d: DEMO_DIALECTS[d] for d in (BASE_DIALECT, TARGET_DIALECT)}
     with line_home(data) as (_home, instance, store):
-        run = start_run(instance, store, TARGET_DIALECT, jobs=jobs, candidate_every=12, timebox_s=300,
-                        hparams={**DEMO_HPARAMS, "max_steps": steps_per_job})
+        run = start_run(instance, store, StartRequest(TARGET_DIALECT, jobs=jobs, candidate_every=12, timebox_s=300,
+                        hparams={**DEMO_HPARAMS, "max_steps": steps_per_job}))
         console.print(f"chain of {jobs} jobs ({steps_per_job} steps each) on the real daemon ...")
         deadline = time.time() + 1200
         while store.get_run(run.run_id).status != "completed" and time.time() < deadline:

@@ -43,15 +43,15 @@ console = Console()
 def round_overhead(slices: int, slice_samples: int, cpu_slots: int, rounds: int) -> list[dict]:
     from mloc_dagster.cli.demo import BASE_DIALECT, DEMO_DIALECTS, TARGET_DIALECT
     from mloc_dagster.core.pool.rounds import base_model_hash
-    from mloc_dagster.runs.service import start_run
+    from mloc_dagster.runs.service import StartRequest, start_run
 
     data = {d: DEMO_DIALECTS[d] for d in (BASE_DIALECT, TARGET_DIALECT)}
     env = {"MLOC_NODE_TTL_S": "3600", "MLOC_CPU_SLOTS": str(cpu_slots)}
     with line_home(data, env=env) as (_home, instance, store):
         instance.event_log_storage.set_concurrency_slots("gpu", cpu_slots)
-        run = start_run(instance, store, TARGET_DIALECT, jobs=rounds, candidate_every=rounds, timebox_s=600,
+        run = start_run(instance, store, StartRequest(TARGET_DIALECT, jobs=rounds, candidate_every=rounds, timebox_s=600,
                         hparams={"batch_size": 16}, kind="distributed", parallelism=slices,
-                        round_samples=slices * slice_samples)
+                        round_samples=slices * slice_samples))
         for i in range(slices):
             store.record_job_throughput(f"sim-{i}", base_model_hash(run.base_model_version), 50.0, source="calibrate")
         console.print(f"{rounds} round(s) of {slices} slices x {slice_samples} samples, {cpu_slots} slot(s), "

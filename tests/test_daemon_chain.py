@@ -7,7 +7,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.daemon import Daemon, wait_for
 
 
@@ -23,8 +23,8 @@ def daemon(registered_base, mloc_home):
 def test_two_job_chain_with_the_real_daemon(registered_base, daemon, mloc_home):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, "en-gb-scotland", jobs=2, candidate_every=2, timebox_s=30,
-                    hparams={"max_steps": 3, "batch_size": 4})
+    run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=2, candidate_every=2, timebox_s=30,
+                    hparams={"max_steps": 3, "batch_size": 4}))
 
     def candidate_finished():  # the run completes once its last candidate has its verdict
         records = instance.get_run_records(dg.RunsFilter(job_name="candidate_job", tags={"mloc/run_id": run.run_id}))

@@ -20,7 +20,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.daemon import Daemon, wait_for
 
 DIALECT = "en-gb-scotland"
@@ -62,8 +62,8 @@ def test_a_chained_run_survives_random_sigkills_of_daemon_and_workers(registered
     daemon.start()
     kills = []
     try:
-        run = start_run(instance, store, DIALECT, jobs=JOBS, candidate_every=JOBS, timebox_s=25,
-                        hparams={"batch_size": 4})
+        run = start_run(instance, store, StartRequest(DIALECT, jobs=JOBS, candidate_every=JOBS, timebox_s=25,
+                        hparams={"batch_size": 4}))
         plan = ["worker", "daemon", "worker"]
         rng.shuffle(plan)
         for what in plan:

@@ -9,7 +9,7 @@ import pytest
 from mloc_dagster.core.arbiter.acquire import Arbiter
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import resume_run, start_run
+from mloc_dagster.runs.service import StartRequest, resume_run, start_run
 from tests.daemon import Daemon, wait_for
 
 DIALECT = "en-gb-scotland"
@@ -45,7 +45,7 @@ def daemon(registered_base, mloc_home, daemon_env):
 def test_two_runs_on_one_dialect_share_candidates_exactly(registered_base, daemon):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    runs = [start_run(instance, store, DIALECT, jobs=2, candidate_every=1, timebox_s=60, hparams=TINY)
+    runs = [start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=1, timebox_s=60, hparams=TINY))
             for _ in range(2)]
 
     def done():
@@ -77,8 +77,8 @@ def test_two_runs_on_one_dialect_share_candidates_exactly(registered_base, daemo
 def test_a_job_terminated_through_dagster_pauses_its_run_and_resume_finishes_it(registered_base, daemon):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=40,
-                    hparams={"batch_size": 4, "checkpoint_every_s": 5.0})
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=40,
+                    hparams={"batch_size": 4, "checkpoint_every_s": 5.0}))
 
     def training():
         job = store.get_job(run.run_id, 0)
@@ -113,7 +113,7 @@ def test_a_long_wait_for_the_device_inside_the_step_does_not_kill_the_job(regist
     arbiter = Arbiter(mloc_home / "gpu", cpu_slots=1)
     holder = arbiter.acquire("TRAIN", holder="another process")
     assert holder.acquired
-    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=20, hparams={"batch_size": 4})
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=20, hparams={"batch_size": 4}))
     started = wait_for(lambda: store.get_job(run.run_id, 0) if (store.get_job(run.run_id, 0) or 0) and
                        store.get_job(run.run_id, 0).status == "running" else None, 300, "job 0 to start", daemon)
     assert started

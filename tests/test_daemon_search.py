@@ -8,7 +8,7 @@ import pytest
 from mloc_dagster.core.search.study import Search
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.daemon import Daemon, wait_for
 
 SPACE = {"lr": [1e-4, 3e-2, "log"], "r": [2, 4, 8]}
@@ -18,8 +18,8 @@ SPACE = {"lr": [1e-4, 3e-2, "log"], "r": [2, 4, 8]}
 def test_a_search_prunes_and_survives_a_daemon_restart(registered_base, mloc_home):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    search = start_run(instance, store, "en-gb-scotland", jobs=3, timebox_s=60, kind="hyperparameter", space=SPACE,
-                       trials=6, parallelism=2, hparams={"max_steps": 2, "batch_size": 4})
+    search = start_run(instance, store, StartRequest("en-gb-scotland", jobs=3, timebox_s=60, kind="hyperparameter", space=SPACE,
+                       trials=6, parallelism=2, hparams={"max_steps": 2, "batch_size": 4}))
 
     def trials():
         return store.list_runs(parent_run_id=search.run_id, limit=None)

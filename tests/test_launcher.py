@@ -8,7 +8,7 @@ import pytest
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.execution.launcher import WORKER_TAG, WarmForkRunLauncher, _worker_process
-from mloc_dagster.runs.service import cancel_run, start_run
+from mloc_dagster.runs.service import StartRequest, cancel_run, start_run
 from tests.daemon import Daemon, wait_for
 
 DIALECT = "en-gb-scotland"
@@ -29,8 +29,8 @@ def test_runs_are_forked_from_the_warm_process_and_terminate_cleanly(registered_
     daemon = Daemon(mloc_home)
     daemon.start()
     try:
-        run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600,
-                        hparams={"max_steps": 100_000, "batch_size": 4})
+        run = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=600,
+                        hparams={"max_steps": 100_000, "batch_size": 4}))
 
         def training():
             job = store.get_job(run.run_id, 0)

@@ -12,13 +12,13 @@ from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.runs.lifecycle import lifecycle, log_tail
-from mloc_dagster.runs.service import pause_run, start_run
+from mloc_dagster.runs.service import StartRequest, pause_run, start_run
 
 
 def test_lifecycle_words_and_log_lines_of_a_real_job(registered_base):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, "en-gb-scotland", jobs=2, timebox_s=60)
+    run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=2, timebox_s=60))
     assert lifecycle(instance, run)["state"] == "scheduled"  # nothing launched yet: the sensor will
     started = instance.add_run(dg.DagsterRun(job_name="train_adapter_job", run_id=str(uuid.uuid4()),
                                              status=dg.DagsterRunStatus.STARTED, tags={"mloc/run_id": run.run_id}))

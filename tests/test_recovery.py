@@ -11,7 +11,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.daemon import Daemon, wait_for
 
 DIALECT = "en-gb-scotland"
@@ -35,8 +35,8 @@ def train_runs(instance, run_id, job_index=None):
 def test_sigkilled_training_worker_is_retried_and_resumes_from_its_checkpoint(registered_base, daemon, mloc_home):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600,
-                    hparams={"max_steps": 600, "batch_size": 4, "checkpoint_every_s": 2})
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=600,
+                    hparams={"max_steps": 600, "batch_size": 4, "checkpoint_every_s": 2}))
     job_dir = mloc_home / "adapters" / DIALECT / run.run_id / "job-0000"
     partial = job_dir.parent / "job-0000.partial"
 
@@ -82,8 +82,8 @@ def test_sigkilled_training_worker_is_retried_and_resumes_from_its_checkpoint(re
 def test_sigkilled_daemon_between_jobs_launches_the_next_job_exactly_once(registered_base, daemon):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, DIALECT, jobs=2, candidate_every=2, timebox_s=60,
-                    hparams={"max_steps": 2, "batch_size": 4})
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=60,
+                    hparams={"max_steps": 2, "batch_size": 4}))
     wait_for(lambda: store.get_run(run.run_id).last_finished_job == 0, 300, "job 0", daemon)
     daemon.kill()  # between job 0's success and (most likely) the request for job 1
     daemon.start()
@@ -105,8 +105,8 @@ def test_four_concurrent_runs_on_sqlite(registered_base, mloc_home):
 
 def check_four_runs(instance, daemon):
     store = StateStore(resolve_state_url())
-    runs = [start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=45,
-                      hparams={"batch_size": 4, "seed": i, "checkpoint_every_s": 5}) for i in range(4)]
+    runs = [start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=45,
+                      hparams={"batch_size": 4, "seed": i, "checkpoint_every_s": 5})) for i in range(4)]
     def all_finished():
         records = [rec for r in runs for rec in train_runs(instance, r.run_id)]
         done = len(records) == 4 and all(rec.dagster_run.is_finished for rec in records)

@@ -15,7 +15,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.daemon import Daemon, wait_for
 
 BIN = Path(sys.executable).parent
@@ -96,8 +96,8 @@ def test_replay_of_an_exhausted_training_job_reactivates_its_run(registered_base
     config = mloc_home / "dagster" / "dagster.yaml"  # one retry instead of three: exhausted sooner
     config.write_text(config.read_text().replace("max_retries: 3", "max_retries: 1"))
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, "en-gb-scotland", jobs=2, candidate_every=2, timebox_s=30,
-                    hparams={"max_steps": 3, "batch_size": 4})
+    run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=2, candidate_every=2, timebox_s=30,
+                    hparams={"max_steps": 3, "batch_size": 4}))
     run_dir = mloc_home / "adapters" / "en-gb-scotland" / run.run_id
     run_dir.mkdir(parents=True)
     (run_dir / "job-0001").write_text("in the way")

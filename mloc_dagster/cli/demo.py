@@ -120,7 +120,7 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
-    from mloc_dagster.runs.service import start_run
+    from mloc_dagster.runs.service import StartRequest, start_run
 
     paths = MlocPaths.from_env()
     t_start = time.time()
@@ -174,8 +174,8 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
             gates_file.write_text(json.dumps({**gates, **DEMO_GATES}, indent=1))
             console.print(f"[green]gate thresholds[/] for {TARGET_DIALECT} ({gates_file}): "
                           f"{describe_thresholds(DEMO_GATES[TARGET_DIALECT])}")
-            run = start_run(instance, store, TARGET_DIALECT, jobs=jobs, candidate_every=jobs, timebox_s=timebox_s,
-                            hparams=DEMO_HPARAMS)
+            run = start_run(instance, store, StartRequest(TARGET_DIALECT, jobs=jobs, candidate_every=jobs, timebox_s=timebox_s,
+                            hparams=DEMO_HPARAMS))
             console.print(f"[green]training run[/] {run.run_id}: {jobs} jobs × {timebox_s} s on "
                           f"{TARGET_DIALECT}, chained by training_chain_sensor; hparams {DEMO_HPARAMS}")
             if tts:

@@ -61,13 +61,13 @@ class TtsDemo:
                 return
             if self.base_process.returncode != 0:
                 raise RuntimeError(f"tts_base_model failed; see {self.paths.home / 'tts_base.log'}")
-        from mloc_dagster.runs.service import start_run
+        from mloc_dagster.runs.service import StartRequest, start_run
 
         gate_file = self.paths.home / "tts_gate.json"
         gates = json.loads(gate_file.read_text()) if gate_file.exists() else {}
         gate_file.write_text(json.dumps({**gates, self.dialect: TTS_GATE}, indent=1))
-        self.run = start_run(self.instance, self.store, self.dialect, jobs=1, candidate_every=1,
-                             timebox_s=TTS_TIMEBOX_S, track="tts")
+        self.run = start_run(self.instance, self.store, StartRequest(self.dialect, jobs=1, candidate_every=1,
+                             timebox_s=TTS_TIMEBOX_S, track="tts"))
         self.console.print(f"[green]TTS training run[/] {self.run.run_id}: 1 job × {TTS_TIMEBOX_S} s on {self.dialect}")
 
     def finish(self, wait) -> list[tuple[str, str]]:

@@ -47,7 +47,7 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
           track: str = typer.Option("asr", "--track", help="asr (speech recognition adapters) or tts (speech "
                                     "synthesis adapters on the base TTS, gated by the stop-loss).")) -> None:
     """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
-    from mloc_dagster.runs.service import TrainingRunError, start_run
+    from mloc_dagster.runs.service import StartRequest, TrainingRunError, start_run
 
     try:
         parsed = json.loads(hparams)
@@ -68,8 +68,10 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
         console.print("[red]error:[/] --dialect is required")
         raise typer.Exit(1)
     try:
-        run = start_run(instance, store, dialect, jobs, candidate_every, timebox, parsed, init_from, kind,
-                        parallelism, round_samples or 256 * parallelism, space, trials, track)
+        run = start_run(instance, store, StartRequest(
+            dialect, jobs=jobs, candidate_every=candidate_every, timebox_s=timebox, hparams=parsed, init_from=init_from,
+            kind=kind, parallelism=parallelism, round_samples=round_samples or 256 * parallelism, space=space,
+            trials=trials, track=track))
     except (TrainingRunError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc

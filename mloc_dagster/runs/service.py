@@ -2,13 +2,15 @@
 `start_training_run` job of the UI launchpad."""
 
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from mloc_dagster.assets.lineage import latest_metadata
-from mloc_dagster.assets.tracks import TRACKS, pin_hparams, validate_hparams
+from mloc_dagster.assets.tracks import TRACKS, validate_hparams
 from mloc_dagster.assets.training.adapters import rehearsal_dataset
 from mloc_dagster.assets.training.hparams import InvalidHParams
 from mloc_dagster.core.adapters.format import InvalidAdapter, read_adapter_dir
@@ -85,53 +87,70 @@ def warm_start_hparams(adapter_dir: Path, hparams: dict) -> dict:
     return {**hparams, **shape}
 
 
-def start_run(instance: dg.DagsterInstance, store: StateStore, dialect: str, jobs: int = 6,
-              candidate_every: int = 6, timebox_s: int = 3600, hparams: dict | None = None,
-              init_from: str | None = None, kind: str = SINGLE, parallelism: int = 1,
-              round_samples: int = 0, space: str | dict | None = None, trials: int = 0,
-              track: str = ASR) -> TrainingRun:
-    """Pin the dialect's latest dataset version and the latest base model, and create the run
-    (from the base alone, or warm-started from an adapter of the dialect: ``init_from``).
-    The training_chain_sensor launches its first job on its next tick.
+@dataclass(frozen=True)
+class StartRequest:
+    """One training run to start, as `mloc run start`, the launchpad and the API ask for it.
 
     ``kind="distributed"``: ``jobs`` rounds of ``round_samples`` samples, each placed as up to
     ``parallelism`` slices on the pool's nodes and merged (``sensors/rounds.py``).
     ``kind="hyperparameter"``: ``trials`` single runs of ``jobs`` jobs with hparams sampled from
     ``space``, up to ``parallelism`` at once, pruned between jobs (``sensors/search.py``).
-    ``track="tts"``: TTS adapters on the latest ``tts_base_model`` (single runs; docs/tts.md)."""
-    if not is_valid_dialect(dialect):
-        raise TrainingRunError(f"{dialect!r}: dialect keys are lowercase [a-z0-9-]")
-    if track not in TRACKS:
-        raise TrainingRunError(f"--track {track!r}: one of {', '.join(TRACKS)}")
-    if kind not in TRACKS[track].kinds or (init_from and not TRACKS[track].warm_start):
-        raise TrainingRunError(f"a {track} run is of kind {' or '.join(TRACKS[track].kinds)}"
-                               + ("" if TRACKS[track].warm_start else f", from the {TRACKS[track].base_asset} (no --from)"))
-    check_run_params(kind, jobs=jobs, candidate_every=candidate_every, timebox_s=timebox_s,
-                     parallelism=parallelism, round_samples=round_samples, trials=trials)
+    ``track="tts"``: TTS adapters on the latest ``tts_base_model`` (single runs; docs/tts.md).
+    ``init_from``: warm start from ``production[:stable|experimental]`` or a candidate id."""
+
+    dialect: str
+    jobs: int = 6
+    candidate_every: int = 6
+    timebox_s: int = 3600
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    kind: str = SINGLE
+    parallelism: int = 1
+    round_samples: int = 0
+    space: str | Mapping[str, Any] | None = None
+    trials: int = 0
+    track: str = ASR
+
+
+def start_run(instance: dg.DagsterInstance, store: StateStore, request: StartRequest) -> TrainingRun:
+    """Check every field of ``request``, pin the dialect's latest dataset version and the track's
+    latest base model, and create the run (from the base alone, or warm-started from an adapter of
+    the dialect). The hparams are validated here, once, and pinned on the run with every default;
+    the training_chain_sensor launches its first job on its next tick."""
+    r = request
+    if not is_valid_dialect(r.dialect):
+        raise TrainingRunError(f"{r.dialect!r}: dialect keys are lowercase [a-z0-9-]")
+    if r.track not in TRACKS:
+        raise TrainingRunError(f"--track {r.track!r}: one of {', '.join(TRACKS)}")
+    track = TRACKS[r.track]
+    if r.kind not in track.kinds or (r.init_from and not track.warm_start):
+        raise TrainingRunError(f"a {track.name} run is of kind {' or '.join(track.kinds)}"
+                               + ("" if track.warm_start else f", from the {track.base_asset} (no --from)"))
+    check_run_params(r.kind, jobs=r.jobs, candidate_every=r.candidate_every, timebox_s=r.timebox_s,
+                     parallelism=r.parallelism, round_samples=r.round_samples, trials=r.trials)
     try:
-        hparams = validate_hparams(hparams or {}, track)
+        hparams = track.validate(r.hparams or {})
     except InvalidHParams as exc:
         raise TrainingRunError(str(exc)) from exc
-    search = search_config(kind, space, trials, jobs, parallelism)  # every input checked: nothing started yet
-    dataset = latest_metadata(instance, "dataset_version", dialect)
+    search = search_config(r.kind, r.space, r.trials, r.jobs, r.parallelism)  # every input checked: nothing started yet
+    dataset = latest_metadata(instance, "dataset_version", r.dialect)
     if dataset is None:
-        raise TrainingRunError(f"dialect {dialect} has no dataset_version yet: add incoming data first")
-    base_asset = TRACKS[track].base_asset
-    base = latest_metadata(instance, base_asset)
+        raise TrainingRunError(f"dialect {r.dialect} has no dataset_version yet: add incoming data first")
+    base = latest_metadata(instance, track.base_asset)
     if base is None:
-        raise TrainingRunError(f"no {base_asset} yet: materialize {base_asset} first")
+        raise TrainingRunError(f"no {track.base_asset} yet: materialize {track.base_asset} first")
     label = init_adapter = None
-    if init_from:
-        label, candidate_id, adapter_dir = resolve_warm_start(store, dialect, base["version"], init_from)
+    if r.init_from:
+        label, candidate_id, adapter_dir = resolve_warm_start(store, r.dialect, base["version"], r.init_from)
         hparams = warm_start_hparams(adapter_dir, hparams)
         label, init_adapter = f"{label} ({candidate_id})", str(adapter_dir)
     try:
-        run = store.create_run(dialect=dialect, dataset_version=dataset["path"], base_model_version=base["path"],
-                                hparams=pin_hparams(hparams, track), timebox_s=timebox_s, max_jobs=jobs,
-                                candidate_every=min(candidate_every, 12), init_from=label, init_adapter=init_adapter,
-                                kind=kind, parallelism=parallelism, round_samples=round_samples,
-                                rehearsal_dataset=(rehearsal_dataset(instance, dialect) or "") if TRACKS[track].rehearsal else "",
-                                track=track)
+        run = store.create_run(dialect=r.dialect, dataset_version=dataset["path"], base_model_version=base["path"],
+                                hparams=track.pin(hparams), timebox_s=r.timebox_s, max_jobs=r.jobs,
+                                candidate_every=min(r.candidate_every, 12), init_from=label, init_adapter=init_adapter,
+                                kind=r.kind, parallelism=r.parallelism, round_samples=r.round_samples,
+                                rehearsal_dataset=(rehearsal_dataset(instance, r.dialect) or "") if track.rehearsal else "",
+                                track=track.name)
     except ValueError as exc:
         raise TrainingRunError(str(exc)) from exc
     if search is not None:
@@ -269,10 +288,8 @@ class StartRunConfig(dg.Config):
 def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
                         state: StateStoreResource) -> str:
     try:
-        run = start_run(context.instance, state.store(), config.dialect, config.jobs, config.candidate_every,
-                        config.timebox_s, dict(config.hparams), config.init_from or None, config.kind,
-                        config.parallelism, config.round_samples, dict(config.space) or None, config.trials,
-                        config.track)
+        run = start_run(context.instance, state.store(), StartRequest(**{
+            **config.model_dump(), "init_from": config.init_from or None, "space": dict(config.space) or None}))
     except TrainingRunError as exc:
         raise dg.Failure(str(exc)) from exc
     context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "track": run.track,

@@ -219,14 +219,14 @@ def test_a_run_pins_its_rehearsal_dataset_at_start(registered_base):
 
     from mloc_dagster.assets.lineage import require_metadata
     from mloc_dagster.assets.training.adapters import run_rehearsal
-    from mloc_dagster.runs.service import start_run
+    from mloc_dagster.runs.service import StartRequest, start_run
 
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
     latest_en_us = require_metadata(instance, "dataset_version", "en-us")["path"]
-    run = start_run(instance, store, "en-gb-scotland", jobs=1)
+    run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=1))
     assert run.rehearsal_dataset == latest_en_us == store.get_run(run.run_id).rehearsal_dataset
     assert run_rehearsal(instance, replace(run, rehearsal_dataset="/pinned/en-us/v1")) == "/pinned/en-us/v1"
-    assert start_run(instance, store, "en-us", jobs=1).rehearsal_dataset == ""  # the base dialect: none
+    assert start_run(instance, store, StartRequest("en-us", jobs=1)).rehearsal_dataset == ""  # the base dialect: none
     assert run_rehearsal(instance, replace(run, rehearsal_dataset="")) is None
     assert run_rehearsal(instance, replace(run, rehearsal_dataset=None)) == latest_en_us  # a run from before pinning

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.assets.conftest import DIALECT, register_base
 
 # The pre-trained base is a 150-step model: CER/WER limits sit above what it reaches, the
@@ -22,7 +22,7 @@ LENIENT = {"thresholds": {DIALECT: {"max_cer": 0.9, "max_wer": 1.0, "max_base_re
 
 def run_with_adapters(instance, store, adapters, node="node-a"):
     """A training run (pinned by start_run, as `mloc run start` does) whose jobs left these adapters."""
-    run = start_run(instance, store, DIALECT, jobs=len(adapters), candidate_every=len(adapters), timebox_s=60)
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=len(adapters), candidate_every=len(adapters), timebox_s=60))
     for i, result in enumerate(adapters):
         store.record_job_started(run.run_id, i, node_id=node)
         store.record_job_finished(run.run_id, i, "succeeded", checkpoint_path=result.path, sha256=result.sha256,
@@ -203,15 +203,15 @@ def test_warm_start_continues_from_the_production_adapter(line, line_instance, s
     from mloc_dagster.runs.service import TrainingRunError
 
     with pytest.raises(TrainingRunError, match="has no stable production adapter yet"):
-        start_run(line_instance, store, DIALECT, init_from="production")
+        start_run(line_instance, store, StartRequest(DIALECT, init_from="production"))
     first = run_with_adapters(line_instance, store, [line.adapters["good"]])
     assert run_candidate_job(line_instance, first).success
     promoted = store.production(DIALECT)
     with pytest.raises(TrainingRunError, match="differ from the warm-start adapter"):
-        start_run(line_instance, store, DIALECT, hparams={"r": 4}, init_from="production")
+        start_run(line_instance, store, StartRequest(DIALECT, hparams={"r": 4}, init_from="production"))
 
-    run = start_run(line_instance, store, DIALECT, jobs=1, timebox_s=120, hparams={"max_steps": 2, "lr": 1e-5},
-                    init_from="production:stable")
+    run = start_run(line_instance, store, StartRequest(DIALECT, jobs=1, timebox_s=120, hparams={"max_steps": 2, "lr": 1e-5},
+                    init_from="production:stable"))
     assert run.init_from == f"production:stable ({promoted.candidate_id})" and run.hparams["r"] == 16
     config = train_run_request(run, 0).run_config
     result = defs.resolve_job_def("train_adapter_job").execute_in_process(
@@ -224,7 +224,7 @@ def test_warm_start_continues_from_the_production_adapter(line, line_instance, s
 
     register_base(line_instance, line.other_base)  # after a base change the old adapter cannot continue
     with pytest.raises(TrainingRunError, match="an adapter only continues on its own base"):
-        start_run(line_instance, store, DIALECT, init_from=promoted.candidate_id)
+        start_run(line_instance, store, StartRequest(DIALECT, init_from=promoted.candidate_id))
 
 
 def test_a_new_base_model_lists_the_production_adapters_it_makes_stale(line, line_instance, store):

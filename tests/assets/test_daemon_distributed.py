@@ -13,7 +13,7 @@ import pytest
 from mloc_dagster.core.pool.rounds import base_model_hash
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 from tests.assets.conftest import DIALECT
 from tests.daemon import Daemon, wait_for
 
@@ -26,8 +26,8 @@ UNTRUSTED = "sim-c"  # below the trust bar (0.7) from the start
 def test_three_rounds_on_four_simulated_nodes(line_instance, mloc_home):
     instance = line_instance
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, DIALECT, jobs=3, candidate_every=3, timebox_s=120,
-                    hparams={"batch_size": 8, "lr": 3e-3}, kind="distributed", parallelism=4, round_samples=96)
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=3, candidate_every=3, timebox_s=120,
+                    hparams={"batch_size": 8, "lr": 3e-3}, kind="distributed", parallelism=4, round_samples=96))
     base = base_model_hash(run.base_model_version)
     for node, speed in SPEEDS.items():
         store.record_job_throughput(node, base, speed, source="calibrate")

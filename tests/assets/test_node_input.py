@@ -10,7 +10,7 @@ import pytest
 
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
-from mloc_dagster.runs.service import TrainingRunError, start_run
+from mloc_dagster.runs.service import StartRequest, TrainingRunError, start_run
 from tests.assets.conftest import DIALECT
 from tests.assets.test_candidates import metadata, run_candidate_job, run_with_adapters
 from tests.assets.test_rounds import came_in, distributed_run, merge_round
@@ -63,9 +63,9 @@ def test_a_warm_start_from_an_adapter_outside_the_rules_starts_nothing(line, lin
     pickled = Path(candidate.adapter_path) / "optimizer.pt"
     pickled.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(TrainingRunError, match=r"--from: .*optimizer.pt is a pickle or code file"):
-        start_run(line_instance, store, DIALECT, init_from="production")
+        start_run(line_instance, store, StartRequest(DIALECT, init_from="production"))
     pickled.unlink()
     shutil.rmtree(candidate.adapter_path)  # a removed candidate: a clear error, not a stack trace
     with pytest.raises(TrainingRunError, match=f"--from {candidate.candidate_id}: .* is gone from .*removed from disk"):
-        start_run(line_instance, store, DIALECT, init_from=candidate.candidate_id)
+        start_run(line_instance, store, StartRequest(DIALECT, init_from=candidate.candidate_id))
     assert len(store.list_runs(limit=None)) == before

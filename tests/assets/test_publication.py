@@ -15,7 +15,7 @@ from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.core.state.schema import ASR, TTS
 from mloc_dagster.definitions import defs
-from mloc_dagster.runs.service import start_run
+from mloc_dagster.runs.service import StartRequest, start_run
 
 DIALECT = "en-gb-scotland"
 
@@ -62,7 +62,7 @@ def test_a_candidate_never_takes_an_existing_candidates_name(registered_base, ml
     the other candidate's directory, then failed on the database insert. Now: a fresh 128-bit id."""
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=300)
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=300))
     config = {"run_id": run.run_id, "job_index": 0, "timebox_s": 300, "max_steps": 2, "batch_size": 8,
               "warmup_steps": 1}
     assert defs.resolve_job_def("train_adapter_job").execute_in_process(

@@ -22,7 +22,7 @@ from mloc_dagster.assets.tracks import TRACKS
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
-from mloc_dagster.runs.service import TrainingRunError, cancel_run, resume_run, start_run
+from mloc_dagster.runs.service import StartRequest, TrainingRunError, cancel_run, resume_run, start_run
 from tests.sensors.conftest import tick
 
 pytestmark = pytest.mark.slow  # a TTS base, two TTS runs, four syntheses of 8 sentences: ~5 min
@@ -72,7 +72,8 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
     assert base["aligner"].value and base["steps"].value == 600
 
     # A working TTS run: one job, its candidate passes both gates and is promoted on the tts track.
-    run = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600, hparams=WORKING, track="tts")
+    run = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=600,
+                                                  hparams=WORKING, track="tts"))
     assert run.track == "tts" and run.base_model_version == base["path"].value and run.rehearsal_dataset == ""
     ran, _ = drive(instance, store, ticks=3)
     assert ran == [("tts_train_adapter_job", True), (TTS_CANDIDATE_JOB, True)], ran
@@ -104,7 +105,7 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
     # A broken TTS run (mislabelled data): its first candidate fails the stop-loss; job 1 waits for
     # that verdict and never trains; the chain pauses the run with the reason, requests nothing
     # more, and a resume continues it.
-    bad = start_run(instance, store, DIALECT, jobs=3, candidate_every=1, timebox_s=600, hparams=BROKEN, track="tts")
+    bad = start_run(instance, store, StartRequest(DIALECT, jobs=3, candidate_every=1, timebox_s=600, hparams=BROKEN, track="tts"))
     ran, cursor = drive(instance, store, ticks=2)
     assert [name for name, _ in ran] == ["tts_train_adapter_job", TTS_CANDIDATE_JOB], ran
     failed = store.list_candidates(DIALECT, training_run_id=bad.run_id)[0]
@@ -128,7 +129,8 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
     # complete; it pauses with the reason and its candidate gives its adapter back. Once the judge
     # is fixed, a resume merges and gates the adapter again, and the run completes.
     (mloc_home / "tts_gate.json").write_text(json.dumps({DIALECT: GATE | {"judge_version": "0" * 64}}))
-    crash = start_run(instance, store, DIALECT, jobs=1, candidate_every=1, timebox_s=600, hparams=WORKING, track="tts")
+    crash = start_run(instance, store, StartRequest(DIALECT, jobs=1, candidate_every=1, timebox_s=600,
+                                                  hparams=WORKING, track="tts"))
     ran, cursor = drive(instance, store, ticks=2, cursor=cursor)
     assert ran == [("tts_train_adapter_job", True), (TTS_CANDIDATE_JOB, False)], ran
     ran, cursor = drive(instance, store, ticks=1, cursor=cursor)
@@ -150,10 +152,10 @@ def test_tts_runs_are_gated_by_the_stop_loss_and_a_failure_pauses_the_run(tts_li
 def test_tts_runs_refuse_what_they_cannot_be(line_instance):
     store = StateStore(resolve_state_url())
     with pytest.raises(TrainingRunError, match="no tts_base_model yet"):
-        start_run(line_instance, store, DIALECT, track="tts")
+        start_run(line_instance, store, StartRequest(DIALECT, track="tts"))
     with pytest.raises(TrainingRunError, match="unknown tts hparam"):
-        start_run(line_instance, store, DIALECT, track="tts", hparams={"rehearsal_fraction": 0.5})
+        start_run(line_instance, store, StartRequest(DIALECT, track="tts", hparams={"rehearsal_fraction": 0.5}))
     with pytest.raises(TrainingRunError, match="kind single"):
-        start_run(line_instance, store, DIALECT, track="tts", kind="distributed", parallelism=2, round_samples=64)
+        start_run(line_instance, store, StartRequest(DIALECT, track="tts", kind="distributed", parallelism=2, round_samples=64))
     with pytest.raises(TrainingRunError, match="--track"):
-        start_run(line_instance, store, DIALECT, track="video")
+        start_run(line_instance, store, StartRequest(DIALECT, track="video"))

@@ -12,7 +12,7 @@ from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.search.study import Search
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.runs.requests import CANDIDATE_JOB
-from mloc_dagster.runs.service import TrainingRunError, cancel_run, pause_run, resume_run, search_config, start_run
+from mloc_dagster.runs.service import StartRequest, TrainingRunError, cancel_run, pause_run, resume_run, search_config, start_run
 from tests.conftest_pg import wait_for_a_lock_wait
 from tests.sensors.conftest import tick
 
@@ -39,8 +39,8 @@ def finish_job(store, run, job_index, dev_cer):
 
 
 def test_a_search_prunes_between_jobs_and_ends_with_its_best_trial(instance, store):
-    search_run = start_run(instance, store, "en-gb-scotland", jobs=3, timebox_s=60, kind="hyperparameter",
-                           space=SPACE, trials=6, parallelism=3)
+    search_run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=3, timebox_s=60, kind="hyperparameter",
+                           space=SPACE, trials=6, parallelism=3))
     assert search_run.kind == "hyperparameter"
     result, cursor = tick(instance, store)
     trials = sorted(store.list_runs(parent_run_id=search_run.run_id), key=lambda r: r.trial_number)
@@ -90,8 +90,8 @@ def drive(instance, store, search_run, dev_cer, cursor=None, ticks=30):
 
 
 def test_a_trial_whose_run_was_never_written_is_relaunched_and_the_search_finishes(instance, store):
-    search_run = start_run(instance, store, "en-gb-scotland", jobs=2, kind="hyperparameter", space=SPACE, trials=2,
-                           parallelism=1)
+    search_run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=2, kind="hyperparameter", space=SPACE, trials=2,
+                           parallelism=1))
     with Search.open(store.url, search_run.run_id) as search:  # the crash: trial 0 asked, its run never written
         number, sampled = search.ask()
     assert number == 0 and store.list_runs(parent_run_id=search_run.run_id) == []
@@ -108,8 +108,8 @@ def test_a_trial_whose_run_was_never_written_is_relaunched_and_the_search_finish
 
 
 def test_a_trial_run_missing_from_the_study_fails_and_the_search_goes_on(instance, store):
-    search_run = start_run(instance, store, "en-gb-scotland", jobs=1, kind="hyperparameter", space=SPACE, trials=2,
-                           parallelism=2)
+    search_run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=1, kind="hyperparameter", space=SPACE, trials=2,
+                           parallelism=2))
     stray = store.create_run(run_id=f"{search_run.run_id}-t07", dialect="en-gb-scotland",
                              dataset_version=search_run.dataset_version, base_model_version=search_run.base_model_version,
                              max_jobs=1, candidate_every=1, parent_run_id=search_run.run_id, trial_number=7)
@@ -159,8 +159,8 @@ def test_no_merge_ever_sees_a_losing_trial_while_the_search_finishes(instance, p
 
 
 def test_trials_are_held_back_from_candidates_while_the_search_runs(instance, store):
-    search_run = start_run(instance, store, "en-gb-scotland", jobs=2, kind="hyperparameter", space=SPACE, trials=2,
-                           parallelism=2)
+    search_run = start_run(instance, store, StartRequest("en-gb-scotland", jobs=2, kind="hyperparameter", space=SPACE, trials=2,
+                           parallelism=2))
     tick(instance, store)
     trial = store.list_runs(parent_run_id=search_run.run_id)[0]
     finish_job(store, trial, 0, 0.4)
@@ -183,5 +183,5 @@ def test_trials_are_held_back_from_candidates_while_the_search_runs(instance, st
 ])
 def test_a_bad_search_space_starts_nothing(instance, store, space, message):
     with pytest.raises(TrainingRunError, match=message):
-        start_run(instance, store, "en-gb-scotland", jobs=2, kind="hyperparameter", space=space, trials=2)
+        start_run(instance, store, StartRequest("en-gb-scotland", jobs=2, kind="hyperparameter", space=space, trials=2))
     assert store.list_runs() == []

@@ -416,7 +416,8 @@ def test_an_unexpected_error_pauses_that_run_and_resume_continues_it(instance, s
     result, cursor = tick(instance, store)
     assert keys(result) == [(TRAIN_JOB, f"{good.run_id}/0")]
     paused = store.get_run(odd.run_id)
-    assert paused.status == "paused" and "could not decide on it (ValueError: track 'video' is not one of asr, tts)" in paused.status_reason
+    assert paused.status == "paused"
+    assert "could not decide on it (ValueError: track 'video' is not one of asr, tts)" in paused.status_reason
     assert f"mloc run resume {odd.run_id}" in paused.status_reason
     write_around_start(store, odd.run_id, track="asr")  # fixed: nothing was lost
     assert resume_run(store, odd.run_id)

@@ -38,7 +38,7 @@ def build_world(home: Path, espeak_batch: Path, tmp: Path) -> dict[str, str]:
     from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
     from mloc_dagster.partitions import dialect_partitions
-    from mloc_dagster.runs.service import pause_run, start_run
+    from mloc_dagster.runs.service import StartRequest, pause_run, start_run
 
     dialects = ["en-us", DIALECT]
     for dialect in dialects:
@@ -53,7 +53,7 @@ def build_world(home: Path, espeak_batch: Path, tmp: Path) -> dict[str, str]:
         ).success
 
         store = StateStore(resolve_state_url())
-        run = start_run(instance, store, DIALECT, jobs=2, candidate_every=2, timebox_s=300)
+        run = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=300))
         for job_index in range(2):
             config = {"run_id": run.run_id, "job_index": job_index, "timebox_s": 300, "max_steps": 3,
                       "batch_size": 8, "warmup_steps": 1}
