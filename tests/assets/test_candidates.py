@@ -130,6 +130,20 @@ def test_a_base_model_change_never_merges_or_compares_across_bases(line, line_in
     assert stale == {candidate.candidate_id: False, store.production(DIALECT).candidate_id: True}
 
 
+def test_the_gate_uses_what_the_run_pinned_not_the_newest_base(line, line_instance, store):
+    """A base model registered after the run started, with another base dialect: the candidate is
+    still gated on its own base, and its base-dialect regression on the data its run pinned."""
+    run = run_with_adapters(line_instance, store, [line.adapters["good"]])
+    assert run.rehearsal_dataset  # the base dialect's dataset, pinned at start
+    assert defs.resolve_job_def("base_model_job").execute_in_process(instance=line_instance, run_config={"ops": {
+        "base_model": {"config": {"checkpoint_dir": str(line.other_base), "base_dialect": DIALECT}}}}).success
+    result = run_candidate_job(line_instance, run)
+    merged, gate = metadata(result, "merged_candidate"), metadata(result, "gate_report")
+    assert merged["base_model"] == line.adapters["good"].base_model_hash
+    assert gate["base_model"] == line.adapters["good"].base_model_hash
+    assert gate["base_dialect_dataset"] == run.rehearsal_dataset
+
+
 def test_an_untrusted_node_goes_to_experimental(line, line_instance, store):
     store.set_node_reputation("node-b", 0.5)
     run = run_with_adapters(line_instance, store, [line.adapters["good"]], node="node-b")

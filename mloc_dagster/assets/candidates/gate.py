@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from mloc_dagster.assets.candidates.merge import merged_candidate, root_run_id
-from mloc_dagster.assets.lineage import require_metadata
+from mloc_dagster.assets.lineage import metadata_of_version, require_metadata
 from mloc_dagster.assets.tracks import track_of
 from mloc_dagster.core.adapters.format import InvalidAdapter, read_node_result
 from mloc_dagster.core.gates.config import load_thresholds
@@ -114,6 +114,23 @@ def write_gate_report(artifacts: ArtifactStore, dialect: str, candidate_id: str,
     return path
 
 
+def pinned_gate_inputs(instance: dg.DagsterInstance, store: StateStore, candidate: Candidate) -> tuple[str, str]:
+    """(base model dir, base-dialect dataset version) the candidate is gated with, from what was
+    pinned rather than what is newest: its own base model, and the base dialect's dataset its
+    training run pinned at start (the run's rehearsal data; a run on the base dialect itself: its
+    own dataset). A candidate without such a run (merged by hand, a run from before pinning) takes
+    the base dialect of its own base model's materialization, and that dialect's latest version."""
+    run = store.get_run(candidate.training_run_id) if candidate.training_run_id else None
+    base = metadata_of_version(instance, "base_model", candidate.base_model or "") \
+        or require_metadata(instance, "base_model")
+    base_path = candidate.base_model_path or base["path"]
+    if run is not None and run.rehearsal_dataset:
+        return base_path, run.rehearsal_dataset
+    if run is not None and run.dialect == base.get("base_dialect"):
+        return base_path, run.dataset_version
+    return base_path, require_metadata(instance, "dataset_version", base["base_dialect"])["path"]
+
+
 @dg.asset(partitions_def=dialect_partitions, deps=[merged_candidate], group_name="candidates",
           kinds={"pytorch"}, pool="gpu",
           check_specs=[dg.AssetCheckSpec(name, asset="gate_report", blocking=True) for name in GATES],
@@ -130,24 +147,23 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
     except GateConfigError as exc:
         return config_refusal(store, candidate, GATES, str(exc),
                               artifacts.paths.reports / dialect / f"{candidate.candidate_id}.json")
-    base = require_metadata(context.instance, "base_model")
+    base_path, base_dataset = pinned_gate_inputs(context.instance, store, candidate)
     dataset_path = candidate.dataset_version or require_metadata(context.instance, "dataset_version", dialect)["path"]
-    base_dataset = require_metadata(context.instance, "dataset_version", base["base_dialect"])
     production = store.production(dialect, "stable")
     stale = production is not None and production.base_model != candidate.base_model
 
     with gpu.lease("EVAL", context) as lease:
-        recognize = Recognizer(candidate.base_model_path or base["path"], artifacts.paths.home / "features",
+        recognize = Recognizer(base_path, artifacts.paths.home / "features",
                                lease.torch_device)
         cand = recognize(candidate.adapter_path, dataset_path)
         dialect_base = recognize(None, dataset_path)
         prod = recognize(production.adapter_path, dataset_path) if production and not stale else None
-        base_cand = recognize(candidate.adapter_path, base_dataset["path"])
-        base_ref = recognize(None, base_dataset["path"])
+        base_cand = recognize(candidate.adapter_path, base_dataset)
+        base_ref = recognize(None, base_dataset)
         companion = None if config.candidate_id else companion_of(store, candidate)
         if companion is not None:
             comp_results = (recognize(companion.adapter_path, dataset_path),
-                            recognize(companion.adapter_path, base_dataset["path"]))
+                            recognize(companion.adapter_path, base_dataset))
     reference_label = "production" if prod is not None else "base model"
     report = evaluate_gates(cand, prod if prod is not None else dialect_base, base_candidate=base_cand,
                             base_reference=base_ref, thresholds=thresholds, reference_label=reference_label,
@@ -182,6 +198,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, artifacts
             "cer_candidate": report.candidate.cer, "wer_candidate": report.candidate.wer,
             "cer_production": report.production.cer if prod is not None else float("nan"),
             "base_dialect_regression_rel": report.base_regression_rel,
+            "base_dialect_dataset": dg.MetadataValue.path(base_dataset),
             **{k: v for k, v in report.metrics().items() if k not in ("candidate_cer", "candidate_wer")},
             "report": dg.MetadataValue.md(report.to_markdown() + "\n### Learning curve of the sources\n\n"
                                           + learning_curves(candidate) + "\n"),
