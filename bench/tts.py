@@ -56,10 +56,11 @@ from mloc_dagster.core.models.ctc import load_base_model, model_dir_hash  # noqa
 from mloc_dagster.core.training.runtime import cpu_threads  # noqa: E402
 from mloc_dagster.core.tts.acoustics import griffin_lim, mean_mcd, tts_frames  # noqa: E402
 from mloc_dagster.core.tts.data import load_rows  # noqa: E402
+from mloc_dagster.core.tts.hparams import TtsAdapterHParams  # noqa: E402
 from mloc_dagster.core.tts.judge import JudgeSpec, back_recognize, collapse_share, load_judge, synthesize  # noqa: E402
 from mloc_dagster.core.tts.model import load_tts_model  # noqa: E402
 from mloc_dagster.core.tts.pretrain import frame_l1, pretrain_tts_base  # noqa: E402
-from mloc_dagster.core.tts.training import TtsAdapterHParams, TtsAdapterJobSpec, load_tts_adapter, train_tts_adapter  # noqa: E402
+from mloc_dagster.core.tts.training import TtsAdapterJobSpec, load_tts_adapter, train_tts_adapter  # noqa: E402
 
 BASE_DIALECT = "en-us"
 console = Console(width=180)

@@ -22,6 +22,8 @@ from mloc_dagster.assets.training.hparams import (
     TtsAdapterJobConfig,
 )
 from mloc_dagster.core.state.schema import ASR, DISTRIBUTED, HYPERPARAMETER, SINGLE, TTS
+from mloc_dagster.core.training.spec import AdapterHParams
+from mloc_dagster.core.tts.hparams import TtsAdapterHParams
 
 # What the chain sets in a training job's run config itself; every other field is an hparam.
 CHAIN_SET = frozenset({"run_id", "job_index", "slice_index", "timebox_s"})
@@ -34,7 +36,8 @@ class Track:
     train_job: str  # one timeboxed training job of a run
     train_op: str  # the asset of that job, whose config the run request fills
     candidate_job: str  # merge, gate, promotion
-    job_config: type[dg.Config]  # the training job's run config: the hparams and what the chain sets
+    hparams: type  # the core dataclass that declares its hparams and their defaults
+    job_config: type[dg.Config]  # the training job's run config: those hparams and what the chain sets
     limits: Mapping[str, tuple[str, Callable[[Any], bool]]]  # hparam -> (what is allowed, check)
     kinds: tuple[str, ...]  # the run kinds it trains
     warm_start: bool  # a run may start from an adapter of the dialect (--from)
@@ -82,11 +85,12 @@ class Track:
 
 TRACKS: dict[str, Track] = {t.name: t for t in (
     Track(ASR, base_asset="base_model", train_job="train_adapter_job", train_op="adapter_checkpoint",
-          candidate_job="candidate_job", job_config=AdapterJobConfig, limits=ASR_LIMITS,
+          candidate_job="candidate_job", hparams=AdapterHParams, job_config=AdapterJobConfig, limits=ASR_LIMITS,
           kinds=(SINGLE, DISTRIBUTED, HYPERPARAMETER), warm_start=True, rehearsal=True, stop_loss=False,
           subdir=(), cursor_prefix="", label=""),
     Track(TTS, base_asset="tts_base_model", train_job="tts_train_adapter_job", train_op="tts_adapter_checkpoint",
-          candidate_job="tts_candidate_job", job_config=TtsAdapterJobConfig, limits=TTS_LIMITS,
+          candidate_job="tts_candidate_job", hparams=TtsAdapterHParams,
+          job_config=TtsAdapterJobConfig, limits=TTS_LIMITS,
           kinds=(SINGLE,), warm_start=False, rehearsal=False, stop_loss=True,
           subdir=("tts",), cursor_prefix="tts_", label="tts "),
 )}

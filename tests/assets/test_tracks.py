@@ -2,10 +2,13 @@
 and base asset are in the code location, its job config is that asset's config, and the chain's
 cursor keys are the ones stored cursors already hold."""
 
+from dataclasses import fields
+
 import dagster as dg
 import pytest
 
 from mloc_dagster.assets.tracks import TRACKS, track_of
+from mloc_dagster.assets.training.hparams import core_hparams
 from mloc_dagster.core.state import schema
 from mloc_dagster.definitions import defs
 from mloc_dagster.sensors.training_chain import CANDIDATE_JOBS, FAILURE_CURSORS
@@ -45,3 +48,19 @@ def test_a_tracks_hparams_are_checked_by_its_own_rule():
     with pytest.raises(ValueError, match="dropout must be within"):
         TRACKS["asr"].validate({"dropout": -1.0})
     assert TRACKS["tts"].pin({})["r"] == 8 and TRACKS["asr"].pin({})["r"] == 16
+
+
+@pytest.mark.parametrize("name", sorted(TRACKS))
+def test_the_job_config_takes_every_hparam_and_default_from_the_core(name):
+    track = TRACKS[name]
+    declared = {f.name: f.default for f in fields(track.hparams)}
+    config_fields = track.job_config.model_fields
+    assert set(declared) <= set(track.hparam_keys)
+    assert {k: config_fields[k].get_default(call_default_factory=True) for k in declared} == declared
+    assert core_hparams(track.job_config(run_id="r"), track.hparams) == track.hparams()
+
+
+def test_an_empty_optional_hparam_of_an_old_pinned_run_is_the_models_default():
+    config = TRACKS["tts"].job_config(run_id="r", target_modules=[], train_limit=0, r=4)
+    hparams = core_hparams(config, TRACKS["tts"].hparams)
+    assert (hparams.target_modules, hparams.train_limit, hparams.r) == (None, None, 4)

@@ -25,6 +25,7 @@ from mloc_dagster.core.models.ctc import load_base_model, model_dir_hash
 from mloc_dagster.core.training.checkpoint import ResumeError
 from mloc_dagster.core.tts import acoustics
 from mloc_dagster.core.tts.align import ctc_viterbi, even_durations
+from mloc_dagster.core.tts.hparams import TtsAdapterHParams
 from mloc_dagster.core.tts.judge import (
     JudgeIsCandidate,
     JudgeMismatch,
@@ -37,7 +38,7 @@ from mloc_dagster.core.tts.judge import (
     tts_gates,
 )
 from mloc_dagster.core.tts.pretrain import pretrain_tts_base
-from mloc_dagster.core.tts.training import TtsAdapterHParams, TtsAdapterJobSpec, load_tts_adapter, train_tts_adapter
+from mloc_dagster.core.tts.training import TtsAdapterJobSpec, load_tts_adapter, train_tts_adapter
 
 ROWS = 8  # utterances the memorising TTS base learns (and the gate speaks)
 BASE_STEPS = 600

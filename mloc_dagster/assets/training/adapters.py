@@ -6,7 +6,7 @@ import dagster as dg
 from mloc_dagster.assets.datasets.versions import dataset_version
 from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models.base_model import base_model
-from mloc_dagster.assets.training.hparams import AdapterJobConfig
+from mloc_dagster.assets.training.hparams import AdapterJobConfig, core_hparams
 from mloc_dagster.assets.training.step import TrainingStep
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, gpu_k8s_config
@@ -72,11 +72,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             segments=unit.segments, throttle=unit.throttle, on_train_start=unit.training_started,
             on_train_end=unit.training_ended,
             timebox_s=config.timebox_s, checkpoint_every_s=config.checkpoint_every_s,
-            hparams=AdapterHParams(r=hp.r, alpha=hp.alpha, dropout=hp.dropout,
-                                   target_modules=hp.target_modules or None, lr=hp.lr,
-                                   batch_size=hp.batch_size, warmup_steps=hp.warmup_steps,
-                                   seed=hp.seed, rehearsal_fraction=hp.rehearsal_fraction,
-                                   distill_weight=hp.distill_weight),
+            hparams=core_hparams(hp, AdapterHParams),
             rehearsal_dataset_path=rehearsal,
             max_steps=config.max_steps or None, node_id=step.node, device=lease.torch_device,
             run_id=run.run_id, job_index=config.job_index,

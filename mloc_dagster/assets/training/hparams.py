@@ -1,56 +1,65 @@
 """The contract of a training job's run config, per track, and what each hparam may be.
 
 ``AdapterJobConfig`` (ASR, ``adapter_checkpoint``) and ``TtsAdapterJobConfig`` (TTS,
-``tts_adapter_checkpoint``) are what the chain sends each job. What a training run may set per
+``tts_adapter_checkpoint``) are what the chain sends each job: what the chain sets, plus the
+track's hparams derived from the core dataclass that declares them (``AdapterHParams``,
+``TtsAdapterHParams``), defaults included. What a training run may set per
 job is every field but the ones the chain sets itself; the one rule that checks them is the
 track's (``assets/tracks.py: Track.validate``), used by `mloc run start`, the launchpad,
 searches and pipelines alike.
 """
 
+from dataclasses import MISSING, fields
+from typing import Any, TypeVar, get_args, get_type_hints
+
 import dagster as dg
+import pydantic
+
+from mloc_dagster.core.training.spec import AdapterHParams
+from mloc_dagster.core.tts.hparams import TtsAdapterHParams
+
+H = TypeVar("H")
 
 
-class AdapterJobConfig(dg.Config):
+class TrainingJobFields(dg.Config):
+    """What the chain sets in every training job (``run_id``, ``job_index``, ``timebox_s``) and the
+    job's own limits; the hparams come from the track's core dataclass (``job_config``)."""
+
     run_id: str
     job_index: int = 0  # the chain's job; of a distributed run: the round
+    timebox_s: int = 3600
+    checkpoint_every_s: float = 300.0
+    max_steps: int = 0  # 0: train until the timebox; >0: a fixed-size job (tests, benchmarks)
+
+
+class SliceFields(TrainingJobFields):
     slice_index: int = -1  # >= 0: this is slice N of round job_index of a distributed run
-    timebox_s: int = 3600
-    checkpoint_every_s: float = 300.0
-    max_steps: int = 0  # 0: train until the timebox; >0: a fixed-size job (tests, benchmarks)
-    # LoRA and optimizer hyper-parameters (defaults: core.training.AdapterHParams)
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.1
-    target_modules: list[str] = []  # empty: the base model's default LoRA targets
-    lr: float = 3e-3
-    batch_size: int = 16
-    warmup_steps: int = 20
-    seed: int = 0
-    # Share of each epoch drawn from the base dialect's dataset, against forgetting it (0: off),
-    # and the weight of distillation to the frozen base on those rows (0: off).
-    rehearsal_fraction: float = 0.75
-    distill_weight: float = 3.0
 
 
-class TtsAdapterJobConfig(dg.Config):
-    run_id: str
-    job_index: int = 0
-    timebox_s: int = 3600
-    checkpoint_every_s: float = 300.0
-    max_steps: int = 0  # 0: train until the timebox; >0: a fixed-size job (tests, benchmarks)
-    # LoRA and optimizer hyper-parameters (defaults: core.tts.training.TtsAdapterHParams)
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = []  # empty: the TTS model's default LoRA targets
-    lr: float = 3e-3
-    batch_size: int = 16
-    warmup_steps: int = 10
-    seed: int = 0
-    train_limit: int = 0  # > 0: train on the first N rows only (tests, short demos)
-    # A deliberately broken control: recordings paired with other utterances' texts. It exists so
-    # the stop-loss can be shown to fire through the real chain; never set it for real work.
-    shuffle_texts: bool = False
+def job_config(name: str, hparams: type, base: type[dg.Config]) -> type[dg.Config]:
+    """``base``'s fields plus every field of the core ``hparams`` dataclass, with its type and its
+    default: the core declares each hparam once, the Dagster config repeats none of them."""
+    hints = get_type_hints(hparams)
+    declared = {f.name: (hints[f.name], f.default if f.default is not MISSING else f.default_factory())
+                for f in fields(hparams)}
+    return pydantic.create_model(name, __base__=base, __module__=__name__,
+                                 __doc__=f"A training job's run config: {base.__name__} + {hparams.__name__}.",
+                                 **declared)
+
+
+def core_hparams(config: dg.Config, hparams: type[H]) -> H:
+    """The core's hparams dataclass from a job's config. An empty value of an optional field (``[]``
+    or ``0``, as runs pinned before the field was optional hold it) is None: the model's default."""
+    hints = get_type_hints(hparams)
+    values: dict[str, Any] = {}
+    for f in fields(hparams):
+        value = getattr(config, f.name)
+        values[f.name] = None if type(None) in get_args(hints[f.name]) and not value else value
+    return hparams(**values)
+
+
+AdapterJobConfig = job_config("AdapterJobConfig", AdapterHParams, SliceFields)
+TtsAdapterJobConfig = job_config("TtsAdapterJobConfig", TtsAdapterHParams, TrainingJobFields)
 
 
 class InvalidHParams(ValueError):
@@ -64,5 +73,6 @@ _FRACTION = ("within [0, 1)", lambda v: 0 <= v < 1)
 ASR_LIMITS = {"r": (">= 1", lambda v: v >= 1), "alpha": _ABOVE_0, "dropout": _FRACTION, "lr": _ABOVE_0,
               "batch_size": (">= 1", lambda v: v >= 1), "warmup_steps": _AT_LEAST_0, "seed": _AT_LEAST_0,
               "checkpoint_every_s": _ABOVE_0, "max_steps": _AT_LEAST_0, "rehearsal_fraction": _FRACTION,
-              "distill_weight": _AT_LEAST_0, "train_limit": _AT_LEAST_0}
+              "distill_weight": _AT_LEAST_0, "weight_decay": _AT_LEAST_0, "max_grad_norm": _ABOVE_0,
+              "train_limit": (">= 0", lambda v: v is None or v >= 0)}
 TTS_LIMITS = {**ASR_LIMITS, "dropout": ("< 1 (< 0: the model's default)", lambda v: v < 1)}

@@ -17,7 +17,7 @@ import dagster as dg
 from mloc_dagster.assets.datasets.versions import dataset_version
 from mloc_dagster.assets.lineage import require_metadata
 from mloc_dagster.assets.models.base_model import BASE_DIALECT, base_model
-from mloc_dagster.assets.training.hparams import TtsAdapterJobConfig
+from mloc_dagster.assets.training.hparams import TtsAdapterJobConfig, core_hparams
 from mloc_dagster.assets.training.step import TrainingStep
 from mloc_dagster.core.state.schema import TTS
 from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, gpu_k8s_config
@@ -101,7 +101,8 @@ def tts_base_model(context: dg.AssetExecutionContext, config: TtsBaseModelConfig
 )
 def tts_adapter_checkpoint(context: dg.AssetExecutionContext, config: TtsAdapterJobConfig, artifacts: ArtifactStore,
                            state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
-    from mloc_dagster.core.tts.training import TtsAdapterHParams, TtsAdapterJobSpec, train_tts_adapter
+    from mloc_dagster.core.tts.hparams import TtsAdapterHParams
+    from mloc_dagster.core.tts.training import TtsAdapterJobSpec, train_tts_adapter
 
     store = state.store()
     run = store.get_run(config.run_id)
@@ -118,11 +119,7 @@ def tts_adapter_checkpoint(context: dg.AssetExecutionContext, config: TtsAdapter
             base_tts_dir=run.base_model_version, aligner_dir=aligner, dataset_version_path=run.dataset_version,
             out_dir=unit.out, resume_from=unit.resume_from, timebox_s=config.timebox_s,
             checkpoint_every_s=config.checkpoint_every_s, max_steps=config.max_steps or None,
-            hparams=TtsAdapterHParams(r=config.r, alpha=config.alpha, dropout=config.dropout,
-                                      target_modules=config.target_modules or None, lr=config.lr,
-                                      batch_size=config.batch_size, warmup_steps=config.warmup_steps,
-                                      seed=config.seed, shuffle_texts=config.shuffle_texts,
-                                      train_limit=config.train_limit or None),
+            hparams=core_hparams(config, TtsAdapterHParams),
             device=lease.torch_device, node_id=step.node, run_id=run.run_id, job_index=config.job_index,
             heartbeat=step.heartbeat, log=context.log.info,
         ))

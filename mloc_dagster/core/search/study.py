@@ -118,7 +118,7 @@ def parse_space(raw: str | Mapping[str, Any], allowed: Iterable[str],
     """The search space of ``raw`` (JSON text or a dict) as Optuna distributions, by hparam name.
 
     Rules: a non-empty JSON object; every key one of ``allowed`` (the hparams a training job
-    takes: the lead passes ``assets.adapters.HPARAM_KEYS``); each value a numeric range
+    takes: the lead passes ``assets/tracks.py: Track.hparam_keys``); each value a numeric range
     ``[low, high]`` / ``[low, high, "log"]`` (int when both bounds are ints) or a list of at least 2
     distinct scalar choices (any list that is not a range). ``validate`` (e.g.
     ``assets.adapters.validate_hparams``) is called with ``{key: v}`` for both bounds and every

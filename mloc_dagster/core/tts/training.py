@@ -62,24 +62,9 @@ from mloc_dagster.core.training.runtime import (
 )
 from mloc_dagster.core.training.sample_stream import SampleStream
 from mloc_dagster.core.tts.data import load_rows, make_tts_batch, shuffle_texts
+from mloc_dagster.core.tts.hparams import TtsAdapterHParams
 from mloc_dagster.core.tts.model import DEFAULT_TTS_LORA_TARGETS, load_tts_model
 from mloc_dagster.core.tts.pretrain import frame_l1
-
-
-@dataclass
-class TtsAdapterHParams:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: DEFAULT_TTS_LORA_TARGETS
-    lr: float = 3e-3
-    batch_size: int = 16
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    shuffle_texts: bool = False  # the broken control (see module docstring)
-    train_limit: int | None = None  # cap on training rows (tests, short demos)
 
 
 @dataclass
