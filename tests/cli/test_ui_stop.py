@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import REPO
 from tests.ui.world import free_port
 
 STOP_BOUND_S = 60
@@ -31,7 +32,7 @@ def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: b
         (tmp_path / "Makefile").write_text(f"ui:\n\t{' '.join(command)}\n")
         command = ["make", "-s", "-C", str(tmp_path), "ui"]
     log = (tmp_path / "ui.log").open("w")
-    proc = subprocess.Popen(command, env=dict(os.environ) | {"PYTHONPATH": str(Path(__file__).parent.parent)},
+    proc = subprocess.Popen(command, env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180

@@ -16,10 +16,10 @@ import pytest
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.runs.service import StartRequest, start_run
+from tests.conftest import REPO
 from tests.daemon import Daemon, wait_for
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dg.asset

@@ -9,11 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from mloc_dagster.cli.stop_signals import StopSignals
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 # A loop that polls its stop request (timeout 0) while another thread sends it 2,000 SIGUSR2s,
 # then one SIGTERM.
