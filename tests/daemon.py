@@ -39,3 +39,15 @@ def wait_for(predicate, timeout_s, what, daemon: Daemon, diagnose=lambda: ""):
             return value
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}; {diagnose()}\ndaemon log tail:\n{daemon.tail()}")
+
+
+def ignore_stop_signals() -> None:
+    """``preexec_fn``: SIGINT and SIGTERM ignored, as a shell starts `nohup ... &` (and CI its jobs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def ignores(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` ignores ``sig`` (/proc/<pid>/status SigIgn)."""
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigIgn"))
+    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)

@@ -275,7 +275,7 @@ def place(samples: int = typer.Option(..., "--samples", help="Samples in the rou
 
 
 def _base_model_hash(base_model: str | None) -> str:
-    from mloc_dagster.core.models.ctc import model_dir_hash
+    from mloc_dagster.core.publish import model_dir_hash
 
     if base_model and Path(base_model).is_dir():
         return model_dir_hash(base_model)

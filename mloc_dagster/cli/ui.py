@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from mloc_dagster.cli.stop_signals import StopSignals
+from mloc_dagster.execution.daemon import default_signals
 from mloc_dagster.paths import REPO
 
 STOP_TIMEOUT_S = 8.0
@@ -72,7 +73,7 @@ def serve(host: str = "127.0.0.1", port: int = 3000, workspace: Path = REPO / "w
     home = os.environ.get("DAGSTER_HOME")
     cwd = home if home and Path(home).is_dir() else None
     proc = subprocess.Popen([str(dagster), "dev", "-w", str(Path(workspace).absolute()), "-h", host, "-p", str(port)],
-                            start_new_session=True, cwd=cwd)
+                            start_new_session=True, cwd=cwd, preexec_fn=default_signals)
     stopped = False
     parent = os.getppid()
     with StopSignals() as stop:

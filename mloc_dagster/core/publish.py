@@ -13,7 +13,7 @@ What an existing target means depends on the name:
   unrecorded output, rewritten by its retry);
 - a **content** name (``publish_version``: a model under its content hash) or a **copy**
   (``publish_copy``: a production adapter copied from its candidate): the existing directory is
-  trusted only when its content hash (``core.model.model_dir_hash``) is the expected one. Anything
+  trusted only when its content hash (``model_dir_hash``, below) is the expected one. Anything
   else -- a directory half copied by a crash of an older, non-atomic publication, or changed
   since -- is moved aside and rebuilt.
 """
@@ -21,6 +21,7 @@ What an existing target means depends on the name:
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -74,8 +75,6 @@ def publish_copy(source: str | os.PathLike[str], target: str | os.PathLike[str],
                  content_hash: str | None = None) -> Path:
     """Publish a copy of ``source`` as ``target``; a target already holding the same content
     (``content_hash``, default: the source's) is kept, any other is rebuilt."""
-    from mloc_dagster.core.models.ctc import model_dir_hash
-
     source, target = Path(source), Path(target)
     expected = content_hash or model_dir_hash(source)
     return _publish_content(target, expected, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
@@ -84,8 +83,6 @@ def publish_copy(source: str | os.PathLike[str], target: str | os.PathLike[str],
 def publish_version(built: str | os.PathLike[str], parent: str | os.PathLike[str]) -> tuple[str, Path]:
     """Move a freshly written directory (on the same filesystem) to ``parent/<content hash>``;
     returns (version, directory). A whole directory of that version is kept, a half one rebuilt."""
-    from mloc_dagster.core.models.ctc import model_dir_hash
-
     built = Path(built)
     version = model_dir_hash(built)
 
@@ -100,8 +97,6 @@ def publish_version(built: str | os.PathLike[str], parent: str | os.PathLike[str
 
 def is_whole(target: str | os.PathLike[str], content_hash: str) -> bool:
     """``target`` exists and holds exactly the content of ``content_hash``."""
-    from mloc_dagster.core.models.ctc import model_dir_hash
-
     return Path(target).is_dir() and model_dir_hash(target) == content_hash
 
 
@@ -139,3 +134,24 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def model_dir_hash(path: str | Path) -> str:
+    """Content hash of a model directory (relative names + bytes of every non-hidden file)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(str(rel).encode() + b"\x00")
+        h.update(file_sha256(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -19,6 +19,16 @@ from typing import Self
 from mloc_dagster.paths import REPO
 
 
+def default_signals() -> None:
+    """``preexec_fn`` of a long-running child (the daemon, `dagster dev`): SIGINT and SIGTERM back to
+    their defaults. A parent started in the background (``nohup``, ``&``, CI) ignores SIGINT;
+    Dagster's interrupt handling (``setup_interrupt_handlers``) then gives SIGTERM the same ignored
+    disposition in that process, and an ignored signal survives ``exec``: the child would never
+    stop on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class DaemonProcess:
     """One `dagster-daemon run -w workspace.yaml` with its log at ``log_path``."""
 
@@ -35,7 +45,8 @@ class DaemonProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
                                           str(REPO / "workspace.yaml")], cwd=REPO, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=default_signals)
         return self
 
     def stop(self, timeout_s: float = 60) -> None:

@@ -1,7 +1,7 @@
 """base_model's pre-training path through Dagster: the model lands under its content hash."""
 
 from mloc_dagster.assets.lineage import latest_metadata
-from mloc_dagster.core.models.ctc import model_dir_hash
+from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.definitions import defs
 
 

@@ -9,8 +9,7 @@ import uuid
 import dagster as dg
 import pytest
 
-from mloc_dagster.core.models.ctc import model_dir_hash
-from mloc_dagster.core.publish import unique_id
+from mloc_dagster.core.publish import model_dir_hash, unique_id
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.core.state.schema import ASR, TTS

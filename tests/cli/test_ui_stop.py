@@ -16,7 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mloc_dagster.execution.daemon import default_signals
 from tests.conftest import REPO
+from tests.daemon import ignore_stop_signals, ignores
 from tests.ui.world import free_port
 
 STOP_BOUND_S = 60
@@ -32,8 +34,11 @@ def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: b
         (tmp_path / "Makefile").write_text(f"ui:\n\t{' '.join(command)}\n")
         command = ["make", "-s", "-C", str(tmp_path), "ui"]
     log = (tmp_path / "ui.log").open("w")
+    # make from a terminal; the UI alone as `nohup ... &` starts it (SIGINT and SIGTERM ignored).
+    # Either way `dagster dev` must get SIGTERM's default: an ignored signal survives exec.
     proc = subprocess.Popen(command, env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=default_signals if via_make else ignore_stop_signals)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -46,6 +51,8 @@ def test_ui_stops_cleanly(mloc_home: Path, tmp_path: Path, sig: int, via_make: b
                 time.sleep(1)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3  # dagster dev, its webserver, daemon and code server
+        dev = next(c for c in children if c.cmdline()[2:4] == ["dev", "-w"])
+        assert not ignores(dev.pid, signal.SIGTERM), "dagster dev would never stop on SIGTERM"
         started = time.monotonic()
         proc.send_signal(sig)
         try:
@@ -71,7 +78,7 @@ def _hang_report(proc: subprocess.Popen, children: list[psutil.Process], log: Pa
             lines.append(f"  {p.pid} {p.status()} {' '.join(p.cmdline())[:160]}")
             sig = [ln for ln in Path(f"/proc/{p.pid}/status").read_text().splitlines() if ln.startswith(("Sig", "ShdPnd"))]
             lines.append("    " + " ".join(sig))  # blocked / ignored / pending signals: was the signal seen?
-            if "mloc_dagster.ui" in p.cmdline():
+            if "mloc_dagster.cli.ui" in p.cmdline():
                 p.send_signal(signal.SIGUSR1)
     time.sleep(2)
     return "\n".join(lines) + "\n--- ui log (tail) ---\n" + log.read_text()[-6000:]

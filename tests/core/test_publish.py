@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mloc_dagster.core.models.ctc import model_dir_hash
-from mloc_dagster.core.publish import is_whole, publish_copy, publish_dir, publish_version, unique_id
+from mloc_dagster.core.publish import is_whole, model_dir_hash, publish_copy, publish_dir, publish_version, unique_id
 
 
 def write_files(files: dict[str, str]):

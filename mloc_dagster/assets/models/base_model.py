@@ -36,9 +36,9 @@ class BaseModelConfig(dg.Config):
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
                gpu: GpuArbiter, state: StateStoreResource) -> dg.MaterializeResult:
     from mloc_dagster.core.data.features import load_features
-    from mloc_dagster.core.models.ctc import load_base_model, model_dir_hash
+    from mloc_dagster.core.models.ctc import load_base_model
     from mloc_dagster.core.models.evaluate import error_rates, transcribe
-    from mloc_dagster.core.publish import publish_copy, publish_version
+    from mloc_dagster.core.publish import model_dir_hash, publish_copy, publish_version
 
     dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
     models = artifacts.paths.models / "base"

@@ -50,7 +50,7 @@ def dropout_config(rate: float) -> dict | None:
 def aligner_of(tts_dir: str | Path, models: Path) -> Path:
     """The base ASR whose forced alignment gave this TTS model's durations: the directory it was
     pre-trained with, or the registered base model of that hash; its content must match the pin."""
-    from mloc_dagster.core.models.ctc import model_dir_hash
+    from mloc_dagster.core.publish import model_dir_hash
 
     info = json.loads((Path(tts_dir) / "tts.json").read_text())
     pinned = str(info.get("aligner_hash") or "")

@@ -26,7 +26,6 @@ the same way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -389,25 +388,4 @@ def new_tiny_model(tokenizer: CharTokenizer | None = None, **config_kwargs) -> B
     config = TinyCtcConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.blank_id,
                            input_dim=fe.num_mel_bins * fe.stride, **config_kwargs)
     return BaseModel(TinyCtcForCTC(config), tokenizer, fe, None)
-
-
-def model_dir_hash(path: str | Path) -> str:
-    """Content hash of a model directory (relative names + bytes of every non-hidden file)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(str(rel).encode() + b"\x00")
-        h.update(file_sha256(p).encode() + b"\n")
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 

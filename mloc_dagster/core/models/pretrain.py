@@ -18,8 +18,9 @@ from torch.optim import AdamW
 
 from mloc_dagster.core.data.datasets import DatasetVersion
 from mloc_dagster.core.data.features import load_features
-from mloc_dagster.core.models.ctc import model_dir_hash, new_tiny_model, save_base_model
+from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.runtime import (
     LossLog,
     Timebox,

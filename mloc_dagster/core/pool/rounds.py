@@ -46,7 +46,7 @@ def base_model_hash(base_model_dir: str | Path) -> str:
     name = Path(base_model_dir).name
     if _HASH.match(name):
         return name
-    from mloc_dagster.core.models.ctc import model_dir_hash
+    from mloc_dagster.core.publish import model_dir_hash
 
     return model_dir_hash(base_model_dir)
 

@@ -58,14 +58,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, RESULT_JSON, InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.data.datasets import DatasetVersion
 from mloc_dagster.core.data.features import concat_feature_sets, load_features
-from mloc_dagster.core.models.ctc import (
-    default_lora_targets,
-    file_sha256,
-    load_base_model,
-    model_dir_hash,
-    output_lengths,
-)
+from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model, output_lengths
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.publish import file_sha256, model_dir_hash
 from mloc_dagster.core.training.checkpoint import (
     ResumeError,
     TrainState,

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from mloc_dagster.core.data.datasets import Utterance
-from mloc_dagster.core.models.ctc import BaseModel, load_base_model, model_dir_hash
+from mloc_dagster.core.models.ctc import BaseModel, load_base_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.tts.acoustics import griffin_lim
 from mloc_dagster.core.tts.model import TtsModel, is_tts_model_dir
 

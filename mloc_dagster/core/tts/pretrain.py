@@ -18,7 +18,8 @@ import torch
 from torch.optim import AdamW
 
 from mloc_dagster.core.data.datasets import DatasetVersion
-from mloc_dagster.core.models.ctc import load_base_model, model_dir_hash
+from mloc_dagster.core.models.ctc import load_base_model
+from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.runtime import LossLog, Timebox, cpu_threads, default_device, seed_everything, train_step
 from mloc_dagster.core.training.sample_stream import SampleStream
 from mloc_dagster.core.tts.data import TtsRows, fit_stats, load_rows, make_tts_batch

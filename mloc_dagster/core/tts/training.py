@@ -40,7 +40,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, RESULT_JSON, read_adapter_dir
 from mloc_dagster.core.data.datasets import DatasetVersion
-from mloc_dagster.core.models.ctc import file_sha256, load_base_model, model_dir_hash
+from mloc_dagster.core.models.ctc import load_base_model
+from mloc_dagster.core.publish import file_sha256, model_dir_hash
 from mloc_dagster.core.training.checkpoint import (
     ResumeError,
     TrainState,

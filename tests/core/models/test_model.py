@@ -17,11 +17,11 @@ from mloc_dagster.core.models.ctc import (
     TinyCtcForCTC,
     greedy_ctc_decode,
     load_base_model,
-    model_dir_hash,
     new_tiny_model,
     save_base_model,
 )
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.publish import model_dir_hash
 
 
 def _inputs(seed: int = 0):
