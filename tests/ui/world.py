@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from mloc_dagster.execution.daemon import default_signals
+
 REPO = Path(__file__).resolve().parents[2]
 DIALECT = "en-gb-scotland"
 # Lenient on purpose: the world shows a passed gate whatever a few steps of training did.
@@ -115,7 +117,8 @@ def dagster_dev(home: Path, log_path: Path, timeout_s: float = 180.0) -> Iterato
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
              "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=default_signals)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
