@@ -1,4 +1,5 @@
-"""Jobs the sensors and users launch, and the run requests that carry a training job's contract."""
+"""The run requests that carry a training job's contract (each run's track names its jobs), and
+the jobs the chain launches."""
 
 from __future__ import annotations
 
