@@ -8,7 +8,7 @@
    default), built into dataset versions (reused from ``--work`` when present);
 2. base: the tiny CTC model pre-trained ``--base-steps`` steps on en-us (or ``--base DIR``);
 3. two searches of the same space, trial budget and seed, each an Optuna study in a SQLite file
-   through ``core.search`` exactly as the sensor will drive it: ``--pruner none`` and ``asha``
+   through ``core.search.study`` exactly as the sensor will drive it: ``--pruner none`` and ``asha``
    (and ``median`` with ``--pruners none,asha,median``). A trial is a chain of ``--jobs``
    ``train_adapter`` jobs of ``--steps-per-job`` steps, each resumed from the previous job's
    checkpoint, en-us rehearsal as in production; after every job its dev CER goes to

@@ -10,15 +10,15 @@ Real data, real training, CPU, no Dagster. Nodes ``node-0 .. node-{N-1}`` have r
 for the same pool with every node honest:
 
 1. place the round's ``--round-samples`` samples (positions ``r·n .. (r+1)·n`` of the run's
-   sample stream) by speed with ``core.placement.place`` (dp);
+   sample stream) by speed with ``core.pool.placement.place`` (dp);
 2. the server trains the trusted reference update from the round's start on the root set
-   (``core.screening.train_reference_update``, the first ``--reference-samples`` samples);
+   (``core.merging.screening.train_reference_update``, the first ``--reference-samples`` samples);
 3. every node hands in its slice's adapter, trained from the round's start (``segments``);
-4. screen and merge them (``core.candidates.merge_candidate`` with ``reference`` and
+4. screen and merge them (``core.merging.candidates.merge_candidate`` with ``reference`` and
    ``start_adapter``; base weight = slice samples × reputation) into the next round's start;
-5. dev CER of the merged adapter; reputations move by ``core.reputation``'s rule;
+5. dev CER of the merged adapter; reputations move by ``core.pool.reputation``'s rule;
 6. round makespan (each slice's measured train time × fastest/own speed) vs the optimum for
-   the measured throughput (``core.placement.optimal_makespan``).
+   the measured throughput (``core.pool.placement.optimal_makespan``).
 
 ``--unscreened`` adds a third pool: the pool as given, merged without a reference (no direction
 score, no dev-loss baseline: only rules 1, 2 and 5 of ``core/merging/screening.py``), to show what the

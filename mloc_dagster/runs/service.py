@@ -197,7 +197,7 @@ def check_run_params(kind: str, **values: Any) -> None:
 
 
 def search_config(kind: str, space: str | dict | None, trials: int, jobs: int, parallelism: int):
-    """A search's configuration, checked (``core.search``), or None for other kinds."""
+    """A search's configuration, checked (``core.search.study``), or None for other kinds."""
     if kind != HYPERPARAMETER:
         if space:
             raise TrainingRunError(f"--space is for --kind hyperparameter, not {kind}")

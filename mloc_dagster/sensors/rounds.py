@@ -2,7 +2,7 @@
 
 Every tick, for an active distributed run, the round after the last merged one:
 
-1. not placed yet: place it on the pool (``core.rounds``; available nodes from the registry,
+1. not placed yet: place it on the pool (``core.pool.rounds``; available nodes from the registry,
    throughput-proportional ranges, a day's quota taken from every node that gets a slice) and
    request one run of the training job per slice. No node available: the run pauses with the
    reason (register or calibrate nodes, then resume).

@@ -2,7 +2,7 @@
 
 Each tick reads only what can have changed: training jobs whose Dagster run ended failed or
 canceled since the cursor (bounded, ordered by update time) and the live runs in the state store.
-Decisions come from ``core.chain.next_due``; run keys ``<run_id>/<job_index>`` (``/g<N>`` after the
+Decisions come from ``core.training.chain.next_due``; run keys ``<run_id>/<job_index>`` (``/g<N>`` after the
 N-th resume) make a repeated decision harmless.
 
 A job that ends badly is handled with Dagster's own signals:

@@ -1,7 +1,7 @@
 """gate_report: the candidate this run merged, at the gate (four blocking checks), with its
 experimental companion beside it; reputations move by the outcome.
 
-Gates judge the model, not the node (``core.reputation.evidence_of_harm``): a passed gate raises
+Gates judge the model, not the node (``core.pool.reputation.evidence_of_harm``): a passed gate raises
 the reputation of the nodes inside the candidate, by their share; a failed one lowers it only
 with evidence of harm (worse than production or the base model, a base-dialect regression), never
 for missing an absolute CER/WER limit alone.

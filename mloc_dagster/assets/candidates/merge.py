@@ -10,7 +10,7 @@ production is on the same base.
 Trust (SPEC §5, issue 10): every merge screens its adapters (``core/merging/screening.py``: refused if
 unreadable, empty or with a dev loss that is not sane; weighted by direction against a trusted
 reference update when ``MergeConfig.reference_adapter`` names one; norm-bounded) and moves each
-node's reputation once (``core.reputation``). Adapters of nodes below ``min_trusted_reputation``
+node's reputation once (``core.pool.reputation``). Adapters of nodes below ``min_trusted_reputation``
 (0.7) never enter a stable candidate:
 
 - every node trusted: one candidate, ``trusted``, promoted to branch ``stable``;
@@ -64,7 +64,7 @@ class MergeConfig(dg.Config):
     method: str = "weighted_mean"  # or trimmed_mean, median
     min_trusted_reputation: float = MIN_TRUSTED_REPUTATION
     # A trusted reference update (a checkpoint trained by the server on a trusted root set,
-    # core.screening.train_reference_update): adapters are then also scored for direction and
+    # core.merging.screening.train_reference_update): adapters are then also scored for direction and
     # dev-loss sanity against it. Empty: screening without a direction score.
     reference_adapter: str = ""
 

@@ -2,7 +2,7 @@
 
 The slices that came in (the training-chain sensor dropped the late ones) are checked against
 the round (run, round, base model), screened against a reference update the server trains itself
-on a small trusted root set (``core.screening``: finite, well-shaped, norm-bounded, cosine to the
+on a small trusted root set (``core.merging.screening``: finite, well-shaped, norm-bounded, cosine to the
 reference, dev-loss sanity), weighted by samples x node reputation x direction, and merged in ΔW
 space on top of the round's start adapter. The result is recorded as the run's training job
 ``round``: the next round starts from it, and the chain's candidate every ``candidate_every``

@@ -45,7 +45,7 @@ def merge_candidate(adapter_dirs: Sequence[str], weights: Sequence[float], out_d
     returns (result, sha256 of the written adapter).
 
     ``weights``: each adapter's base weight (samples, reputation); ``reference``: the trusted
-    reference update's checkpoint (``core.screening.train_reference_update``), None: no direction
+    reference update's checkpoint (``core.merging.screening.train_reference_update``), None: no direction
     score; ``start_adapter``: what the adapters were trained from (the previous round's merged
     adapter), None: nothing (ΔW_start = 0); ``node_of``: source path → node id (default: each
     checkpoint's result.json); ``samples``: the samples placed on each adapter (the norm bound is

@@ -63,7 +63,7 @@ class MergeResult:
     clipped: list[ClipEvent] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     start: str | None = None  # the adapter the inputs were trained from (merged on updates from it)
-    # Per-source screening rows (``core.screening.Screened.to_dict``), when the merge was screened.
+    # Per-source screening rows (``core.merging.screening.Screened.to_dict``), when the merge was screened.
     screening: list[dict[str, Any]] = field(default_factory=list)
     reference: str | None = None  # the trusted reference update the screening scored against
 

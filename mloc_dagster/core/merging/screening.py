@@ -21,7 +21,7 @@ adapter for a distributed-round slice, 0 for a chain that started from nothing):
    sanity check on what the node reports, not a re-evaluation (the gate evaluates the merge);
 4. **direction** (FLTrust, Cao et al. NDSS 2021): ``cos = ⟨U, U_ref⟩ / (‖U‖ ‖U_ref‖)`` against
    the reference update ``U_ref`` -- an adapter trained by the server from the same start on a
-   small trusted root set (``train_reference_update``). Its score is ``core.reputation.
+   small trusted root set (``train_reference_update``). Its score is ``core.pool.reputation.
    direction_score`` (0 at cos ≤ 0, 1 at cos ≥ 0.5, linear between; 1 without a reference) and
    the adapter's weight is ``base weight × score``; score 0 → **excluded**. FLTrust uses
    ReLU(cos) and rescales every update to the reference's norm; we keep the node's norm instead,
@@ -32,13 +32,13 @@ adapter for a distributed-round slice, 0 for a chain that started from nothing):
    the median of ``‖U‖ / √n`` over the accepted adapters and the trusted reference (an anchor
    a minority of attackers cannot move) × its own ``√n`` (``n``: the samples the caller placed
    on it, else its job's reported ``total_samples``; unknown for any → plain median of ``‖U‖``).
-   This global bound replaces ``core.merge.merge_adapters``' per-module one in a screened merge
+   This global bound replaces ``core.merging.merge.merge_adapters``' per-module one in a screened merge
    (pass ``max_norm``/``norm_factor`` to have both). Without a reference, two adapters are never
    clipped (neither is the odd one out).
    A clipped adapter keeps its weight and is marked ``clipped`` (its reputation target is capped).
 
 Reputation moves after every screened merge with the one documented rule
-(``core.reputation.reputation_from_merge``; ``reputation_updates`` maps the rows onto it):
+(``core.pool.reputation.reputation_from_merge``; ``reputation_updates`` maps the rows onto it):
 refused for 1–2 → refusal step; dev loss not sane → target 0; accepted/excluded → target =
 direction score (capped at 0.5 when clipped).
 """
@@ -281,7 +281,7 @@ def screen_and_merge(adapters: Sequence[Adapter], base_weights: Sequence[float],
 
 def reputation_updates(rows: Sequence[Screened | Mapping[str, Any]], node_of: Mapping[str, str | None] | None = None,
                        rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
-    """One reputation step per node from a screened merge (``core.reputation.reputation_from_merge``):
+    """One reputation step per node from a screened merge (``core.pool.reputation.reputation_from_merge``):
     refused rows step towards 0 at the refusal rate, except "dev loss not sane" (target 0 at the
     screening rate); accepted and excluded rows step towards their direction score."""
     table = [r if isinstance(r, Screened) else Screened(**r) for r in rows]

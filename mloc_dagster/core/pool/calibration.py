@@ -1,6 +1,6 @@
 """What this machine is and how fast it trains: the node registry's first figures for a new node.
 
-``calibrate`` runs a short, real adapter job (``core.training.train_adapter`` with a small step
+``calibrate`` runs a short, real adapter job (``core.training.loops.train_adapter`` with a small step
 budget: same model, features, LoRA and loop as a training job, so the figure is what placement
 will see) on a local base model and dataset version, and returns its samples/s. The job's
 checkpoint is thrown away. ``local_device`` describes the GPU (name, UUID, memory) or the CPU;

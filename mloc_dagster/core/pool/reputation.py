@@ -123,7 +123,7 @@ def reputation_from_merge(node_of: Mapping[str, str | None], *, accepted: Iterab
                           rejected: Iterable[tuple[str, str]] = (), clipped: Iterable[str] = (),
                           cosines: Mapping[str, float] | None = None, dev_loss_ok: Mapping[str, bool] | None = None,
                           rule: ReputationRule = DEFAULT_RULE) -> dict[str, ReputationUpdate]:
-    """One step per node from a merge's screening (``core.screening.reputation_updates`` maps a
+    """One step per node from a merge's screening (``core.merging.screening.reputation_updates`` maps a
     screened merge's per-source rows onto this: ``accepted`` sources (excluded ones included: their
     cosine says what they are worth), ``rejected`` as (source, reason), ``clipped`` sources),
     keyed by adapter source (its path) through ``node_of`` (source -> node id; adapters without a
@@ -172,7 +172,7 @@ def source_shares(contents: Iterable[Mapping[str, float]]) -> dict[str, float]:
 
 
 class GateOutcome(Protocol):
-    """What ``evidence_of_harm`` reads of a ``core.gates.GateReport``."""
+    """What ``evidence_of_harm`` reads of a ``core.gates.gate.GateReport``."""
 
     decision: str
     gates: Sequence[Any]

@@ -6,7 +6,7 @@ Pure decisions over the state store's records (no Dagster); the training-chain s
   same order a single-node run would see. Round ``k`` trains ``round_samples`` positions of it:
   first the ranges of the previous round's *dropped* slices (late or failed: their samples go
   back into the next round), then fresh positions from where the previous rounds stopped.
-- **Slices.** ``plan_slices`` maps a ``core.placement`` placement (contiguous shard ranges over
+- **Slices.** ``plan_slices`` maps a ``core.pool.placement`` placement (contiguous shard ranges over
   the round's samples, sized by node throughput) onto those stream ranges: one slice per node.
   Every slice starts from the previous round's merged adapter (round 0: the run's warm start or
   a fresh LoRA).

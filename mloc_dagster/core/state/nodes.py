@@ -12,7 +12,7 @@ trusted (reputation in [0, 1]).
 - daily job quota (``MLOC_NODE_DAILY_QUOTA``, default 10; per-node override), taken at placement
   by one conditional UPDATE (``take_job_quota``); the day is UTC;
 - drained: takes no new work (its running jobs finish);
-- reputation: moved by merges and gates (``core.reputation``), one atomic EMA step each.
+- reputation: moved by merges and gates (``core.pool.reputation``), one atomic EMA step each.
 
 A node unknown to the store is a fresh one: full reputation, no jobs today, never seen.
 """
@@ -266,7 +266,7 @@ class NodeStore(StoreEngine):
         return value
 
     def apply_reputation_updates(self, updates: Mapping[str, ReputationUpdate]) -> dict[str, float]:
-        """Apply one EMA step per node (``core.reputation``: ``r + rate · (target − r)``), each a
+        """Apply one EMA step per node (``core.pool.reputation``: ``r + rate · (target − r)``), each a
         single UPDATE on the stored value, all in one transaction, so concurrent merges and gates
         all count. Returns the new reputations."""
         with self._write() as conn:

@@ -72,7 +72,7 @@ class RoundSlice:
 
 @dataclass(frozen=True, slots=True)
 class PlannedSlice:
-    """What placement decided for one slice (``core.placement.Shard`` mapped onto the stream)."""
+    """What placement decided for one slice (``core.pool.placement.Shard`` mapped onto the stream)."""
 
     slice_index: int
     node_id: str

@@ -14,7 +14,7 @@ class AdapterHParams:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.1
-    target_modules: list[str] | None = None  # None: the base model's default (core.model.default_lora_targets)
+    target_modules: list[str] | None = None  # None: the base model's default (core.models.ctc.default_lora_targets)
     lr: float = 3e-3
     batch_size: int = 16
     warmup_steps: int = 20

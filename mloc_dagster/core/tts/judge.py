@@ -5,11 +5,11 @@ has no padding mask, so a batch would let sentences see each other's padding), w
 it predicts, then the Griffin-Lim vocoder: a list of 16 kHz waveforms.
 
 **The judge.** A TTS candidate is judged by an ASR that does not move: ``JudgeSpec`` names an ASR
-model directory *and* pins its content hash (``core.model.model_dir_hash``). ``load_judge``
+model directory *and* pins its content hash (``core.publish.model_dir_hash``). ``load_judge``
 refuses a directory whose hash differs from the pin (``JudgeMismatch``: the judge never changes
 silently) and a judge that is the candidate itself, lies inside the candidate's directory, or is
 a TTS model (``JudgeIsCandidate``). ``back_recognize`` transcribes waveforms with the judge
-(``core.evaluate.transcribe``: the same log-mel front end and greedy CTC as every ASR evaluation)
+(``core.models.evaluate.transcribe``: the same log-mel front end and greedy CTC as every ASR evaluation)
 and scores them against the sentences.
 
 **The gates** (``tts_gates``): ``tts_intelligibility_gate`` passes when the judge's CER on the
@@ -127,7 +127,7 @@ def load_judge(spec: JudgeSpec, candidate_dir: str | Path, device: str = "cpu") 
 def back_recognize(judge: Judge, waveforms: Sequence[np.ndarray], texts: Sequence[str],
                    device: str = "cpu") -> dict:
     """The judge's transcripts of ``waveforms`` scored against ``texts``: corpus ``cer``/``wer``
-    (``core.evaluate.error_rates``) plus ``utterance_cer`` (one per waveform) and ``records``."""
+    (``core.models.evaluate.error_rates``) plus ``utterance_cer`` (one per waveform) and ``records``."""
     if len(waveforms) != len(texts):
         raise ValueError(f"{len(waveforms)} waveforms for {len(texts)} sentences")
     utts = [Utterance(f"u{i:05d}", np.asarray(w, dtype=np.float32), t, "tts", "tts", len(w) / 16_000, "")

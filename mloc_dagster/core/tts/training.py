@@ -1,6 +1,6 @@
 """Timeboxed, exactly resumable LoRA adapter jobs on the TTS model (``train_tts_adapter``).
 
-The contract is ``core.training.train_adapter``'s, built from the same parts:
+The contract is ``core.training.loops.train_adapter``'s, built from the same parts:
 
 - ``SampleStream`` (``core/training/sample_stream.py``): the data order, exact to the sample;
 - ``TrainState`` + ``write_checkpoint`` / ``write_partial`` / ``latest_partial`` / ``check_resumable``
