@@ -1,4 +1,4 @@
-"""The code location: merges each domain's Definitions; nothing else."""
+"""The code location: merges each domain's Definitions, and points each asset at its source."""
 
 import os
 
@@ -18,7 +18,16 @@ from mloc_dagster.resources.state import StateStoreResource
 from mloc_dagster.runs import service as training_runs
 from mloc_dagster.sensors import incoming, training_chain, watchdog
 
-defs = dg.Definitions.merge(
+
+def with_code_references(merged: dg.Definitions) -> dg.Definitions:
+    """The UI's asset page links each asset to the file and line that defines it."""
+    return dg.Definitions(
+        assets=dg.with_source_code_references(list(merged.assets or [])), asset_checks=merged.asset_checks,
+        jobs=merged.jobs, sensors=merged.sensors, schedules=merged.schedules, resources=merged.resources,
+        executor=merged.executor, loggers=merged.loggers)
+
+
+defs = with_code_references(dg.Definitions.merge(
     # One process per run: every step runs in the run worker itself, so a job pays the Python
     # start-up (torch, transformers, peft, dagster imports: seconds) once, not once more per step.
     # Steps of one run then run one after another; pools (`gpu`) still apply.
@@ -43,4 +52,4 @@ defs = dg.Definitions.merge(
         # CPU-only nodes lease MLOC_CPU_SLOTS "devices" (default 1: CPU training jobs serialize).
         "gpu": GpuArbiter(cpu_slots=int(os.environ.get("MLOC_CPU_SLOTS", "1"))),
     }),
-)
+))

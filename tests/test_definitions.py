@@ -33,3 +33,13 @@ def test_definitions_snapshot():
         raise AssertionError(f"wrote {SNAPSHOT}; review and commit it")
     assert current == json.loads(SNAPSHOT.read_text()), (
         "definitions changed; if intended, delete tests/snapshots/definitions.json and re-run")
+
+
+def test_every_asset_points_at_its_source():
+    """Code references (the UI shows them on the asset page): the file and line of each asset's body."""
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        refs = graph.get(key).metadata["dagster/code_references"].code_references
+        path = Path(refs[0].file_path)
+        assert path.is_file() and "mloc_dagster" in path.parts, (key, path)
+        assert refs[0].line_number and key.path[-1] in path.read_text(), (key, path)
