@@ -57,13 +57,26 @@ class StoreEngine:
         self.url = url  # may carry the password: show it only as redact_url(url)
         self._clock = clock
         try:
-            self._open(url, busy_timeout_s, echo)
+            retry_transient(lambda: self._open_once(url, busy_timeout_s, echo), first_delay_s=0.2)
         except (sa.exc.SQLAlchemyError, ValueError) as exc:
             if hasattr(self, "_engine"):
                 self._engine.dispose()
             # Not chained: the driver's own message is shown only redacted.
             raise StateStoreUnavailable(f"cannot open the state store {redact_url(url)}: {redact(str(exc))}") \
                 from None
+
+    def _open_once(self, url: str, busy_timeout_s: float, echo: bool) -> None:
+        """Open and create the schema; SQLite's "database is locked" when several processes create a
+        new database's schema at once (switching it to WAL can be refused without waiting for the
+        busy timeout) is retried by the caller, anything else raises at once."""
+        try:
+            self._open(url, busy_timeout_s, echo)
+        except sa.exc.OperationalError as exc:
+            if hasattr(self, "_engine"):
+                self._engine.dispose()
+            if "database is locked" in str(exc):
+                raise
+            raise ValueError(str(exc)) from exc  # not transient: no retry
 
     def _open(self, url: str, busy_timeout_s: float, echo: bool) -> None:
         parsed = sa.engine.make_url(url)
