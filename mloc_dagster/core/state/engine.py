@@ -68,7 +68,8 @@ class StoreEngine:
     def _open_once(self, url: str, busy_timeout_s: float, echo: bool) -> None:
         """Open and create the schema; SQLite's "database is locked" when several processes create a
         new database's schema at once (switching it to WAL can be refused without waiting for the
-        busy timeout) is retried by the caller, anything else raises at once."""
+        busy timeout) is retried by the caller; any other operational error (a server that refuses the
+        connection, bad credentials) is not."""
         try:
             self._open(url, busy_timeout_s, echo)
         except sa.exc.OperationalError as exc:
