@@ -44,7 +44,7 @@ from bench.report import report  # noqa: E402
 from mloc_dagster.core.data.features import load_features  # noqa: E402
 from mloc_dagster.core.models.pretrain import pretrain_base
 from mloc_dagster.core.search.study import Search, SearchConfig, parse_space, space_json  # noqa: E402
-from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.asr import train_adapter  # noqa: E402
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 BASE_DIALECT = "en-us"

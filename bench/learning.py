@@ -43,7 +43,7 @@ from mloc_dagster.core.data.features import load_features  # noqa: E402
 from mloc_dagster.core.models.ctc import load_base_model  # noqa: E402
 from mloc_dagster.core.models.evaluate import error_rates, transcribe  # noqa: E402
 from mloc_dagster.core.models.pretrain import pretrain_base
-from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.asr import train_adapter  # noqa: E402
 from mloc_dagster.core.training.runtime import cpu_threads  # noqa: E402
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 

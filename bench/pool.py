@@ -53,7 +53,7 @@ from mloc_dagster.core.merging.candidates import Recognizer, load_trusted, merge
 from mloc_dagster.core.merging.screening import reputation_updates, train_reference_update  # noqa: E402
 from mloc_dagster.core.pool.placement import NodeSpeed, optimal_makespan, place  # noqa: E402
 from mloc_dagster.core.pool.reputation import TRUST_BAR  # noqa: E402
-from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.asr import train_adapter  # noqa: E402
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 console = Console(width=150)

@@ -49,7 +49,7 @@ from mloc_dagster.core.data.features import collate, load_features
 from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
 from mloc_dagster.core.models.pretrain import pretrain_base
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.runtime import auto_cpu_threads, cpu_threads, seed_everything
 from mloc_dagster.core.training.sample_stream import SampleStream
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobResult, AdapterJobSpec

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train as train_bench  # noqa: E402
 
-from mloc_dagster.core.training.loops import train_adapter  # noqa: E402
+from mloc_dagster.core.training.asr import train_adapter  # noqa: E402
 from mloc_dagster.core.training.spec import AdapterJobResult, AdapterJobSpec
 from mloc_dagster.resources.gpu import GpuArbiter  # noqa: E402
 

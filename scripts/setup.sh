@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile torch==2.13.0
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile -e ".[dev]"
   env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c \
-    "import mloc_dagster.definitions, mloc_dagster.cli.main, mloc_dagster.cli.demo, mloc_dagster.execution.launcher, mloc_dagster.core.training.loops, mloc_dagster.core.models.pretrain, mloc_dagster.core.tts.pretrain, dagster._cli, dagster._daemon, pytest"
+    "import mloc_dagster.definitions, mloc_dagster.cli.main, mloc_dagster.cli.demo, mloc_dagster.execution.launcher, mloc_dagster.core.training.asr, mloc_dagster.core.models.pretrain, mloc_dagster.core.tts.pretrain, dagster._cli, dagster._daemon, pytest"
   touch "$stamp"
 fi
 echo "[setup] ok: $("$VENV/bin/python" -c 'import dagster, torch; print("dagster", dagster.__version__, "torch", torch.__version__)')"

@@ -30,7 +30,7 @@ def line(tmp_path_factory) -> Line:
     from mloc_dagster.core.data.datasets import build_version
     from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
     from mloc_dagster.core.models.pretrain import pretrain_base
-    from mloc_dagster.core.training.loops import train_adapter
+    from mloc_dagster.core.training.asr import train_adapter
     from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
     root = tmp_path_factory.mktemp("line")

@@ -118,7 +118,7 @@ def test_a_job_with_no_training_time_fails_instead_of_succeeding_with_zero_steps
     timebox -- simulated with a slow load, as from a network disk: not one step fits."""
     import time
 
-    import mloc_dagster.core.training.loops as training
+    import mloc_dagster.core.training.asr as training
 
     real_load = training.load_base_model
 

@@ -41,8 +41,8 @@ def run_rehearsal(instance: dg.DagsterInstance, run: TrainingRun) -> str | None:
 )
 def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConfig, artifacts: ArtifactStore,
                        state: StateStoreResource, gpu: GpuArbiter) -> dg.MaterializeResult:
-    from mloc_dagster.core.training.loops import train_adapter
-    from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec, Progress
+    from mloc_dagster.core.training.asr import train_adapter
+    from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
     dialect = context.partition_key
     store = state.store()
@@ -55,30 +55,16 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                                max_jobs=config.job_index + 1, candidate_every=min(12, config.job_index + 1))
     step = TrainingStep.open(context, store, run, config.job_index, config.slice_index,
                              artifacts.paths.adapters / dialect)
-    unit, hp = step.unit, config
+    hp = config
     rehearsal = run_rehearsal(context.instance, run) if config.rehearsal_fraction > 0 else None
     if config.slice_index >= 0:  # a slice is a few steps: a warm-up would take all of them
         hp = config.model_copy(update={"warmup_steps": 0})
 
-    def progress(p: Progress) -> None:
-        step.progress(step=p.step, samples=p.samples, loss=p.loss, samples_per_s=p.samples_per_s, eta_s=p.eta_s)
-        context.log.info(f"{p.event}: step {p.step} samples {p.samples} loss {p.loss:.4f} "
-                         f"{p.samples_per_s:.1f} samples/s, ETA to timebox {p.eta_s:.0f} s")
-
     def train(lease, started_at: float):
         return train_adapter(AdapterJobSpec(
-            base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version, out_dir=unit.out,
-            resume_from=unit.resume_from, init_adapter=unit.init_adapter,
-            segments=unit.segments, throttle=unit.throttle, on_train_start=unit.training_started,
-            on_train_end=unit.training_ended,
-            timebox_s=config.timebox_s, checkpoint_every_s=config.checkpoint_every_s,
-            hparams=core_hparams(hp, AdapterHParams),
-            rehearsal_dataset_path=rehearsal,
-            max_steps=config.max_steps or None, node_id=step.node, device=lease.torch_device,
-            run_id=run.run_id, job_index=config.job_index,
-            feature_cache_dir=artifacts.paths.home / "features", started_at=started_at,
-            progress=progress, heartbeat=step.heartbeat, log=context.log.info,
-        ))
+            base_model_dir=run.base_model_version, dataset_version_path=run.dataset_version,
+            hparams=core_hparams(hp, AdapterHParams), rehearsal_dataset_path=rehearsal,
+            feature_cache_dir=artifacts.paths.home / "features", **step.job_fields(config, lease, started_at)))
 
     result = step.train(gpu, config.timebox_s, train)
     stop_reason, status, record = step.finish(result, config.timebox_s)

@@ -9,8 +9,8 @@ Heartbeats cover the whole job, not only its steps: from the call to ``train`` a
 thread beats every ``KEEPALIVE_EVERY_S`` while the job waits for its device, loads the model,
 extracts features, evaluates and saves, so a slow start or a long evaluation never looks like a
 dead node (the training loop's own heartbeat still decides whether to stop). ``adapter_checkpoint``
-(ASR) and ``tts_adapter_checkpoint`` (TTS) call it around their own training function, so the
-rules live once.
+(ASR) and ``tts_adapter_checkpoint`` (TTS) call it around their own training function, and take
+the job's spec fields from it (``job_fields``), so the rules live once.
 """
 
 import math
@@ -116,9 +116,23 @@ class TrainingStep:
             raise refuse(context, str(exc), **{"mloc/refused": "not-to-start"}) from exc
         return cls(context, store, run, unit)
 
-    def progress(self, **figures: float) -> None:
-        """The latest progress (step, samples, loss, samples/s, ETA), carried by the next heartbeat."""
-        self.last.update(figures)
+    def progress(self, p: Any) -> None:
+        """A job's ``Progress``: carried by the next heartbeat (step, samples, loss, samples/s, ETA), and logged."""
+        self.last.update(step=p.step, samples=p.samples, loss=p.loss, samples_per_s=p.samples_per_s, eta_s=p.eta_s)
+        self.context.log.info(f"{p.event}: step {p.step} samples {p.samples} loss {p.loss:.4f} "
+                              f"{p.samples_per_s:.1f} samples/s, ETA to timebox {p.eta_s:.0f} s")
+
+    def job_fields(self, config: Any, lease: Any, started_at: float) -> dict[str, Any]:
+        """The ``JobSpec`` fields every track's job gets from its unit, config, lease and this step
+        (``core/training/spec.py``); a track's asset adds its inputs and hparams."""
+        unit = self.unit
+        return dict(out_dir=unit.out, resume_from=unit.resume_from, init_adapter=unit.init_adapter,
+                    segments=unit.segments, throttle=unit.throttle, on_train_start=unit.training_started,
+                    on_train_end=unit.training_ended, timebox_s=config.timebox_s,
+                    checkpoint_every_s=config.checkpoint_every_s, max_steps=config.max_steps or None,
+                    node_id=self.node, device=lease.torch_device, run_id=self.run.run_id,
+                    job_index=config.job_index, started_at=started_at, progress=self.progress,
+                    heartbeat=self.heartbeat, log=self.context.log.info)
 
     def heartbeat(self) -> bool | None:
         """Only a lost device lease or a deliberate stop (cancel, dead-worker verdict, dropped
@@ -202,8 +216,7 @@ class TrainingStep:
                              f"its progress is saved in {result.path}")
         if result.steps == 0 and result.resumed_kind != "reused":
             shutil.rmtree(result.path, ignore_errors=True)  # identical to where it started: let a retry train
-            overhead = getattr(result, "overhead_seconds", result.wall_seconds - result.train_seconds)
-            reason = (f"no training time: {overhead:.0f} s of the {timebox_s} s timebox went to "
+            reason = (f"no training time: {result.overhead_seconds:.0f} s of the {timebox_s} s timebox went to "
                       "start-up before the first step; raise timebox_s or use a faster node")
             self.unit.failed(reason)
             raise dg.Failure(f"training {run_id} {label} trained 0 steps: {reason}")

@@ -111,18 +111,12 @@ def tts_adapter_checkpoint(context: dg.AssetExecutionContext, config: TtsAdapter
                          f"`mloc run start {context.partition_key} --track tts`")
     step = TrainingStep.open(context, store, run, config.job_index, -1,
                              artifacts.paths.adapters / "tts" / context.partition_key)
-    unit = step.unit
     aligner = aligner_of(run.base_model_version, artifacts.paths.models)
 
-    def train(lease, _started_at: float):
+    def train(lease, started_at: float):
         return train_tts_adapter(TtsAdapterJobSpec(
             base_tts_dir=run.base_model_version, aligner_dir=aligner, dataset_version_path=run.dataset_version,
-            out_dir=unit.out, resume_from=unit.resume_from, timebox_s=config.timebox_s,
-            checkpoint_every_s=config.checkpoint_every_s, max_steps=config.max_steps or None,
-            hparams=core_hparams(config, TtsAdapterHParams),
-            device=lease.torch_device, node_id=step.node, run_id=run.run_id, job_index=config.job_index,
-            heartbeat=step.heartbeat, log=context.log.info,
-        ))
+            hparams=core_hparams(config, TtsAdapterHParams), **step.job_fields(config, lease, started_at)))
 
     result = step.train(gpu, config.timebox_s, train)
     stop_reason, status, record = step.finish(result, config.timebox_s)

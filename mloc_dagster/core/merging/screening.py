@@ -323,7 +323,7 @@ def train_reference_update(base_model_dir: str | os.PathLike[str], dataset_versi
     ``AdapterJobSpec`` fields (feature_cache_dir, rehearsal_dataset_path, device, timebox_s...).
     Returns the ``AdapterJobResult``; ``out_dir`` is then a checkpoint ``merge_candidate`` reads
     as ``reference`` (its result.json carries the dev CER baseline)."""
-    from mloc_dagster.core.training.loops import train_adapter
+    from mloc_dagster.core.training.asr import train_adapter
     from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
     hp = hparams or AdapterHParams()

@@ -1,6 +1,6 @@
 """Base pre-training: the tiny CTC model from scratch on the base dialect, within a time budget.
 
-Uses the same parts as the adapter loop (``core/training/loops.py``): the ``SampleStream`` data order,
+Uses the same parts as the adapter job (``core/training/job.py``): the ``SampleStream`` data order,
 ``train_step`` and the ``Timebox``. The learning rate warms up, then follows a cosine over the
 budget (time or steps, whichever runs out first).
 """

@@ -1,6 +1,6 @@
 """What this machine is and how fast it trains: the node registry's first figures for a new node.
 
-``calibrate`` runs a short, real adapter job (``core.training.loops.train_adapter`` with a small step
+``calibrate`` runs a short, real adapter job (``core.training.asr.train_adapter`` with a small step
 budget: same model, features, LoRA and loop as a training job, so the figure is what placement
 will see) on a local base model and dataset version, and returns its samples/s. The job's
 checkpoint is thrown away. ``local_device`` describes the GPU (name, UUID, memory) or the CPU;
@@ -58,7 +58,7 @@ def calibrate(base_model_dir: str | Path, dataset_version_path: str | Path, *, n
               steps: int = DEFAULT_CALIBRATION_STEPS, device: str | None = None,
               feature_cache_dir: str | Path | None = None, timebox_s: float = 600.0) -> Calibration:
     """Train ``steps`` LoRA steps on the dataset version's train split and measure samples/s."""
-    from mloc_dagster.core.training.loops import train_adapter
+    from mloc_dagster.core.training.asr import train_adapter
     from mloc_dagster.core.training.spec import AdapterJobSpec
 
     if steps < 2:

@@ -156,17 +156,22 @@ class TrainState:
 
 def check_resumable(meta: dict, source: Path, hparams, identity: dict) -> None:
     """Raise ``ResumeError`` unless a checkpoint was written by the same run settings: hparams,
-    base model, dataset version and rehearsal version."""
+    base model, dataset version, rehearsal version (and, for TTS, the aligner ASR)."""
     saved = meta["hparams"]
     mine = asdict(hparams)
     diff = {k for k in mine if saved.get(k, _default(hparams, k)) != mine[k]}
     if diff:
         raise ResumeError(f"{source}: hyper-parameters {sorted(diff)} differ from the run's checkpoint "
                           f"({ {k: saved.get(k) for k in sorted(diff)} } vs { {k: mine[k] for k in sorted(diff)} })")
-    for key in ("base_model_hash", "dataset_version", "rehearsal_version"):
-        if meta["identity"].get(key) != identity[key]:
+    for key in PINNED_IDENTITY:
+        if key in identity and meta["identity"].get(key) != identity[key]:
             raise ResumeError(f"{source}: {key} {meta['identity'].get(key)!r} != this job's {identity[key]!r}; "
-                              "a training run pins its base model and dataset version")
+                              "a training run pins its base model, dataset version (and aligner)")
+
+
+# What a checkpoint must share with the job that resumes it (those a track's identity names;
+# the rest of an identity — paths, dialect names — is informational: paths differ between nodes).
+PINNED_IDENTITY = ("base_model_hash", "dataset_version", "rehearsal_version", "aligner_hash")
 
 
 # Hyper-parameters added after checkpoints existed: the value that reproduces what those

@@ -200,8 +200,8 @@ class Timebox:
 
 
 class StopRule:
-    """Why a training loop stops before its next step -- the one rule both loops (ASR adapter
-    jobs, TTS adapter jobs) follow: the job's step budget, then the timebox, then a heartbeat
+    """Why an adapter job (``core/training/job.py``, every track) stops before its next step:
+    the job's step budget, then the timebox, then a heartbeat
     (called at most every ``heartbeat_every_s``) that returns False. Built when the loop starts."""
 
     def __init__(self, timebox: Timebox, max_steps: int | None, heartbeat: Callable[[], bool | None] | None,

@@ -27,7 +27,7 @@ from mloc_dagster.core.adapters.format import (
 )
 from mloc_dagster.core.adapters.lora import load_adapter
 from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 

@@ -24,7 +24,7 @@ from mloc_dagster.core.merging.screening import (
     train_reference_update,
 )
 from mloc_dagster.core.pool.reputation import TRUST_BAR
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 HP = AdapterHParams(r=8, alpha=16.0, batch_size=8, warmup_steps=0, seed=3, lr=3e-3)

@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 from mloc_dagster.core.adapters.format import read_adapter_dir
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 CHILD = r"""
 import resource, signal, sys
 from pathlib import Path
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG as an OSError instead of a signal
 resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
 base, data, out, prev, cache = sys.argv[1:]

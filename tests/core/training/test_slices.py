@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mloc_dagster.core.adapters.format import RESULT_JSON
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.sample_stream import LengthGroupedBatches, SampleStream, check_segments, segment_cursor
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 

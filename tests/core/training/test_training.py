@@ -18,8 +18,8 @@ from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON,
 from mloc_dagster.core.data.features import load_features
 from mloc_dagster.core.models.ctc import load_base_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.checkpoint import ResumeError, latest_partial, partial_dir
-from mloc_dagster.core.training.loops import train_adapter
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
 N = 4  # steps before the interruption
@@ -95,7 +95,7 @@ def test_chained_jobs_reproduce_the_uninterrupted_run(pretrained_base, corpus, t
 _CHILD = r"""
 import json, sys, time
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
-from mloc_dagster.core.training.loops import train_adapter
+from mloc_dagster.core.training.asr import train_adapter
 a = json.loads(sys.argv[1])
 
 def progress(p):
