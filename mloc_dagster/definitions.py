@@ -1,6 +1,7 @@
 """The code location: merges each domain's Definitions, and points each asset at its source."""
 
 import os
+import warnings
 
 import dagster as dg
 
@@ -20,9 +21,13 @@ from mloc_dagster.sensors import incoming, training_chain, watchdog
 
 
 def with_code_references(merged: dg.Definitions) -> dg.Definitions:
-    """The UI's asset page links each asset to the file and line that defines it."""
+    """The UI's asset page links each asset to the file and line that defines it (Dagster marks
+    the API beta and warns on every load of the code location: that warning is not ours to act on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        assets = dg.with_source_code_references(list(merged.assets or []))
     return dg.Definitions(
-        assets=dg.with_source_code_references(list(merged.assets or [])), asset_checks=merged.asset_checks,
+        assets=assets, asset_checks=merged.asset_checks,
         jobs=merged.jobs, sensors=merged.sensors, schedules=merged.schedules, resources=merged.resources,
         executor=merged.executor, loggers=merged.loggers)
 

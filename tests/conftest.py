@@ -68,3 +68,11 @@ def registered_base(mloc_home, espeak_batch, tmp_path):
         instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base_dir)}}}}).success
     yield instance, base_dir
     instance.dispose()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files with slow (daemon-driven) tests first: `make test` hands whole files to parallel
+    workers in this order (pytest-xdist ``--dist loadfile``), so the longest files start at once
+    instead of forming a tail; within a file the order is unchanged."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

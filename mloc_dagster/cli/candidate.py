@@ -72,7 +72,7 @@ def show(candidate_id: str, as_json: bool = typer.Option(False, "--json")) -> No
     instance, store = _context()
     candidate = store.get_candidate(candidate_id)
     if candidate is None:
-        console.print(f"[red]error:[/] no candidate {candidate_id}")
+        console.print(f"[red]error:[/] no candidate {candidate_id}", soft_wrap=True)
         raise typer.Exit(1)
     story = _story(store, candidate, _current_base(instance))
     if as_json:

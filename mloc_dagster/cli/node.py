@@ -36,7 +36,7 @@ def _store():
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/] {escape(message)}")
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 

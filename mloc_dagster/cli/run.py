@@ -61,11 +61,11 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
         try:
             print(start_pipeline(instance, store, spec if spec is not None else {}, defs.resolve_job_def).run_id)
         except TrainingRunError as exc:
-            console.print(f"[red]error:[/] {exc}")
+            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(1) from exc
         return
     if not dialect:
-        console.print("[red]error:[/] --dialect is required")
+        console.print("[red]error:[/] --dialect is required", soft_wrap=True)
         raise typer.Exit(1)
     try:
         run = start_run(instance, store, StartRequest(
@@ -73,7 +73,7 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
             kind=kind, parallelism=parallelism, round_samples=round_samples or 256 * parallelism, space=space,
             trials=trials, track=track))
     except (TrainingRunError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
     print(run.run_id)
 
@@ -81,10 +81,10 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
 def _transition(run_id: str, fn, verb: str) -> None:
     _, store = _context()
     if store.get_run(run_id) is None:
-        console.print(f"[red]error:[/] no training run {run_id}")
+        console.print(f"[red]error:[/] no training run {run_id}", soft_wrap=True)
         raise typer.Exit(1)
     if not fn(store, run_id):
-        console.print(f"[red]error:[/] cannot {verb} {run_id}: it is {store.get_run(run_id).status}")
+        console.print(f"[red]error:[/] cannot {verb} {run_id}: it is {store.get_run(run_id).status}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"{run_id}: {store.get_run(run_id).status}")
 
@@ -113,7 +113,7 @@ def cancel(run_id: str) -> None:
     instance, store = _context()
     run = store.get_run(run_id)
     if run is None or run.is_terminal:
-        console.print(f"[red]error:[/] {run_id} is {'unknown' if run is None else run.status}")
+        console.print(f"[red]error:[/] {run_id} is {'unknown' if run is None else run.status}", soft_wrap=True)
         raise typer.Exit(1)
     terminated = cancel_run(instance, store, run_id)
     console.print(f"{run_id}: cancelled; terminated Dagster runs: {', '.join(terminated) or 'none'}")
@@ -150,7 +150,7 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
     instance, store = _context()
     runs = [store.get_run(run_id)] if run_id else store.list_runs(status=("active", "paused"))
     if run_id and runs[0] is None:
-        console.print(f"[red]error:[/] no training run {run_id}")
+        console.print(f"[red]error:[/] no training run {run_id}", soft_wrap=True)
         raise typer.Exit(1)
     data = [_run_dict(store, r, instance) for r in runs]
     if as_json:
@@ -210,7 +210,7 @@ def logs(run_id: str, tail: int = typer.Option(20, "--tail", help="Lines to show
 
     instance, store = _context()
     if store.get_run(run_id) is None:
-        console.print(f"[red]error:[/] no training run {run_id}")
+        console.print(f"[red]error:[/] no training run {run_id}", soft_wrap=True)
         raise typer.Exit(1)
     latest = latest_dagster_run(instance, run_id)
     if latest is None:

@@ -95,7 +95,7 @@ def test_warm_start_from_a_removed_candidate_is_refused(registered_base, tmp_pat
 
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    gone = tmp_path / "removed-adapter"
+    gone = tmp_path / ("removed-adapter-" + "x" * 120)  # longer than a terminal line: printed whole
     candidate = store.record_candidate(dialect="en-gb-scotland", adapter_path=str(gone), sha256="0" * 64, sources=[],
                                        trusted=True, base_model=latest_metadata(instance, "base_model")["version"])
     proc = mloc("run", "start", "--dialect", "en-gb-scotland", "--from", candidate.candidate_id, check=False)
