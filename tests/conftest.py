@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.world import build_once, copy_home, home_env, populate_home, tiny_base
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytest_plugins = ["tests.conftest_pg"] if (REPO / "tests" / "conftest_pg.py").exists() else []
@@ -27,12 +29,15 @@ def mloc_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def espeak_batch(tmp_path_factory) -> Path:
-    """One real espeak batch (en-gb-scotland, 36 utterances, 12 speakers), synthesized once."""
+def espeak_batch(tmp_path_factory, worker_id) -> Path:
+    """One real espeak batch (en-gb-scotland, 36 utterances, 12 speakers), synthesized once per run."""
     from mloc_dagster.core.data.corpus import synth_dialect
 
-    root = tmp_path_factory.mktemp("espeak")
-    return synth_dialect("en-gb-scotland", 36, root / "incoming", seed=3, speakers=12, batch_id="b0001")
+    def build(out: Path) -> dict:
+        return {"batch": str(synth_dialect("en-gb-scotland", 36, out / "incoming", seed=3, speakers=12,
+                                           batch_id="b0001"))}
+
+    return Path(build_once(tmp_path_factory, worker_id, "espeak", build)[1]["batch"])
 
 
 def copy_batch(src: Path, incoming: Path, dialect: str, batch_id: str) -> Path:
@@ -46,27 +51,31 @@ def write_manifest(batch_dir: Path, rows: list, name: str = "manifest.jsonl") ->
     (batch_dir / name).write_bytes(b"\n".join(lines) + b"\n")
 
 
-@pytest.fixture()
-def registered_base(mloc_home, espeak_batch, tmp_path):
-    """On the test's DAGSTER_HOME: dataset versions for en-us and en-gb-scotland (the espeak batch)
-    and an untrained tiny base model registered through base_model's checkpoint_dir path."""
+@pytest.fixture(scope="session")
+def base_home(espeak_batch, tmp_path_factory, worker_id) -> tuple[Path, Path]:
+    """A home with dataset versions for en-us and en-gb-scotland (the espeak batch) and an
+    untrained tiny base model registered through base_model's checkpoint_dir path, built once per
+    run: (home, base model directory)."""
     import dagster as dg
 
-    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
-    from mloc_dagster.definitions import defs
-    from mloc_dagster.partitions import dialect_partitions
+    def build(out: Path) -> dict:
+        base_dir = tiny_base(out / "tiny")
+        with home_env(out / "home"), dg.DagsterInstance.get() as instance:
+            populate_home(instance, out / "home", {"en-us": espeak_batch, "en-gb-scotland": espeak_batch}, base_dir)
+        return {"home": str(out / "home"), "base": str(base_dir)}
 
-    dialects = ["en-us", "en-gb-scotland"]
-    for dialect in dialects:
-        copy_batch(espeak_batch, mloc_home / "incoming", dialect, "b0001")
+    record = build_once(tmp_path_factory, worker_id, "base-home", build)[1]
+    return Path(record["home"]), Path(record["base"])
+
+
+@pytest.fixture()
+def registered_base(base_home, mloc_home):
+    """The test's MLOC_HOME as a copy of ``base_home``: (its instance, the base model directory)."""
+    import dagster as dg
+
+    copy_home(base_home[0], mloc_home)
     instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions(dialect_partitions.name, dialects)
-    for dialect in dialects:
-        assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance).success
-    base_dir = save_base_model(new_tiny_model(), tmp_path / "tiny")
-    assert defs.resolve_job_def("base_model_job").execute_in_process(
-        instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base_dir)}}}}).success
-    yield instance, base_dir
+    yield instance, base_home[1]
     instance.dispose()
 
 

@@ -1,6 +1,11 @@
 """A hyperparameter search through the real `dagster-daemon` on CPU: 6 trials x 3 tiny timeboxed
 jobs, pruned between jobs by the study in the project database, which survives a daemon restart
-in the middle. Slow by nature."""
+in the middle. Slow by nature.
+
+One trial at a time: which trials ASHA prunes depends on the order in which they report their first
+job, and with two in flight that order is the machine's (the dev CERs of a 2-step job on the tiny
+base tie often, and a run of ties prunes nothing). In sequence, every sample (seeded by the trial
+number), every job (exact on CPU) and so every decision is the same on every machine."""
 
 import dagster as dg
 import pytest
@@ -19,7 +24,7 @@ def test_a_search_prunes_and_survives_a_daemon_restart(registered_base, mloc_hom
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
     search = start_run(instance, store, StartRequest("en-gb-scotland", jobs=3, timebox_s=60, kind="hyperparameter", space=SPACE,
-                       trials=6, parallelism=2, hparams={"max_steps": 2, "batch_size": 4}))
+                       trials=6, parallelism=1, hparams={"max_steps": 2, "batch_size": 4}))
 
     def trials():
         return store.list_runs(parent_run_id=search.run_id, limit=None)
@@ -57,9 +62,10 @@ def test_a_search_prunes_and_survives_a_daemon_restart(registered_base, mloc_hom
     numbers = sorted(t.trial_number for t in everything)
     assert numbers == list(range(6)) and started_before <= set(numbers)  # no trial lost or started twice
     pruned = [t for t in everything if t.status == "cancelled"]
-    assert pruned and all(t.status_reason.startswith("pruned after job") for t in pruned)
-    assert any((t.last_finished_job or 0) < 2 for t in pruned)  # stopped before its last job
     summary = Search.open(store.url, search.run_id).summary()
+    assert pruned, summary
+    assert all(t.status_reason.startswith("pruned after job") for t in pruned)
+    assert any((t.last_finished_job or 0) < 2 for t in pruned)  # stopped before its last job
     best = store.get_run(search.run_id).status_reason
     assert best.startswith("best trial") and "'lr'" in best and "'r'" in best
     winner = next(s for s in summary if best.startswith(f"best trial {s.trial} "))

@@ -12,7 +12,8 @@ from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.definitions import defs
 from mloc_dagster.runs.service import StartRequest, start_run
-from tests.assets.conftest import DIALECT, register_base
+from tests.assets.conftest import DIALECT
+from tests.world import register_base
 
 # The pre-trained base is a 150-step model: CER/WER limits sit above what it reaches, the
 # improvement and regression gates are the defaults' logic on real numbers.

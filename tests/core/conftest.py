@@ -15,6 +15,7 @@ import pytest
 from mloc_dagster.core.data.batches import find_batches
 from mloc_dagster.core.data.corpus import synth_dialect
 from mloc_dagster.core.data.datasets import build_version
+from tests.world import build_once
 
 PRETRAIN_STEPS = 150
 
@@ -28,26 +29,31 @@ class Corpus:
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Corpus:
-    root = tmp_path_factory.mktemp("ml-corpus")
-    versions = {}
-    for dialect, n in (("en-us", 300), ("en-gb-scotland", 200)):
-        synth_dialect(dialect, n, root / "incoming", seed=0)
-        versions[dialect] = build_version(dialect, find_batches(root / "incoming", dialect),
-                                          root / "datasets" / dialect).path
-    return Corpus(root, versions["en-us"], versions["en-gb-scotland"], root / "features")
+def corpus(tmp_path_factory, worker_id) -> Corpus:
+    def build(root: Path) -> dict:
+        versions = {}
+        for dialect, n in (("en-us", 300), ("en-gb-scotland", 200)):
+            synth_dialect(dialect, n, root / "incoming", seed=0)
+            versions[dialect] = str(build_version(dialect, find_batches(root / "incoming", dialect),
+                                                  root / "datasets" / dialect).path)
+        return versions
+
+    root, versions = build_once(tmp_path_factory, worker_id, "ml-corpus", build)
+    return Corpus(root, Path(versions["en-us"]), Path(versions["en-gb-scotland"]), root / "features")
 
 
 @pytest.fixture(scope="session")
-def pretrained_base(corpus, tmp_path_factory) -> tuple[Path, dict]:
+def pretrained_base(corpus, tmp_path_factory, worker_id) -> tuple[Path, dict]:
     """The tiny model pre-trained for PRETRAIN_STEPS steps on en-us: far from converged, but it
     transcribes (CER well below 1), so adaptation has something to improve."""
     from mloc_dagster.core.models.pretrain import pretrain_base
 
-    out = tmp_path_factory.mktemp("ml-base") / "base"
-    metrics = pretrain_base(corpus.en_us, out, train_seconds=900, max_steps=PRETRAIN_STEPS, seed=0,
-                            feature_cache_dir=corpus.feature_cache)
-    return out, metrics
+    def build(out: Path) -> dict:
+        return pretrain_base(corpus.en_us, out / "base", train_seconds=900, max_steps=PRETRAIN_STEPS, seed=0,
+                             feature_cache_dir=corpus.feature_cache)
+
+    out, metrics = build_once(tmp_path_factory, worker_id, "ml-base", build)
+    return out / "base", metrics
 
 
 class FakeClock:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.ui.world import DIALECT, build_world, dagster_dev
+from tests.world import copy_home
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +44,16 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory, espeak_batch) -> Iterator[str]:
-    """The world built on a fresh MLOC_HOME/DAGSTER_HOME, and `dagster dev` serving it."""
+def ui(tmp_path_factory, base_home) -> Iterator[str]:
+    """The world built on a copy of the suite's base home, and `dagster dev` serving it."""
     root = tmp_path_factory.mktemp("ui-world")
     home = root / "mloc"
-    (home / "dagster").mkdir(parents=True)
-    shutil.copy(Path(__file__).resolve().parents[2] / "dagster.yaml", home / "dagster" / "dagster.yaml")
+    copy_home(base_home[0], home)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLOC_HOME", str(home))
         mp.setenv("DAGSTER_HOME", str(home / "dagster"))
         mp.delenv("MLOC_DATABASE_URL", raising=False)
-        build_world(home, espeak_batch, root)
+        build_world()
         with dagster_dev(home, root / "dagster-dev.log") as url:
             yield url
 

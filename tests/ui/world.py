@@ -1,15 +1,14 @@
 """A small but complete world for the browser tests, built in-process on a fresh DAGSTER_HOME, and
 `dagster dev` serving it.
 
-World: dataset versions for en-us and en-gb-scotland (the espeak batch), an untrained tiny base
-model, two adapter_checkpoint jobs of one training run (a few steps each), one candidate
+World: the suite's ``base_home`` (dataset versions for en-us and en-gb-scotland from the espeak
+batch, an untrained tiny base model), two adapter_checkpoint jobs of one training run (a few steps each), one candidate
 through merged_candidate → gate_report → production_adapter with a lenient gate, and a pool_report.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,29 +30,17 @@ LENIENT_GATE = {"thresholds": {DIALECT: {"max_cer": 10.0, "max_wer": 10.0, "min_
                                          "max_base_regression_rel": 10.0}}, "bootstrap_samples": 200}
 
 
-def build_world(home: Path, espeak_batch: Path, tmp: Path) -> dict[str, str]:
-    """Materialize the world under ``home`` (MLOC_HOME; DAGSTER_HOME is home/dagster)."""
+def build_world() -> dict[str, str]:
+    """Materialize the world's runs on the home in MLOC_HOME/DAGSTER_HOME, a copy of the suite's
+    ``base_home`` (both dialects ingested, the tiny base registered)."""
     import dagster as dg
 
-    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs
-    from mloc_dagster.partitions import dialect_partitions
     from mloc_dagster.runs.service import StartRequest, pause_run, start_run
 
-    dialects = ["en-us", DIALECT]
-    for dialect in dialects:
-        shutil.copytree(espeak_batch, home / "incoming" / dialect / "b0001")
     with dg.DagsterInstance.get() as instance:
-        instance.add_dynamic_partitions(dialect_partitions.name, dialects)
-        for dialect in dialects:
-            assert defs.resolve_job_def("ingest_job").execute_in_process(partition_key=dialect, instance=instance).success
-        base_dir = save_base_model(new_tiny_model(), tmp / "tiny")
-        assert defs.resolve_job_def("base_model_job").execute_in_process(
-            instance=instance, run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(base_dir)}}}}
-        ).success
-
         store = StateStore(resolve_state_url())
         run = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=300))
         for job_index in range(2):

@@ -66,13 +66,8 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
             hparams=core_hparams(hp, AdapterHParams), rehearsal_dataset_path=rehearsal,
             feature_cache_dir=artifacts.paths.home / "features", **step.job_fields(config, lease, started_at)))
 
-    result = step.train(gpu, config.timebox_s, train)
-    stop_reason, status, record = step.finish(result, config.timebox_s)
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(result.sha256),
-        metadata={**step.metadata(result, stop_reason, status, record),
-                  "learning_curve": dg.MetadataValue.json(result.learning_curve)},
-    )
+    return step.materialize(gpu, config.timebox_s, train,
+                            lambda result: {"learning_curve": dg.MetadataValue.json(result.learning_curve)})
 
 TRAIN_JOB = "train_adapter_job"
 train_adapter_job = dg.define_asset_job(

@@ -231,6 +231,15 @@ class TrainingStep:
                   if result.steps > 0 and result.samples_per_s > 0 else self.store.get_node(self.node))
         return stop_reason, status, record
 
+    def materialize(self, gpu: Any, timebox_s: int, train: Callable[[Any, float], Any],
+            extra: Callable[[Any], dict[str, Any]] = lambda result: {}) -> dg.MaterializeResult:
+        """The whole job of a training asset: ``train`` on a leased device, judge and record the
+        result, and materialize it (data version: the adapter's hash; the track adds ``extra``)."""
+        result = self.train(gpu, timebox_s, train)
+        stop_reason, status, record = self.finish(result, timebox_s)
+        return dg.MaterializeResult(data_version=dg.DataVersion(result.sha256),
+                                    metadata={**self.metadata(result, stop_reason, status, record), **extra(result)})
+
     @staticmethod
     def metrics(result: Any) -> dict[str, float]:
         """The result's numbers (what the training job records and the asset shows)."""

@@ -118,13 +118,7 @@ def tts_adapter_checkpoint(context: dg.AssetExecutionContext, config: TtsAdapter
             base_tts_dir=run.base_model_version, aligner_dir=aligner, dataset_version_path=run.dataset_version,
             hparams=core_hparams(config, TtsAdapterHParams), **step.job_fields(config, lease, started_at)))
 
-    result = step.train(gpu, config.timebox_s, train)
-    stop_reason, status, record = step.finish(result, config.timebox_s)
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(result.sha256),
-        metadata={**step.metadata(result, stop_reason, status, record), "track": TTS,
-                  "aligner": result.aligner_hash},
-    )
+    return step.materialize(gpu, config.timebox_s, train, lambda result: {"track": TTS, "aligner": result.aligner_hash})
 
 
 tts_base_model_job = dg.define_asset_job("tts_base_model_job", selection=[tts_base_model],

@@ -138,11 +138,6 @@ class JobResult:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    @property
-    def metrics(self) -> dict[str, float | int | str | None]:
-        """Scalar fields (everything but the loss history and the curve), e.g. for asset metadata."""
-        return {k: v for k, v in self.to_json().items() if k not in ("loss_history", "learning_curve")}
-
 
 @dataclass(kw_only=True)
 class AdapterJobResult(JobResult):

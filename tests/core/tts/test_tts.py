@@ -40,6 +40,7 @@ from mloc_dagster.core.tts.judge import (
 )
 from mloc_dagster.core.tts.pretrain import pretrain_tts_base
 from mloc_dagster.core.tts.training import TtsAdapterJobSpec, load_tts_adapter, train_tts_adapter
+from tests.world import build_once
 
 ROWS = 8  # utterances the memorising TTS base learns (and the gate speaks)
 BASE_STEPS = 600
@@ -55,37 +56,46 @@ RESUME_HPARAMS = {"r": 4, "alpha": 8.0, "dropout": 0.1, "batch_size": 4, "warmup
 
 
 @pytest.fixture(scope="session")
-def tts_base(corpus, pretrained_base, tmp_path_factory) -> tuple[Path, dict]:
+def tts_base(corpus, pretrained_base, tmp_path_factory, worker_id) -> tuple[Path, dict]:
     """A TTS base after one step: a valid model directory for the machinery tests."""
-    out = tmp_path_factory.mktemp("tts-base") / "tts"
-    return out, pretrain_tts_base(corpus.en_us, pretrained_base[0], out, train_seconds=600, max_steps=1,
-                                  train_limit=8, dev_limit=2, seed=0)
+    def build(out: Path) -> dict:
+        return pretrain_tts_base(corpus.en_us, pretrained_base[0], out / "tts", train_seconds=600, max_steps=1,
+                                 train_limit=8, dev_limit=2, seed=0)
+
+    out, metrics = build_once(tmp_path_factory, worker_id, "tts-base", build)
+    return out / "tts", metrics
 
 
 @pytest.fixture(scope="session")
-def speaking_tts(corpus, pretrained_base, tmp_path_factory) -> tuple[Path, Path, list[str], list[np.ndarray]]:
+def speaking_tts(corpus, pretrained_base, tmp_path_factory, worker_id) -> tuple[Path, Path, list[str], list[np.ndarray]]:
     """(TTS base that memorised ROWS en-us utterances, a working adapter on them, their texts and
     real recordings)."""
     asr = pretrained_base[0]
-    root = tmp_path_factory.mktemp("tts-speaking")
-    pretrain_tts_base(corpus.en_us, asr, root / "base", train_seconds=900, max_steps=BASE_STEPS, train_limit=ROWS,
-                      dev_limit=2, batch_size=ROWS, lr=3e-3, warmup_steps=10, model_config=NO_DROPOUT, seed=0,
-                      schedule="constant")
-    train_tts_adapter(TtsAdapterJobSpec(root / "base", asr, corpus.en_us, root / "adapter", timebox_s=600,
-                                        max_steps=ADAPTER_STEPS, eval_limit=2,
-                                        hparams=TtsAdapterHParams(batch_size=ROWS, lr=1e-3, train_limit=ROWS)))
+
+    def build(root: Path) -> dict:
+        pretrain_tts_base(corpus.en_us, asr, root / "base", train_seconds=900, max_steps=BASE_STEPS, train_limit=ROWS,
+                          dev_limit=2, batch_size=ROWS, lr=3e-3, warmup_steps=10, model_config=NO_DROPOUT, seed=0,
+                          schedule="constant")
+        train_tts_adapter(TtsAdapterJobSpec(root / "base", asr, corpus.en_us, root / "adapter", timebox_s=600,
+                                            max_steps=ADAPTER_STEPS, eval_limit=2,
+                                            hparams=TtsAdapterHParams(batch_size=ROWS, lr=1e-3, train_limit=ROWS)))
+        return {}
+
+    root, _ = build_once(tmp_path_factory, worker_id, "tts-speaking", build)
     tok = load_base_model(asr).tokenizer
     utts = [u for u in DatasetVersion(corpus.en_us).iter_utterances("train") if tok.encode(u.text)][:ROWS]
     return root / "base", root / "adapter", [u.text for u in utts], [u.audio for u in utts]
 
 
 @pytest.fixture(scope="session")
-def tts_adapter(corpus, pretrained_base, tts_base, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tts-adapter") / "job0"
-    train_tts_adapter(TtsAdapterJobSpec(tts_base[0], pretrained_base[0], corpus.scottish, out, timebox_s=600,
-                                        max_steps=2, eval_limit=2,
-                                        hparams=TtsAdapterHParams(batch_size=4, train_limit=8)))
-    return out
+def tts_adapter(corpus, pretrained_base, tts_base, tmp_path_factory, worker_id) -> Path:
+    def build(out: Path) -> dict:
+        train_tts_adapter(TtsAdapterJobSpec(tts_base[0], pretrained_base[0], corpus.scottish, out / "job0",
+                                            timebox_s=600, max_steps=2, eval_limit=2,
+                                            hparams=TtsAdapterHParams(batch_size=4, train_limit=8)))
+        return {}
+
+    return build_once(tmp_path_factory, worker_id, "tts-adapter", build)[0] / "job0"
 
 
 def _random_like(adapter: Path, out: Path, seed: int = 0) -> Path:
