@@ -17,7 +17,7 @@ from mloc_dagster.cli.run import run_app
 from mloc_dagster.paths import MlocPaths
 
 app = typer.Typer(no_args_is_help=True, help="mloc_dagster: dialect speech models on shared GPUs.")
-corpus_app = typer.Typer(no_args_is_help=True, help="Demo corpus synthesized with espeak-ng.")
+corpus_app = typer.Typer(no_args_is_help=True, help="Corpora in: the espeak demo corpus, Common Voice and Hugging Face datasets.")
 dialect_app = typer.Typer(no_args_is_help=True, help="Dialect partitions.")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(dialect_app, name="dialect")
@@ -42,6 +42,35 @@ def corpus_synth(
     for dialect in [d.strip() for d in dialects.split(",") if d.strip()]:
         path = synth_dialect(dialect, utterances, out, seed=seed, speakers=speakers, batch_id=batch_id)
         console.print(f"[green]wrote[/] {path} ({utterances} utterances)")
+
+
+@corpus_app.command("import")
+def corpus_import(
+    src: Path = typer.Argument(..., help="The corpus directory."),
+    fmt: str = typer.Option(..., "--format", help="commonvoice (clips/ + validated.tsv) or hf (a save_to_disk "
+                                                  "directory, or an audiofolder with metadata.csv)."),
+    dialect: str = typer.Option(..., help="The dialect the batch belongs to."),
+    batch_id: str = typer.Option(None, help="Batch id (default <format>-<directory name>)."),
+    tsv: str = typer.Option("validated.tsv", help="commonvoice: the release's TSV to read."),
+    text_column: str = typer.Option(None, help="hf: the transcript column (default: sentence, text, transcription...)."),
+    speaker_column: str = typer.Option(None, help="hf: the speaker column (default: client_id, speaker_id, speaker)."),
+    out: Path = typer.Option(None, help="Incoming root (default $MLOC_HOME/incoming)."),
+) -> None:
+    """Write a Common Voice release or a Hugging Face datasets directory as an incoming batch: the
+    ingest validates it like any other (bad rows are quarantined with their reason)."""
+    from mloc_dagster.core.data.imports import CorpusImportError, import_corpus
+    from mloc_dagster.partitions import is_valid_dialect
+
+    if not is_valid_dialect(dialect):
+        raise typer.BadParameter(f"{dialect!r}: dialect keys are lowercase [a-z0-9-], no commas", param_hint="--dialect")
+    try:
+        summary = import_corpus(fmt, src, out or MlocPaths.from_env().incoming, dialect, batch_id, tsv=tsv,
+                                text_column=text_column, speaker_column=speaker_column)
+    except CorpusImportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    console.print(f"[green]wrote[/] {summary.batch_dir} ({summary.rows} rows, {summary.audio_files} audio files); "
+                  "the incoming sensor ingests it, or: dagster job launch -j ingest_job")
 
 
 @dialect_app.command("add")
