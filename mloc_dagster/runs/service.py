@@ -12,7 +12,7 @@ import dagster as dg
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.assets.tracks import TRACKS, validate_hparams
 from mloc_dagster.assets.training.adapters import rehearsal_dataset
-from mloc_dagster.assets.training.hparams import InvalidHParams
+from mloc_dagster.assets.training.hparams import InvalidHParams, config_from
 from mloc_dagster.core.adapters.format import InvalidAdapter, read_adapter_dir
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
@@ -263,25 +263,9 @@ def cancel_run(instance: dg.DagsterInstance, store: StateStore, run_id: str) -> 
     return terminated
 
 
-class StartRunConfig(dg.Config):
-    dialect: str
-    jobs: int = 6
-    candidate_every: int = 6
-    timebox_s: int = 3600
-    # Ints, floats and lists as the training job takes them, e.g. {"r": 8, "lr": 0.002,
-    # "target_modules": ["head"]}; unknown or ill-typed keys fail with the allowed ones listed.
-    hparams: dict[str, Any] = {}
-    # Warm start: "production", "production:experimental" or a candidate id ("" = from the base).
-    init_from: str = ""
-    # "distributed": `jobs` rounds of `round_samples` samples, each on up to `parallelism` pool nodes.
-    kind: str = SINGLE
-    parallelism: int = 1
-    round_samples: int = 0
-    # "hyperparameter": `trials` runs with hparams from `space`, e.g. {"lr": [1e-4, 1e-2, "log"], "r": [4, 8, 16]}.
-    space: dict[str, Any] = {}
-    trials: int = 0
-    # "tts": TTS adapters on the base TTS, gated by the stop-loss (docs/tts.md); "asr": speech recognition.
-    track: str = ASR
+# The launchpad's config is StartRequest's fields (`hparams` and `space` as JSON objects there).
+StartRunConfig = config_from("StartRunConfig", StartRequest,
+                             overrides={"hparams": (dict[str, Any], {}), "space": (dict[str, Any], {})})
 
 
 @dg.op(description="Create a training run; the training_chain_sensor then chains its jobs.")
@@ -289,7 +273,7 @@ def create_training_run(context: dg.OpExecutionContext, config: StartRunConfig,
                         state: StateStoreResource) -> str:
     try:
         run = start_run(context.instance, state.store(), StartRequest(**{
-            **config.model_dump(), "init_from": config.init_from or None, "space": dict(config.space) or None}))
+            **config.model_dump(), "init_from": config.init_from or None, "space": config.space or None}))
     except TrainingRunError as exc:
         raise dg.Failure(str(exc)) from exc
     context.add_output_metadata({"run_id": run.run_id, "dialect": run.dialect, "track": run.track,

@@ -44,3 +44,20 @@ def test_lifecycle_words_and_log_lines_of_a_real_job(registered_base):
                                        check=True).stdout)
     assert status["lifecycle"]["state"] == "paused" and status["lifecycle"]["retries"] == 0
     assert dg.DagsterRunStatus.SUCCESS.value == status["lifecycle"]["dagster_status"]
+
+
+def test_the_launchpad_config_is_start_requests_fields():
+    """`start_training_run`'s config is derived from StartRequest: a field added to the request
+    reaches the launchpad with its default, none is repeated by hand."""
+    from dataclasses import MISSING, fields
+
+    from mloc_dagster.runs.service import StartRequest, StartRunConfig
+
+    declared = {f.name: f for f in fields(StartRequest)}
+    assert set(StartRunConfig.model_fields) == set(declared)
+    for name, f in declared.items():
+        default = StartRunConfig.model_fields[name].default
+        if name in ("hparams", "space"):  # JSON objects in the launchpad
+            assert default == {}
+        elif f.default is not MISSING:
+            assert default == f.default, name

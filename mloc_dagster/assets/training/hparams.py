@@ -36,15 +36,24 @@ class SliceFields(TrainingJobFields):
     slice_index: int = -1  # >= 0: this is slice N of round job_index of a distributed run
 
 
-def job_config(name: str, hparams: type, base: type[dg.Config]) -> type[dg.Config]:
-    """``base``'s fields plus every field of the core ``hparams`` dataclass, with its type and its
-    default: the core declares each hparam once, the Dagster config repeats none of them."""
-    hints = get_type_hints(hparams)
-    declared = {f.name: (hints[f.name], f.default if f.default is not MISSING else f.default_factory())
-                for f in fields(hparams)}
+def config_from(name: str, declared: type, base: type[dg.Config] = dg.Config,
+                overrides: dict[str, tuple[Any, Any]] | None = None) -> type[dg.Config]:
+    """A Dagster config class: ``base``'s fields plus every field of the core dataclass
+    ``declared``, with its type and its default, so the core declares each field once and the
+    config repeats none. ``overrides`` gives (type, default) where the core's type is not one a
+    run config can hold (a union, an abstract mapping)."""
+    hints = get_type_hints(declared)
+    fields_ = {f.name: (hints[f.name], f.default if f.default is not MISSING else
+                        f.default_factory() if f.default_factory is not MISSING else ...)
+               for f in fields(declared)}
     return pydantic.create_model(name, __base__=base, __module__=__name__,
-                                 __doc__=f"A training job's run config: {base.__name__} + {hparams.__name__}.",
-                                 **declared)
+                                 __doc__=f"A run config: {base.__name__} + {declared.__name__}.",
+                                 **{**fields_, **(overrides or {})})
+
+
+def job_config(name: str, hparams: type, base: type[dg.Config]) -> type[dg.Config]:
+    """A training job's run config: what the chain sets (``base``) + the track's hparams."""
+    return config_from(name, hparams, base)
 
 
 def core_hparams(config: dg.Config, hparams: type[H]) -> H:
