@@ -36,7 +36,7 @@ class BaseModelConfig(dg.Config):
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
                gpu: GpuArbiter, state: StateStoreResource) -> dg.MaterializeResult:
     from mloc_dagster.core.data.features import load_features
-    from mloc_dagster.core.models.ctc import load_base_model
+    from mloc_dagster.core.models.ctc import UnsupportedModel, check_family, load_base_model
     from mloc_dagster.core.models.evaluate import error_rates, transcribe
     from mloc_dagster.core.publish import model_dir_hash, publish_copy, publish_version
 
@@ -45,6 +45,10 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
     with gpu.lease("TRAIN", context) as lease:
         if config.checkpoint_dir:
             source = Path(config.checkpoint_dir)
+            try:  # refused before anything is copied
+                check_family(source)
+            except (UnsupportedModel, FileNotFoundError) as exc:
+                raise dg.Failure(f"checkpoint_dir: {exc}") from exc
             version = model_dir_hash(source)
             out = publish_copy(source, models / version, version)  # a half copy left by a crash is rebuilt
             train_metrics = {}
@@ -77,6 +81,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             "stale_production_adapters": dg.MetadataValue.md(
                 "\n".join(f"- {line}" for line in stale) or "none: every production adapter is on this base"),
             "version": version, "base_dialect": config.base_dialect, "parameters": bm.num_parameters,
+            "family": check_family(out),
             "dataset_version": dataset["version"], **scores,
             **{k: v for k, v in train_metrics.items() if isinstance(v, int | float) and k not in scores},
             "path": dg.MetadataValue.path(str(out)), **lease.metadata(),

@@ -45,8 +45,9 @@ def default_feature_extractor() -> SeamlessM4TFeatureExtractor:
                                        stride=2, padding_value=0.0)
 
 
-def feature_dim(fe: SeamlessM4TFeatureExtractor) -> int:
-    return int(fe.num_mel_bins * fe.stride)
+def feature_dim(fe) -> int:
+    """Values per row: 160 for the stacked log-mel front end, 1 for a waveform extractor."""
+    return int(fe.num_mel_bins * fe.stride) if hasattr(fe, "num_mel_bins") else int(fe.feature_size)
 
 
 def extractor_fingerprint(fe: SeamlessM4TFeatureExtractor) -> str:
@@ -57,22 +58,34 @@ def extractor_fingerprint(fe: SeamlessM4TFeatureExtractor) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def extract(fe: SeamlessM4TFeatureExtractor, audios: Sequence[np.ndarray], chunk: int = 32) -> list[np.ndarray]:
-    """Per-utterance features [frames, dim] float32.
+def extract(fe, audios: Sequence[np.ndarray], chunk: int = 32) -> list[np.ndarray]:
+    """Per-utterance rows [frames, dim] float32 of the extractor's model input: log-mel
+    ``input_features`` [frames, 160], or a waveform extractor's ``input_values`` as [samples, 1].
 
-    The extractor normalizes each utterance before padding, so a batched call gives the same
+    The extractors normalize each utterance before padding, so a batched call gives the same
     numbers as one call per utterance; batching (of similar lengths, to pad little) is ~5x faster.
     """
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     out: list[np.ndarray | None] = [None] * len(audios)
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
-        enc = fe([audios[i] for i in idx], sampling_rate=fe.sampling_rate, return_tensors="np")
-        feats, mask = enc["input_features"], enc["attention_mask"]
+        enc = fe([audios[i] for i in idx], sampling_rate=fe.sampling_rate, return_tensors="np", padding=True,
+                 return_attention_mask=True)
+        feats, mask = enc[fe.model_input_names[0]], enc["attention_mask"]
+        if mask.shape[-1] == 0:  # no usable mask (SeamlessM4T with stride 1): one call per utterance, unpadded
+            for i in idx:
+                out[i] = _rows(fe([audios[i]], sampling_rate=fe.sampling_rate, return_tensors="np")[
+                    fe.model_input_names[0]][0])
+            continue
         for row, i in enumerate(idx):
-            n = int(mask[row].sum())
-            out[i] = np.ascontiguousarray(feats[row, :n], dtype=np.float32)
+            out[i] = _rows(feats[row, :int(mask[row].sum())])
     return out  # type: ignore[return-value]
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    """[frames, dim] float32; a waveform's samples are rows of one value."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return values[:, None] if values.ndim == 1 else values
 
 
 @dataclass

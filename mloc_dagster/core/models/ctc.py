@@ -19,8 +19,9 @@ dialect's different vowels and rhythm need to be absorbed.
 A base model is a directory: ``config.json`` + ``model.safetensors`` (HF), ``vocab.json`` (the
 character vocabulary, the Wav2Vec2CTCTokenizer convention: ``<pad>`` is the CTC blank, ``|`` the
 word delimiter) and ``preprocessor_config.json`` (the feature extractor). Any local CTC checkpoint
-taking ``input_features`` with those files (for example a fine-tuned ``Wav2Vec2BertForCTC``) loads
-the same way.
+of a supported family (``FAMILIES``: ``Wav2Vec2BertForCTC`` on log-mel ``input_features``,
+``Wav2Vec2ForCTC`` / ``HubertForCTC`` on the raw waveform's ``input_values`` with their own feature
+extractor) loads the same way.
 """
 
 from __future__ import annotations
@@ -294,6 +295,48 @@ class BaseModel:
         return getattr(self.model.config, "model_type", "") == MODEL_TYPE
 
 
+# --------------------------------------------------------------------------- base model families
+
+# The base model families a base model directory may hold, by its config.json ``model_type``: what
+# each reads (its feature extractor's first model input). Anything else is refused when it is
+# loaded (registration included), with this list.
+FAMILIES = {
+    MODEL_TYPE: "the built-in tiny CTC model (log-mel input_features)",
+    "wav2vec2-bert": "Wav2Vec2BertForCTC (log-mel input_features, e.g. w2v-BERT 2.0)",
+    "wav2vec2": "Wav2Vec2ForCTC (raw waveform input_values: wav2vec2, XLS-R, MMS)",
+    "hubert": "HubertForCTC (raw waveform input_values)",
+}
+
+
+class UnsupportedModel(ValueError):
+    """A directory that is not a base model of a supported family; the message lists them."""
+
+
+def check_family(path: Path) -> str:
+    """The family (``model_type``) of the base model directory ``path``: a supported one with a
+    CTC head (``architectures`` ``*ForCTC``), or ``UnsupportedModel``."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    config = json.loads((path / "config.json").read_text())
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    supported = "; ".join(f"{k}: {v}" for k, v in FAMILIES.items())
+    if model_type not in FAMILIES:
+        raise UnsupportedModel(f"{path}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'})"
+                               f" is not a supported base model family. Supported: {supported}")
+    if model_type != MODEL_TYPE and not any(a.endswith("ForCTC") for a in architectures):
+        raise UnsupportedModel(f"{path}: a {model_type} checkpoint without a CTC head (architectures "
+                               f"{architectures}); a base model is a *ForCTC checkpoint. Supported: {supported}")
+    return model_type
+
+
+def model_inputs(model: nn.Module, features: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forward keywords of a CTC base model (peft-wrapped or not) for collated rows: log-mel rows
+    [B, T, D] as ``input_features``, waveform rows [B, T, 1] as ``input_values`` [B, T]."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = base.main_input_name
+    return {name: features.squeeze(-1) if name == "input_values" else features, "attention_mask": attention_mask}
+
+
 def output_lengths(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logit frames per row for any HF CTC model (peft-wrapped or not)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -344,16 +387,19 @@ def save_base_model(bm: BaseModel, out_dir: str | Path, extra: dict[str, object]
 
 
 def load_base_model(path: str | Path, device: str | torch.device = "cpu") -> BaseModel:
-    """Load a base model directory (tiny model or any local HF CTC checkpoint taking
-    ``input_features``) in eval mode, never touching the network."""
+    """Load a base model directory of a supported family (``FAMILIES``) in eval mode, never
+    touching the network."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    check_family(path)
     with quiet_progress_bars():
         model = AutoModelForCTC.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    if getattr(model, "main_input_name", "input_features") != "input_features":
-        raise ValueError(f"{type(model).__name__} takes {model.main_input_name!r}, not log-mel "
-                         "'input_features'; use a checkpoint like Wav2Vec2BertForCTC")
+    # Every family trains on one loss: CTC averaged over target lengths, impossible alignments zeroed
+    # (a checkpoint's own default may sum, which would change what a learning rate means).
+    model.config.ctc_loss_reduction, model.config.ctc_zero_infinity = "mean", True
+    # transformers' SpecAugment for wav2vec2-style models draws from numpy's global RNG, which no
+    # checkpoint restores: off, so a resumed job repeats the uninterrupted one exactly.
+    if getattr(model.config, "apply_spec_augment", False):
+        model.config.apply_spec_augment = False
     if not (path / VOCAB_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {VOCAB_FILE}: a CTC base model needs its character vocabulary")
     tokenizer = CharTokenizer.from_pretrained(path, blank_id=getattr(model.config, "pad_token_id", None))

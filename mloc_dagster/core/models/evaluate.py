@@ -15,7 +15,7 @@ import torch
 
 from mloc_dagster.core.data.datasets import Utterance
 from mloc_dagster.core.data.features import FeatureSet, collate, compute_features
-from mloc_dagster.core.models.ctc import CharTokenizer, greedy_ctc_decode, output_lengths
+from mloc_dagster.core.models.ctc import CharTokenizer, greedy_ctc_decode, model_inputs, output_lengths
 
 
 @torch.inference_mode()
@@ -39,9 +39,8 @@ def transcribe(model: torch.nn.Module, tokenizer: CharTokenizer, utterances: Fea
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate([fs.item(i) for i in idx])
-            feats = batch["input_features"].to(device)
             mask = batch["attention_mask"].to(device)
-            logits = model(input_features=feats, attention_mask=mask).logits
+            logits = model(**model_inputs(model, batch["input_features"].to(device), mask)).logits
             for i, ids in zip(idx, greedy_ctc_decode(logits, output_lengths(model, mask), tokenizer.blank_id)):
                 hyps[i] = tokenizer.decode(ids)
     finally:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mloc_dagster.core.data.datasets import DatasetVersion
 from mloc_dagster.core.data.features import concat_feature_sets, load_features
-from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model, output_lengths
+from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model, model_inputs, output_lengths
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.job import AdapterJob, run_adapter_job
@@ -70,7 +70,7 @@ class AsrWorkload:
         return make_batch(self.train, self.labels, idx, device)
 
     def loss(self, model, batch: dict, idx: list[int]) -> torch.Tensor:
-        out = model(**batch)
+        out = model(**model_inputs(model, batch["input_features"], batch["attention_mask"]), labels=batch["labels"])
         if not self.hp.distill_weight:
             return out.loss
         rows = [k for k, i in enumerate(idx) if i >= self.rows]  # rehearsal rows of this batch
@@ -80,7 +80,7 @@ class AsrWorkload:
         features, mask = batch["input_features"][sel], batch["attention_mask"][sel]
         with torch.no_grad(), model.disable_adapter():
             model.eval()  # the teacher is the base model as deployed: no dropout, no masking
-            teacher = model(input_features=features, attention_mask=mask).logits
+            teacher = model(**model_inputs(model, features, mask)).logits
             model.train()
         n_out = output_lengths(model, mask)
         frames = torch.arange(teacher.shape[1], device=teacher.device)[None, :] < n_out[:, None]

@@ -145,6 +145,8 @@ def test_feature_cache_hit_and_equal_features(corpus, tmp_path):
     other = load_features(dv, "dev", feature_extractor=type(fe)(feature_size=80, num_mel_bins=80, stride=1),
                           cache_dir=tmp_path)
     assert not other.cache_hit and other.item(0).shape[1] == 80
+    stacked = second.item(0).shape[0]  # every 10 ms frame, not none (that extractor's mask is empty)
+    assert 2 * stacked <= other.item(0).shape[0] <= 2 * stacked + 3
 
     batch = collate([second.item(0), second.item(1)], [[3, 4], [5]])
     assert batch["input_features"].shape[0] == 2 and batch["labels"].tolist()[1] == [5, -100]
