@@ -1,4 +1,6 @@
-"""The `mloc` command as a user runs it: subprocesses against a real instance and state store."""
+"""The `mloc` command as a user runs it: subprocesses against a real instance and state store; the
+tables of refusals run in-process (typer's CliRunner: the same command, without a dozen interpreter
+start-ups that only test the entry point again)."""
 
 import json
 import os
@@ -18,36 +20,49 @@ def mloc(*args, check=True):
     return proc
 
 
+def mloc_in_process(*args) -> tuple[int, str]:
+    """The command in this process: its exit code and its output, stdout and stderr, joined as one
+    line (rich wraps long lines)."""
+    from typer.testing import CliRunner
+
+    from mloc_dagster.cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, " ".join(result.output.split())
+
+
 def test_run_lifecycle_commands(registered_base):
     run_id = mloc("run", "start", "--dialect", "en-gb-scotland", "--jobs", "4", "--candidate-every", "2",
                   "--timebox", "30", "--hparams", '{"lr": 0.001}').stdout.strip()
     assert run_id.startswith("tr-")
-    status = json.loads(mloc("run", "status", run_id, "--json").stdout)
-    assert status["status"] == "active" and status["max_jobs"] == 4 and status["hparams"]["lr"] == 0.001
+    # the rest in-process: the entry point is the one `run start` just went through
+    code, out = mloc_in_process("run", "status", run_id, "--json")
+    status = json.loads(out)
+    assert code == 0 and status["status"] == "active" and status["max_jobs"] == 4 and status["hparams"]["lr"] == 0.001
     assert status["hparams"]["rehearsal_fraction"] == 0.75  # every default pinned on the run
     assert status["dataset_version"].endswith(tuple("0123456789abcdef"))  # pinned version path
 
-    assert "paused" in mloc("run", "pause", run_id).stdout
-    assert mloc("run", "pause", run_id, check=False).returncode == 1  # already paused: a clear error
-    assert "active" in mloc("run", "resume", run_id).stdout
-    assert run_id in mloc("run", "list").stdout
-    out = mloc("run", "cancel", run_id).stdout
-    assert "cancelled" in out
-    assert json.loads(mloc("run", "status", run_id, "--json").stdout)["status"] == "cancelled"
-    assert mloc("run", "resume", run_id, check=False).returncode == 1
+    assert "paused" in mloc_in_process("run", "pause", run_id)[1]
+    assert mloc_in_process("run", "pause", run_id)[0] == 1  # already paused: a clear error
+    assert "active" in mloc_in_process("run", "resume", run_id)[1]
+    assert run_id in mloc_in_process("run", "list")[1]
+    assert "cancelled" in mloc_in_process("run", "cancel", run_id)[1]
+    assert json.loads(mloc_in_process("run", "status", run_id, "--json")[1])["status"] == "cancelled"
+    assert mloc_in_process("run", "resume", run_id)[0] == 1
 
     # The TTS track needs its own base first, and says so.
-    proc = mloc("run", "start", "--dialect", "en-gb-scotland", "--track", "tts", check=False)
-    assert proc.returncode == 1 and "no tts_base_model yet" in proc.stdout
+    code, out = mloc_in_process("run", "start", "--dialect", "en-gb-scotland", "--track", "tts")
+    assert code == 1 and "no tts_base_model yet" in out
 
 
 def test_run_start_errors_are_clear(mloc_home):
     with dg.DagsterInstance.get():
         pass
-    proc = mloc("run", "start", "--dialect", "en-029", check=False)
-    assert proc.returncode == 1 and "has no dataset_version yet" in proc.stdout
-    proc = mloc("run", "start", "--dialect", "en-029", "--hparams", "{nope", check=False)
-    assert proc.returncode != 0 and "not valid JSON" in proc.stdout + proc.stderr
+    code, out = mloc_in_process("run", "start", "--dialect", "en-029")
+    assert code == 1 and "has no dataset_version yet" in out
+    code, out = mloc_in_process("run", "start", "--dialect", "en-029", "--hparams", "{nope")
+    assert code != 0 and "not valid JSON" in out
 
 
 TRAINING_STAGE = {"name": "adapt", "kind": "training_run", "dialect": "en-029"}
@@ -74,15 +89,13 @@ def test_run_start_refusals_name_the_field_and_create_nothing(mloc_home, postgre
         (["--kind", "hyperparameter", "--space", '{"r": [0, 8]}'], "r: 0 is not a valid value for the training job"),
     ]
     for args, message in refusals:
-        proc = mloc("run", "start", "--dialect", "en-029", *args, check=False)
-        out = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
-        assert proc.returncode == 1 and message in out and "Traceback" not in out, (args, out)
+        code, out = mloc_in_process("run", "start", "--dialect", "en-029", *args)
+        assert code == 1 and message in out and "Traceback" not in out, (args, out)
     for i, (stage, message) in enumerate(PIPELINE_REFUSALS):
         spec = tmp_path / f"spec{i}.json"
         spec.write_text(json.dumps({"stages": [stage]}))
-        proc = mloc("run", "start", "--kind", "pipeline", "--spec", str(spec), check=False)
-        out = " ".join((proc.stdout + proc.stderr).split())
-        assert proc.returncode == 1 and f"pipeline spec: {message}" in out and "Traceback" not in out, out
+        code, out = mloc_in_process("run", "start", "--kind", "pipeline", "--spec", str(spec))
+        assert code == 1 and f"pipeline spec: {message}" in out and "Traceback" not in out, out
     from mloc_dagster.core.state import StateStore
 
     assert StateStore(postgres_url).list_runs() == []  # a refusal creates nothing
