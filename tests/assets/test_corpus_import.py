@@ -133,6 +133,7 @@ def test_a_saved_datasetdict_and_an_audiofolder_are_ingested(mloc_home, espeak_b
     (lambda d: (d / "metadata.csv").write_text("file_name,text\na.wav,hi\n") and d,
      ["--format", "hf", "--speaker-column", "client"], "no column 'client' (columns: file_name, text)"),
     (lambda d: d, ["--format", "hf"], "neither a save_to_disk directory"),
+    (lambda d: d, ["--format", "hf", "--batch-id", "../../outside"], "--batch-id '../../outside': expected"),
 ])
 def test_sources_it_cannot_read_are_refused_with_what_was_expected(mloc_home, tmp_path, make, args, message):
     (tmp_path / "src").mkdir()

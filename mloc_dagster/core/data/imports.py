@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ FORMATS = ("commonvoice", "hf")
 TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript", "normalized_text")
 SPEAKER_COLUMNS = ("client_id", "speaker_id", "speaker")
 CONTRIBUTOR = {"commonvoice": "commonvoice", "hf": "hf-datasets"}
+_DIALECT = re.compile(r"[a-z0-9][a-z0-9-]*")
+_BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class CorpusImportError(ValueError):
@@ -60,7 +63,11 @@ def import_corpus(fmt: str, src: Path, incoming: Path, dialect: str, batch_id: s
         raise CorpusImportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not src.is_dir():
         raise CorpusImportError(f"{src}: not a directory")
-    batch = Path(incoming) / dialect / (batch_id or f"{fmt}-{src.name}")
+    batch_id = batch_id or re.sub(r"[^A-Za-z0-9._-]+", "-", f"{fmt}-{src.name}")
+    for name, value, pattern in (("--dialect", dialect, _DIALECT), ("--batch-id", batch_id, _BATCH_ID)):
+        if not pattern.fullmatch(value):  # a name, never a path: nothing is written or removed elsewhere
+            raise CorpusImportError(f"{name} {value!r}: expected {pattern.pattern}")
+    batch = Path(incoming) / dialect / batch_id
     if any((batch / name).is_file() for name in MANIFEST_NAMES):
         raise CorpusImportError(f"{batch} already holds a batch; pick another --batch-id")
     shutil.rmtree(batch, ignore_errors=True)
