@@ -21,9 +21,20 @@ import numpy as np
 import torch
 
 from mloc_dagster.core.data.features import FeatureSet, collate
-from mloc_dagster.core.models.ctc import BaseModel, output_lengths
+from mloc_dagster.core.models.ctc import BaseModel, load_base_model, output_lengths
 
 _NEG = -1e30
+
+
+def load_frame_asr(path, device: str | torch.device = "cpu", role: str = "aligner") -> BaseModel:
+    """An ASR base model for the TTS track (the aligner, the judge): it reads the log-mel frames the
+    TTS model speaks (``input_features``); a raw-waveform family cannot, and is refused by name."""
+    bm = load_base_model(path, device)
+    if bm.model.main_input_name != "input_features":
+        raise ValueError(f"the TTS {role} reads log-mel frames; {path} is a {bm.model.config.model_type} model "
+                         f"on the raw waveform ({bm.model.main_input_name}): use the built-in or a "
+                         "Wav2Vec2BertForCTC base model (docs/models.md)")
+    return bm
 
 
 def ctc_viterbi(log_probs: np.ndarray, labels: Sequence[int], blank: int = 0) -> np.ndarray | None:

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from mloc_dagster.core.data.datasets import Utterance
-from mloc_dagster.core.models.ctc import BaseModel, load_base_model
+from mloc_dagster.core.models.ctc import BaseModel
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.tts.acoustics import griffin_lim
+from mloc_dagster.core.tts.align import load_frame_asr
 from mloc_dagster.core.tts.model import TtsModel, is_tts_model_dir
 
 # --------------------------------------------------------------------------- synthesis
@@ -118,7 +119,7 @@ def load_judge(spec: JudgeSpec, candidate_dir: str | Path, device: str = "cpu") 
     if actual != spec.version:
         raise JudgeMismatch(f"judge {spec.model_dir} has version {actual[:12]}, the gate pins {spec.version[:12]}; "
                             "re-pin the judge on purpose (the report names the version) or restore it")
-    asr = load_base_model(spec.model_dir, device)
+    asr = load_frame_asr(spec.model_dir, device, role="judge")
     for p in asr.model.parameters():
         p.requires_grad_(False)
     return Judge(spec, asr)

@@ -18,10 +18,10 @@ import torch
 from torch.optim import AdamW
 
 from mloc_dagster.core.data.datasets import DatasetVersion
-from mloc_dagster.core.models.ctc import load_base_model
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.runtime import LossLog, Timebox, cpu_threads, default_device, seed_everything, train_step
 from mloc_dagster.core.training.sample_stream import SampleStream
+from mloc_dagster.core.tts.align import load_frame_asr
 from mloc_dagster.core.tts.data import TtsRows, fit_stats, load_rows, make_tts_batch
 from mloc_dagster.core.tts.model import TtsModel, new_tiny_tts, save_tts_model
 
@@ -70,7 +70,7 @@ def pretrain_tts_base(dataset_version_path: str | Path, aligner_dir: str | Path,
     t_start = time.monotonic()
     seed_everything(seed)
     dv = DatasetVersion(dataset_version_path)
-    aligner = load_base_model(aligner_dir)
+    aligner = load_frame_asr(aligner_dir)
     with cpu_threads(threads if device == "cpu" else None):
         train = load_rows(dv, "train", aligner, train_limit)
         dev = load_rows(dv, "dev", aligner, dev_limit)

@@ -21,10 +21,10 @@ import torch
 
 from mloc_dagster.core.adapters.format import read_adapter_dir
 from mloc_dagster.core.data.datasets import DatasetVersion
-from mloc_dagster.core.models.ctc import load_base_model
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.job import AdapterJob, run_adapter_job
 from mloc_dagster.core.training.spec import JobResult, JobSpec
+from mloc_dagster.core.tts.align import load_frame_asr
 from mloc_dagster.core.tts.data import load_rows, make_tts_batch, shuffle_texts
 from mloc_dagster.core.tts.hparams import TtsAdapterHParams
 from mloc_dagster.core.tts.model import DEFAULT_TTS_LORA_TARGETS, load_tts_model
@@ -57,7 +57,7 @@ class TtsWorkload:
         self.hp, self.device = spec.hparams, device
         self.tm = load_tts_model(spec.base_tts_dir, device)
         self.model = self.tm.model
-        aligner = load_base_model(spec.aligner_dir)
+        aligner = load_frame_asr(spec.aligner_dir)
         dv = DatasetVersion(spec.dataset_version_path)
         self.train = load_rows(dv, "train", aligner, self.hp.train_limit)
         if self.hp.shuffle_texts:

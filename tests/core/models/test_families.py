@@ -67,3 +67,11 @@ def test_other_families_are_refused_with_the_supported_ones(family, message, tmp
         with pytest.raises(UnsupportedModel) as refused:
             attempt(path)
         assert message in str(refused.value) and "Wav2Vec2ForCTC" in str(refused.value)
+
+
+def test_the_tts_track_refuses_a_waveform_asr_as_aligner_or_judge(tmp_path):
+    from mloc_dagster.core.tts.align import load_frame_asr
+
+    path = save_tiny_checkpoint("wav2vec2", tmp_path / "wav2vec2")
+    with pytest.raises(ValueError, match="the TTS judge reads log-mel frames; .* wav2vec2 model on the raw waveform"):
+        load_frame_asr(path, role="judge")
