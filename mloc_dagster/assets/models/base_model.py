@@ -81,7 +81,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             "stale_production_adapters": dg.MetadataValue.md(
                 "\n".join(f"- {line}" for line in stale) or "none: every production adapter is on this base"),
             "version": version, "base_dialect": config.base_dialect, "parameters": bm.num_parameters,
-            "family": check_family(out),
+            "family": bm.model.config.model_type,  # load_base_model checked it is a supported family
             "dataset_version": dataset["version"], **scores,
             **{k: v for k, v in train_metrics.items() if isinstance(v, int | float) and k not in scores},
             "path": dg.MetadataValue.path(str(out)), **lease.metadata(),

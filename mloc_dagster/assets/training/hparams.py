@@ -23,7 +23,7 @@ H = TypeVar("H")
 
 class TrainingJobFields(dg.Config):
     """What the chain sets in every training job (``run_id``, ``job_index``, ``timebox_s``) and the
-    job's own limits; the hparams come from the track's core dataclass (``job_config``)."""
+    job's own limits; the hparams come from the track's core dataclass (``config_from``)."""
 
     run_id: str
     job_index: int = 0  # the chain's job; of a distributed run: the round
@@ -51,11 +51,6 @@ def config_from(name: str, declared: type, base: type[dg.Config] = dg.Config,
                                  **{**fields_, **(overrides or {})})
 
 
-def job_config(name: str, hparams: type, base: type[dg.Config]) -> type[dg.Config]:
-    """A training job's run config: what the chain sets (``base``) + the track's hparams."""
-    return config_from(name, hparams, base)
-
-
 def core_hparams(config: dg.Config, hparams: type[H]) -> H:
     """The core's hparams dataclass from a job's config. An empty value of an optional field (``[]``
     or ``0``, as runs pinned before the field was optional hold it) is None: the model's default."""
@@ -67,8 +62,8 @@ def core_hparams(config: dg.Config, hparams: type[H]) -> H:
     return hparams(**values)
 
 
-AdapterJobConfig = job_config("AdapterJobConfig", AdapterHParams, SliceFields)
-TtsAdapterJobConfig = job_config("TtsAdapterJobConfig", TtsAdapterHParams, TrainingJobFields)
+AdapterJobConfig = config_from("AdapterJobConfig", AdapterHParams, SliceFields)
+TtsAdapterJobConfig = config_from("TtsAdapterJobConfig", TtsAdapterHParams, TrainingJobFields)
 
 
 class InvalidHParams(ValueError):
