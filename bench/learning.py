@@ -40,8 +40,8 @@ from mloc_dagster.core.data.batches import find_batches  # noqa: E402
 from mloc_dagster.core.data.corpus import synth_dialect  # noqa: E402
 from mloc_dagster.core.data.datasets import DatasetVersion, build_version
 from mloc_dagster.core.data.features import load_features  # noqa: E402
-from mloc_dagster.core.models.ctc import load_base_model  # noqa: E402
 from mloc_dagster.core.models.evaluate import error_rates, transcribe  # noqa: E402
+from mloc_dagster.core.models.families import load_base_model  # noqa: E402
 from mloc_dagster.core.models.pretrain import pretrain_base
 from mloc_dagster.core.training.asr import train_adapter  # noqa: E402
 from mloc_dagster.core.training.runtime import cpu_threads  # noqa: E402
@@ -63,7 +63,7 @@ def test_rates(base_dir: Path, adapter: Path | None, version: Path, cache: Path)
     model = PeftModel.from_pretrained(bm.model, str(adapter)) if adapter is not None else bm.model
     fs = load_features(version, "test", bm.feature_extractor, cache)
     with cpu_threads(1):
-        r = error_rates(transcribe(model.eval(), bm.tokenizer, fs))
+        r = error_rates(transcribe(model.eval(), bm.family, fs))
     return {"cer": r["cer"], "wer": r["wer"], "utterances": len(fs), "speakers": len(set(fs.speakers))}
 
 

@@ -19,7 +19,8 @@ def line_home(utterances: dict[str, int], env: dict[str, str] | None = None) -> 
     import dagster as dg
 
     from mloc_dagster.core.data.corpus import synth_dialect
-    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.ctc import new_tiny_model
+    from mloc_dagster.core.models.families import save_base_model
     from mloc_dagster.core.state import StateStore
     from mloc_dagster.core.state.engine import resolve_state_url
     from mloc_dagster.definitions import defs

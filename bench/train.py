@@ -46,8 +46,9 @@ from mloc_dagster.core.data.batches import find_batches
 from mloc_dagster.core.data.corpus import synth_dialect
 from mloc_dagster.core.data.datasets import build_version
 from mloc_dagster.core.data.features import collate, load_features
-from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model
+from mloc_dagster.core.models.base import default_lora_targets
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.families import load_base_model
 from mloc_dagster.core.models.pretrain import pretrain_base
 from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.runtime import auto_cpu_threads, cpu_threads, seed_everything
@@ -127,7 +128,7 @@ def test_cer(base_dir: Path, adapter: Path | None, dataset: Path, cache: Path) -
         read_adapter_dir(adapter, base_model=model)
         model = PeftModel.from_pretrained(model, adapter).eval()
     with cpu_threads(auto_cpu_threads(model, "cpu")):
-        rates = error_rates(transcribe(model, bm.tokenizer, load_features(dataset, "test", bm.feature_extractor, cache)))
+        rates = error_rates(transcribe(model, bm.family, load_features(dataset, "test", bm.feature_extractor, cache)))
     return {"cer": rates["cer"], "wer": rates["wer"], "utterances": rates["utterances"]}
 
 

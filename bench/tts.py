@@ -52,7 +52,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from mloc_dagster.core.data.datasets import DatasetVersion  # noqa: E402
-from mloc_dagster.core.models.ctc import load_base_model  # noqa: E402
+from mloc_dagster.core.models.families import load_base_model  # noqa: E402
 from mloc_dagster.core.publish import model_dir_hash  # noqa: E402
 from mloc_dagster.core.training.runtime import cpu_threads  # noqa: E402
 from mloc_dagster.core.tts.acoustics import griffin_lim, mean_mcd, tts_frames  # noqa: E402

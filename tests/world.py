@@ -96,7 +96,8 @@ def tiny_base(out: Path, seed: int = 0) -> Path:
     """An untrained tiny base model saved at ``out``, the same on every run (seeded)."""
     import torch
 
-    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.ctc import new_tiny_model
+    from mloc_dagster.core.models.families import save_base_model
 
     torch.manual_seed(seed)
     return save_base_model(new_tiny_model(), out)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from mloc_dagster.cli.base_model import base_model_app
 from mloc_dagster.cli.candidate import candidate_app
 from mloc_dagster.cli.demo import BASE_TRAIN_S, DEMO_JOBS, DEMO_TIMEBOX_S
 from mloc_dagster.cli.export import export_command
@@ -115,6 +116,7 @@ def demo(
 
 
 app.add_typer(run_app, name="run")
+app.add_typer(base_model_app, name="base-model")
 app.add_typer(candidate_app, name="candidate")
 app.add_typer(node_app, name="node")
 app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")

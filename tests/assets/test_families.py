@@ -1,9 +1,12 @@
-"""Another model family through Dagster: a raw-waveform CTC checkpoint (a tiny ``Wav2Vec2ForCTC``
-saved like a Hub checkpoint) registered with base_model's checkpoint_dir, a 2-job chained run on
-it, its candidate merged and gated; a family the line cannot train is refused at registration,
-before anything is copied."""
+"""Other model families through Dagster: a raw-waveform CTC checkpoint (a tiny ``Wav2Vec2ForCTC``),
+a log-mel one (``Wav2Vec2BertForCTC``, w2v-BERT 2.0's architecture) and an encoder-decoder one (a
+tiny multilingual ``WhisperForConditionalGeneration``), saved like Hub checkpoints and registered
+with base_model's checkpoint_dir; a 2-job chained run on each, its candidate merged and gated; a
+model the line cannot train is refused at registration, before anything is copied."""
 
 from __future__ import annotations
+
+import pytest
 
 from mloc_dagster.assets.lineage import latest_metadata
 from mloc_dagster.core.publish import model_dir_hash
@@ -23,12 +26,15 @@ def register(instance, checkpoint):
         run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(checkpoint)}}}})
 
 
-def test_a_wav2vec2_base_trains_a_chained_run_to_a_gated_candidate(registered_base, mloc_home, tmp_path):
+@pytest.mark.parametrize("family", ["wav2vec2", "wav2vec2-bert", "whisper"])
+def test_a_base_of_another_family_trains_a_chained_run_to_a_gated_candidate(family, registered_base, mloc_home,
+                                                                           tmp_path):
     instance, _ = registered_base
-    checkpoint = save_tiny_checkpoint("wav2vec2", tmp_path / "wav2vec2-tiny")
+    checkpoint = save_tiny_checkpoint(family, tmp_path / f"{family}-tiny")
     assert register(instance, checkpoint).success
     base = latest_metadata(instance, "base_model")
-    assert base["family"] == "wav2vec2" and base["version"] == model_dir_hash(checkpoint)
+    assert base["family"] == family and base["version"] == model_dir_hash(checkpoint)
+    assert 0 <= base["dev_cer"]  # evaluated with the family's own decoding
 
     store = StateStore(resolve_state_url())
     run = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=300))
@@ -57,9 +63,10 @@ def test_a_wav2vec2_base_trains_a_chained_run_to_a_gated_candidate(registered_ba
 def test_a_family_it_cannot_train_is_refused_at_registration(registered_base, mloc_home, tmp_path):
     instance, _ = registered_base
     before = sorted(p.name for p in (mloc_home / "models" / "base").iterdir())
-    refused = register(instance, save_tiny_checkpoint("whisper", tmp_path / "whisper-tiny"))
+    refused = register(instance, save_tiny_checkpoint("bert", tmp_path / "bert-tiny"))
     assert not refused.success
     [failure] = [e for e in refused.all_events if e.is_step_failure]
     message = failure.event_specific_data.error.message
-    assert "model_type 'whisper'" in message and "Supported:" in message and "Wav2Vec2ForCTC" in message
+    assert "model_type 'bert'" in message and "Supported:" in message and "Wav2Vec2ForCTC" in message
+    assert "WhisperForConditionalGeneration" in message
     assert sorted(p.name for p in (mloc_home / "models" / "base").iterdir()) == before  # nothing copied

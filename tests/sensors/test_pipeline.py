@@ -48,7 +48,8 @@ def drive(instance, store, pipeline, stop_at=None, ticks=12):
 def test_stages_run_in_order_with_their_outputs_pinned(registered_base, tmp_path):
     instance, _ = registered_base
     store = StateStore(resolve_state_url())
-    from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+    from mloc_dagster.core.models.ctc import new_tiny_model
+    from mloc_dagster.core.models.families import save_base_model
 
     fresh = save_base_model(new_tiny_model(), tmp_path / "fresh-base")
     pipeline = start_pipeline(instance, store, json.dumps(spec(fresh)), defs.resolve_job_def)

@@ -36,8 +36,8 @@ class BaseModelConfig(dg.Config):
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
                gpu: GpuArbiter, state: StateStoreResource) -> dg.MaterializeResult:
     from mloc_dagster.core.data.features import load_features
-    from mloc_dagster.core.models.ctc import UnsupportedModel, check_family, load_base_model
     from mloc_dagster.core.models.evaluate import error_rates, transcribe
+    from mloc_dagster.core.models.families import UnsupportedModel, check_family, load_base_model
     from mloc_dagster.core.publish import model_dir_hash, publish_copy, publish_version
 
     dataset = require_metadata(context.instance, "dataset_version", config.base_dialect)
@@ -70,7 +70,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, artif
             for split in ("dev", "test"):
                 features = load_features(dataset["path"], split, bm.feature_extractor,
                                          cache_dir=artifacts.paths.home / "features")
-                rates = error_rates(transcribe(bm.model, bm.tokenizer, features, device=lease.torch_device))
+                rates = error_rates(transcribe(bm.model, bm.family, features, device=lease.torch_device))
                 scores[f"{split}_cer"], scores[f"{split}_wer"] = rates["cer"], rates["wer"]
     stale = stale_production(state.store(), version)
     if stale:

@@ -279,7 +279,7 @@ def base_layout(base_model: torch.nn.Module | str | os.PathLike[str], targets: l
                 path: str | os.PathLike[str] | None) -> dict[str, tuple[int, int]]:
     """{module: (out, in)} of the base model's linear layers the targets name; every target must name one."""
     if isinstance(base_model, (str, os.PathLike)):
-        from mloc_dagster.core.models.ctc import load_base_model
+        from mloc_dagster.core.models.families import load_base_model
         base_model = load_base_model(base_model).model
     if hasattr(base_model, "get_base_model"):  # a PeftModel: look through the LoRA wrappers
         base_model = base_model.get_base_model()

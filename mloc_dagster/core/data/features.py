@@ -64,22 +64,36 @@ def extract(fe, audios: Sequence[np.ndarray], chunk: int = 32) -> list[np.ndarra
 
     The extractors normalize each utterance before padding, so a batched call gives the same
     numbers as one call per utterance; batching (of similar lengths, to pad little) is ~5x faster.
+    An extractor with a fixed window (Whisper's ``n_samples``) computes it padded to that window, as
+    the model sees it, and the rows keep the utterance's frames (``core/models/whisper.py`` pads
+    them back).
     """
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     out: list[np.ndarray | None] = [None] * len(audios)
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
-        enc = fe([audios[i] for i in idx], sampling_rate=fe.sampling_rate, return_tensors="np", padding=True,
-                 return_attention_mask=True)
+        enc = fe([audios[i] for i in idx], sampling_rate=fe.sampling_rate, return_tensors="np",
+                 padding="max_length" if hasattr(fe, "n_samples") else True, return_attention_mask=True)
         feats, mask = enc[fe.model_input_names[0]], enc["attention_mask"]
+        if feats.ndim == 3 and feats.shape[1] != mask.shape[-1]:  # [B, mel, T] (Whisper) → [B, T, mel]
+            feats = feats.transpose(0, 2, 1)
         if mask.shape[-1] == 0:  # no usable mask (SeamlessM4T with stride 1): one call per utterance, unpadded
             for i in idx:
                 out[i] = _rows(fe([audios[i]], sampling_rate=fe.sampling_rate, return_tensors="np")[
                     fe.model_input_names[0]][0])
             continue
         for row, i in enumerate(idx):
-            out[i] = _rows(feats[row, :int(mask[row].sum())])
+            out[i] = _rows(feats[row, :_frames_kept(fe, len(audios[i]), int(mask[row].sum()))])
     return out  # type: ignore[return-value]
+
+
+def _frames_kept(fe, samples: int, masked: int) -> int:
+    """Frames of an utterance to keep: its attention mask's, and with a fixed window also the frames
+    whose STFT window (``n_fft`` wide, centred) still reaches into the audio, so that padding them
+    back (``core/models/whisper.py``) gives exactly the extractor's window."""
+    if not hasattr(fe, "n_samples"):
+        return masked
+    return min(-(-(samples + fe.n_fft // 2) // fe.hop_length), fe.nb_max_frames)
 
 
 def _rows(values: np.ndarray) -> np.ndarray:
@@ -100,6 +114,7 @@ class FeatureSet:
     cache_hit: bool = False
     cache_path: Path | None = None
     seconds: float = 0.0  # time spent loading or computing
+    dialect: str | None = None  # the dataset version's (a seq2seq model is told its language)
 
     def __len__(self) -> int:
         return len(self.utt_ids)
@@ -163,12 +178,13 @@ def load_features(version: DatasetVersion | str | Path, split: str,
     if path is not None and path.is_file():
         try:
             fs = _read_cache(path)
-            fs.seconds = time.perf_counter() - t0
+            fs.seconds, fs.dialect = time.perf_counter() - t0, dv.dialect
             log(f"features {dv.dialect}/{dv.version}/{split}: cache hit ({len(fs)} utts, {fs.frames} frames)")
             return fs
         except (OSError, ValueError, KeyError, SafetensorError) as exc:  # torn or foreign: recompute
             log(f"features cache {path} unreadable ({exc}); recomputing")
     fs = compute_features(dv.iter_utterances(split), fe)
+    fs.dialect = dv.dialect
     if path is not None:
         _write_cache(path, fs, fe, dv, split)
         fs.cache_path = path

@@ -28,5 +28,11 @@ def charset_for(dialect: str, override: str | None = None) -> frozenset[str]:
     return ENGLISH_CHARSET
 
 
+def language_for(dialect: str) -> str:
+    """The language of a dialect: its key's first subtag (``en-us`` → ``en``, ``yue-hk`` → ``yue``).
+    A seq2seq base model (Whisper) is told it as its language token."""
+    return dialect.split("-", 1)[0]
+
+
 def characters_outside(text: str, charset: frozenset[str]) -> list[str]:
     return sorted({c for c in text if c not in charset})

@@ -19,7 +19,7 @@ from mloc_dagster.core.data.features import load_features
 from mloc_dagster.core.gates.scoring import UttResult
 from mloc_dagster.core.merging.merge import MergeResult
 from mloc_dagster.core.merging.screening import DEFAULT_SCREENING, MergeInputs, ScreeningRule, screen_and_merge
-from mloc_dagster.core.models.ctc import load_base_model
+from mloc_dagster.core.models.families import load_base_model
 
 
 def load_trusted(adapter_dir: str | os.PathLike[str] | None, what: str) -> Adapter | None:
@@ -96,5 +96,5 @@ class Recognizer:
             self._features[key] = load_features(version_path, split, self.base.feature_extractor,
                                                 cache_dir=self.feature_cache)
         with torch.no_grad():
-            records = transcribe(model.to(self.device), self.base.tokenizer, self._features[key], device=self.device)
+            records = transcribe(model.to(self.device), self.base.family, self._features[key], device=self.device)
         return [UttResult(r["utt_id"], r["speaker"], r["ref"], r["hyp"]) for r in records]

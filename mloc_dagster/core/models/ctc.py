@@ -19,17 +19,15 @@ dialect's different vowels and rhythm need to be absorbed.
 A base model is a directory: ``config.json`` + ``model.safetensors`` (HF), ``vocab.json`` (the
 character vocabulary, the Wav2Vec2CTCTokenizer convention: ``<pad>`` is the CTC blank, ``|`` the
 word delimiter) and ``preprocessor_config.json`` (the feature extractor). Any local CTC checkpoint
-of a supported family (``FAMILIES``: ``Wav2Vec2BertForCTC`` on log-mel ``input_features``,
-``Wav2Vec2ForCTC`` / ``HubertForCTC`` on the raw waveform's ``input_values`` with their own feature
-extractor) loads the same way.
+of a supported family (``core/models/families.py``: ``Wav2Vec2BertForCTC`` on log-mel
+``input_features``, ``Wav2Vec2ForCTC`` / ``HubertForCTC`` on the raw waveform's ``input_values``
+with their own feature extractor) loads the same way, and ``CtcFamily`` trains and decodes them all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,10 +37,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutput
-from transformers.utils import logging as hf_logging
 
 from mloc_dagster.core.data.features import default_feature_extractor
-from mloc_dagster.core.publish import publish_dir
+from mloc_dagster.core.models.base import BaseModel, ModelOutput, quiet_progress_bars, unwrap
 
 MODEL_TYPE = "mloc-tiny-ctc"
 VOCAB_FILE = "vocab.json"
@@ -276,121 +273,50 @@ AutoConfig.register(MODEL_TYPE, TinyCtcConfig, exist_ok=True)
 AutoModelForCTC.register(TinyCtcConfig, TinyCtcForCTC, exist_ok=True)
 
 
-# --------------------------------------------------------------------------- base model dirs
+# --------------------------------------------------------------------------- the CTC family
 
 
-@dataclass
-class BaseModel:
-    model: PreTrainedModel
-    tokenizer: CharTokenizer
-    feature_extractor: object  # a SequenceFeatureExtractor producing input_features
-    path: Path | None
+class CtcFamily:
+    """CTC base models (``core/models/families.py``: the tiny model, w2v-BERT, wav2vec2/MMS/XLS-R,
+    HuBERT): character labels, the model's CTC loss, greedy best-path decoding. The model's own
+    ``main_input_name`` says what it reads: log-mel rows [B, T, D] as ``input_features``, waveform
+    rows [B, T, 1] as ``input_values`` [B, T]."""
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+    def __init__(self, name: str, tokenizer: CharTokenizer):
+        self.name, self.tokenizer = name, tokenizer
 
-    @property
-    def is_tiny(self) -> bool:
-        return getattr(self.model.config, "model_type", "") == MODEL_TYPE
+    def labels(self, text: str, dialect: str | None = None) -> list[int]:
+        return self.tokenizer.encode(text)
 
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor], with_loss: bool = True) -> ModelOutput:
+        mask = batch["attention_mask"]
+        out = model(**self.inputs(model, batch["input_features"], mask),
+                    **({"labels": batch["labels"]} if with_loss else {}))
+        frames = torch.arange(out.logits.shape[1], device=out.logits.device)[None, :]
+        return ModelOutput(out.loss, out.logits, frames < self.output_lengths(model, mask)[:, None])
 
-# --------------------------------------------------------------------------- base model families
+    def decode(self, model: nn.Module, features: torch.Tensor, attention_mask: torch.Tensor,
+               dialect: str | None = None) -> list[str]:
+        logits = model(**self.inputs(model, features, attention_mask)).logits
+        best = greedy_ctc_decode(logits, self.output_lengths(model, attention_mask), self.tokenizer.blank_id)
+        return [self.tokenizer.decode(ids) for ids in best]
 
-# The base model families a base model directory may hold, by its config.json ``model_type``: what
-# each reads (its feature extractor's first model input). Anything else is refused when it is
-# loaded (registration included), with this list.
-FAMILIES = {
-    MODEL_TYPE: "the built-in tiny CTC model (log-mel input_features)",
-    "wav2vec2-bert": "Wav2Vec2BertForCTC (log-mel input_features, e.g. w2v-BERT 2.0)",
-    "wav2vec2": "Wav2Vec2ForCTC (raw waveform input_values: wav2vec2, XLS-R, MMS)",
-    "hubert": "HubertForCTC (raw waveform input_values)",
-}
+    @staticmethod
+    def inputs(model: nn.Module, features: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        name = unwrap(model).main_input_name
+        return {name: features.squeeze(-1) if name == "input_values" else features, "attention_mask": attention_mask}
 
-
-class UnsupportedModel(ValueError):
-    """A directory that is not a base model of a supported family; the message lists them."""
-
-
-def check_family(path: Path) -> str:
-    """The family (``model_type``) of the base model directory ``path``: a supported one with a
-    CTC head (``architectures`` ``*ForCTC``), or ``UnsupportedModel``."""
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    config = json.loads((path / "config.json").read_text())
-    model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    supported = "; ".join(f"{k}: {v}" for k, v in FAMILIES.items())
-    if model_type not in FAMILIES:
-        raise UnsupportedModel(f"{path}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'})"
-                               f" is not a supported base model family. Supported: {supported}")
-    if model_type != MODEL_TYPE and not any(a.endswith("ForCTC") for a in architectures):
-        raise UnsupportedModel(f"{path}: a {model_type} checkpoint without a CTC head (architectures "
-                               f"{architectures}); a base model is a *ForCTC checkpoint. Supported: {supported}")
-    return model_type
+    @staticmethod
+    def output_lengths(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logit frames per row (the HF CTC models' ``_get_feat_extract_output_lengths``)."""
+        lengths = attention_mask.sum(-1)
+        fn = getattr(unwrap(model), "_get_feat_extract_output_lengths", None)
+        return fn(lengths).long() if fn is not None else lengths.long()
 
 
-def model_inputs(model: nn.Module, features: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The forward keywords of a CTC base model (peft-wrapped or not) for collated rows: log-mel rows
-    [B, T, D] as ``input_features``, waveform rows [B, T, 1] as ``input_values`` [B, T]."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = base.main_input_name
-    return {name: features.squeeze(-1) if name == "input_values" else features, "attention_mask": attention_mask}
-
-
-def output_lengths(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logit frames per row for any HF CTC model (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lengths = attention_mask.sum(-1)
-    fn = getattr(base, "_get_feat_extract_output_lengths", None)
-    return fn(lengths).long() if fn is not None else lengths.long()
-
-
-def default_lora_targets(model: nn.Module) -> list[str]:
-    """LoRA target modules for a base model: the tiny model names its own; for HF checkpoints the
-    usual attention projections that exist in it."""
-    config = getattr(model, "config", None)
-    if getattr(config, "lora_target_modules", None):
-        return list(config.lora_target_modules)
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pair in (("linear_q", "linear_v"), ("q_proj", "v_proj"), ("query", "value")):
-        if set(pair) <= linear_names:
-            return list(pair)
-    raise ValueError("cannot guess LoRA target modules for this model; set target_modules "
-                     f"(linear layers present: {sorted(linear_names)[:20]})")
-
-
-@contextlib.contextmanager
-def quiet_progress_bars():
-    """transformers draws tqdm bars on every save/load; they only clutter job logs."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def save_base_model(bm: BaseModel, out_dir: str | Path, extra: dict[str, object] | None = None) -> Path:
-    """Write model + tokenizer + feature extractor config, published atomically (``core/publish.py``);
-    an existing ``out_dir`` is replaced."""
-
-    def write(tmp: Path) -> None:
-        with quiet_progress_bars():
-            bm.model.save_pretrained(tmp)
-        bm.tokenizer.save_pretrained(tmp)
-        bm.feature_extractor.save_pretrained(tmp)
-        if extra is not None:
-            (tmp / "training.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str) + "\n")
-
-    return publish_dir(out_dir, write, replace=True)
-
-
-def load_base_model(path: str | Path, device: str | torch.device = "cpu") -> BaseModel:
-    """Load a base model directory of a supported family (``FAMILIES``) in eval mode, never
-    touching the network."""
-    path = Path(path)
-    check_family(path)
+def load_ctc(path: Path) -> BaseModel:
+    """A CTC base model directory: the model (``AutoModelForCTC``), ``vocab.json`` and the checkpoint's
+    feature extractor (the w2v-BERT front end when it has none)."""
     with quiet_progress_bars():
         model = AutoModelForCTC.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     # Every family trains on one loss: CTC averaged over target lengths, impossible alignments zeroed
@@ -410,22 +336,7 @@ def load_base_model(path: str | Path, device: str | torch.device = "cpu") -> Bas
         fe = AutoFeatureExtractor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     else:
         fe = default_feature_extractor()
-    _own_memory(model)
-    model.to(device).eval()
-    return BaseModel(model, tokenizer, fe, path)
-
-
-def _own_memory(model: nn.Module) -> None:
-    """Copy weights out of the memory-mapped checkpoint into fresh, aligned allocations.
-
-    transformers may hand back tensors that view the mmapped safetensors file at whatever offset
-    its header leaves; SIMD kernels then take different code paths than on aligned memory, and
-    results differ in the last bits from a model built in memory. Owning the memory makes the
-    numbers independent of the file layout (exact resume relies on it) and of later changes to
-    the file."""
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.data = t.data.clone(memory_format=torch.contiguous_format)
+    return BaseModel(model, tokenizer, fe, path, CtcFamily(model.config.model_type, tokenizer))
 
 
 def new_tiny_model(tokenizer: CharTokenizer | None = None, **config_kwargs) -> BaseModel:
@@ -433,5 +344,4 @@ def new_tiny_model(tokenizer: CharTokenizer | None = None, **config_kwargs) -> B
     fe = default_feature_extractor()
     config = TinyCtcConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.blank_id,
                            input_dim=fe.num_mel_bins * fe.stride, **config_kwargs)
-    return BaseModel(TinyCtcForCTC(config), tokenizer, fe, None)
-
+    return BaseModel(TinyCtcForCTC(config), tokenizer, fe, None, CtcFamily(MODEL_TYPE, tokenizer))

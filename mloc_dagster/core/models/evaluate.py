@@ -1,4 +1,4 @@
-"""Transcribe utterances with a CTC model and score them (CER/WER with jiwer 4).
+"""Transcribe utterances with a base model (any family) and score them (CER/WER with jiwer 4).
 
 ``transcribe`` returns one record per utterance (``utt_id``, ``speaker``, ``ref``, ``hyp``) so the
 gate can bootstrap over speakers; ``error_rates`` aggregates records into corpus-level rates
@@ -15,21 +15,24 @@ import torch
 
 from mloc_dagster.core.data.datasets import Utterance
 from mloc_dagster.core.data.features import FeatureSet, collate, compute_features
-from mloc_dagster.core.models.ctc import CharTokenizer, greedy_ctc_decode, model_inputs, output_lengths
+from mloc_dagster.core.models.base import Family
 
 
 @torch.inference_mode()
-def transcribe(model: torch.nn.Module, tokenizer: CharTokenizer, utterances: FeatureSet | Iterable[Utterance],
+def transcribe(model: torch.nn.Module, family: Family, utterances: FeatureSet | Iterable[Utterance],
                batch_size: int = 32, device: str | torch.device = "cpu",
-               feature_extractor=None) -> list[dict[str, str]]:
-    """Greedy CTC transcripts, in the order of ``utterances``.
+               feature_extractor=None, dialect: str | None = None) -> list[dict[str, str]]:
+    """Transcripts by the family's decoding (greedy CTC; Whisper's ``generate``), in the order of
+    ``utterances``.
 
     ``utterances`` is a ``FeatureSet`` (precomputed, e.g. from the feature cache) or an iterable of
     ``Utterance`` (features computed here with ``feature_extractor``, default the w2v-BERT front end).
+    ``dialect`` (default: the feature set's) is what a seq2seq model is told its language is.
     Batches are formed from utterances of similar length, which makes padding cheap; the result does
     not depend on batching (the tiny model packs sequences).
     """
     fs = utterances if isinstance(utterances, FeatureSet) else compute_features(utterances, feature_extractor)
+    dialect = dialect or fs.dialect
     was_training = model.training
     model.eval()
     lengths = fs.lengths.tolist()
@@ -40,9 +43,8 @@ def transcribe(model: torch.nn.Module, tokenizer: CharTokenizer, utterances: Fea
             idx = order[start:start + batch_size]
             batch = collate([fs.item(i) for i in idx])
             mask = batch["attention_mask"].to(device)
-            logits = model(**model_inputs(model, batch["input_features"].to(device), mask)).logits
-            for i, ids in zip(idx, greedy_ctc_decode(logits, output_lengths(model, mask), tokenizer.blank_id)):
-                hyps[i] = tokenizer.decode(ids)
+            for i, hyp in zip(idx, family.decode(model, batch["input_features"].to(device), mask, dialect)):
+                hyps[i] = hyp
     finally:
         model.train(was_training)
     return [{"utt_id": fs.utt_ids[i], "speaker": fs.speakers[i], "ref": fs.texts[i], "hyp": hyps[i]}

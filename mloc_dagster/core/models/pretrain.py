@@ -18,8 +18,9 @@ from torch.optim import AdamW
 
 from mloc_dagster.core.data.datasets import DatasetVersion
 from mloc_dagster.core.data.features import load_features
-from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+from mloc_dagster.core.models.ctc import new_tiny_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.families import save_base_model
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.runtime import (
     LossLog,
@@ -100,7 +101,7 @@ def pretrain_base(dataset_version_path: str | Path, out_dir: str | Path, train_s
                          "cpu_threads": torch.get_num_threads(), "model_config": model_config or {}}
         for split in ("dev", "test"):
             fs = load_features(dv, split, bm.feature_extractor, feature_cache_dir, log)
-            rates = error_rates(transcribe(model, bm.tokenizer, fs, eval_batch_size, device))
+            rates = error_rates(transcribe(model, bm.family, fs, eval_batch_size, device))
             metrics[f"{split}_cer"], metrics[f"{split}_wer"] = rates["cer"], rates["wer"]
             metrics[f"{split}_speakers"] = len(set(fs.speakers))
     model.to("cpu")

@@ -1,14 +1,15 @@
 """The ASR track's adapter job (``train_adapter``): its ``Workload`` for the loop every track
 shares (``core/training/job.py``: where a job starts, exact resume, the timebox, checkpoints).
 
-An ASR job trains the CTC model on the dialect's log-mel features (cached per feature extractor,
-``core/data/features.py``) and evaluates CER/WER on the dev split by greedy decoding.
+An ASR job trains the base model on the dialect's features (cached per feature extractor,
+``core/data/features.py``) through its family (``core/models/families.py``: the CTC models, Whisper)
+and evaluates CER/WER on the dev split with the family's decoding.
 
 **Keeping the base.** An adapter must improve its dialect without forgetting the base dialect (the
 gate allows ≤ 5 % relative regression). Two mechanisms, both on base-dialect *rehearsal* rows
 (``rehearsal_dataset_path``) mixed into every epoch (``rehearsal_fraction`` of it): the CTC loss
-on them, and ``distill_weight`` × a distillation loss (KL divergence of the adapted model's
-per-frame output distribution from the frozen base model's, i.e. the model with the adapter
+on them, and ``distill_weight`` × a distillation loss (KL divergence of the adapted model's output
+distribution per frame, or per token for Whisper, from the frozen base model's, i.e. the model with the adapter
 disabled) that keeps the base dialect's outputs where they were.
 
 Base pre-training (``core/models/pretrain.py``) uses the same stream, step and timebox.
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 
 from mloc_dagster.core.data.datasets import DatasetVersion
 from mloc_dagster.core.data.features import concat_feature_sets, load_features
-from mloc_dagster.core.models.ctc import default_lora_targets, load_base_model, model_inputs, output_lengths
+from mloc_dagster.core.models.base import default_lora_targets
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.families import load_base_model
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.job import AdapterJob, run_adapter_job
 from mloc_dagster.core.training.sample_stream import make_batch, rehearsal_rows_per_epoch
@@ -42,7 +44,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class AsrWorkload:
-    """The CTC base model, the dialect's features (+ rehearsal rows) and its dev split."""
+    """The base model, the dialect's features (+ rehearsal rows) and its dev split."""
 
     def __init__(self, spec: AdapterJobSpec, device: str, log: Callable[[str], None]):
         self.spec, self.hp, self.device = spec, spec.hparams, device
@@ -58,7 +60,8 @@ class AsrWorkload:
             self.extra_rows = len(extra)
             self.extra_per_epoch = rehearsal_rows_per_epoch(self.rows, self.hp.rehearsal_fraction)
             self.train = concat_feature_sets(self.train, extra)
-        self.labels = [bm.tokenizer.encode(t) for t in self.train.texts]
+        self.labels = [bm.family.labels(t, self.dv.dialect) for t in self.train.texts[:self.rows]]
+        self.labels += [bm.family.labels(t, rehearsal.dialect) for t in self.train.texts[self.rows:]]
         self.identity = {"base_model_hash": model_dir_hash(spec.base_model_dir),
                          "base_model_dir": str(spec.base_model_dir), "dataset_version": self.dv.version,
                          "dialect": self.dv.dialect, "rehearsal_version": rehearsal.version if rehearsal else None,
@@ -70,24 +73,21 @@ class AsrWorkload:
         return make_batch(self.train, self.labels, idx, device)
 
     def loss(self, model, batch: dict, idx: list[int]) -> torch.Tensor:
-        out = model(**model_inputs(model, batch["input_features"], batch["attention_mask"]), labels=batch["labels"])
+        out = self.bm.family.forward(model, batch)
         if not self.hp.distill_weight:
             return out.loss
         rows = [k for k, i in enumerate(idx) if i >= self.rows]  # rehearsal rows of this batch
         if not rows:
             return out.loss
         sel = torch.tensor(rows, device=out.logits.device)
-        features, mask = batch["input_features"][sel], batch["attention_mask"][sel]
         with torch.no_grad(), model.disable_adapter():
             model.eval()  # the teacher is the base model as deployed: no dropout, no masking
-            teacher = model(**model_inputs(model, features, mask)).logits
+            teacher = self.bm.family.forward(model, {k: v[sel] for k, v in batch.items()}, with_loss=False).logits
             model.train()
-        n_out = output_lengths(model, mask)
-        frames = torch.arange(teacher.shape[1], device=teacher.device)[None, :] < n_out[:, None]
-        return out.loss + self.hp.distill_weight * distillation_loss(out.logits[sel], teacher, frames)
+        return out.loss + self.hp.distill_weight * distillation_loss(out.logits[sel], teacher, out.mask[sel])
 
     def evaluate(self, model) -> dict:
-        rates = error_rates(transcribe(model, self.bm.tokenizer, self.dev, self.spec.eval_batch_size, self.device))
+        rates = error_rates(transcribe(model, self.bm.family, self.dev, self.spec.eval_batch_size, self.device))
         return {"dev_cer": rates["cer"], "dev_wer": rates["wer"]}
 
     def result(self, job: AdapterJob, common: dict, metrics: dict) -> AdapterJobResult:

@@ -21,19 +21,23 @@ import numpy as np
 import torch
 
 from mloc_dagster.core.data.features import FeatureSet, collate
-from mloc_dagster.core.models.ctc import BaseModel, load_base_model, output_lengths
+from mloc_dagster.core.models.base import BaseModel
+from mloc_dagster.core.models.ctc import CtcFamily
+from mloc_dagster.core.models.families import load_base_model
 
 _NEG = -1e30
 
 
-def load_frame_asr(path, device: str | torch.device = "cpu", role: str = "aligner") -> BaseModel:
-    """An ASR base model for the TTS track (the aligner, the judge): it reads the log-mel frames the
-    TTS model speaks (``input_features``); a raw-waveform family cannot, and is refused by name."""
+def load_frame_asr(path, device: str | torch.device = "cpu") -> BaseModel:
+    """The TTS track's aligner: a CTC model on the log-mel frames the TTS model speaks
+    (``input_features``) whose per-frame outputs give character durations; a raw-waveform CTC model
+    or a seq2seq one (Whisper) has no such frames and is refused by name. (The judge may be any
+    family: it hears waveforms.)"""
     bm = load_base_model(path, device)
-    if bm.model.main_input_name != "input_features":
-        raise ValueError(f"the TTS {role} reads log-mel frames; {path} is a {bm.model.config.model_type} model "
-                         f"on the raw waveform ({bm.model.main_input_name}): use the built-in or a "
-                         "Wav2Vec2BertForCTC base model (docs/models.md)")
+    if not isinstance(bm.family, CtcFamily) or bm.model.main_input_name != "input_features":
+        raise ValueError(f"the TTS aligner reads log-mel frames and CTC outputs per frame; {path} is a "
+                         f"{bm.model.config.model_type} model on {bm.model.main_input_name}: use the built-in "
+                         "or a Wav2Vec2BertForCTC base model (docs/models.md)")
     return bm
 
 
@@ -93,7 +97,7 @@ def align_durations(asr: BaseModel, fs: FeatureSet, labels: Sequence[Sequence[in
         idx = list(range(start, min(len(fs), start + batch_size)))
         batch = collate([fs.item(i) for i in idx])
         logits = model(input_features=batch["input_features"], attention_mask=batch["attention_mask"]).logits
-        lengths = output_lengths(model, batch["attention_mask"]).tolist()
+        lengths = CtcFamily.output_lengths(model, batch["attention_mask"]).tolist()
         log_probs = torch.log_softmax(logits.float(), -1).numpy()
         for row, i in enumerate(idx):
             n_frames = int(lengths[row])

@@ -22,7 +22,7 @@ import torch
 
 from mloc_dagster.core.data.datasets import DatasetVersion, Utterance
 from mloc_dagster.core.data.features import FeatureSet
-from mloc_dagster.core.models.ctc import BaseModel
+from mloc_dagster.core.models.base import BaseModel
 from mloc_dagster.core.tts.acoustics import FRAME_DIM, MEL_BINS, STACK, asr_features, tts_frames
 from mloc_dagster.core.tts.align import align_durations
 from mloc_dagster.core.tts.model import TtsStats

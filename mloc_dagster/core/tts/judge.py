@@ -9,8 +9,8 @@ model directory *and* pins its content hash (``core.publish.model_dir_hash``). `
 refuses a directory whose hash differs from the pin (``JudgeMismatch``: the judge never changes
 silently) and a judge that is the candidate itself, lies inside the candidate's directory, or is
 a TTS model (``JudgeIsCandidate``). ``back_recognize`` transcribes waveforms with the judge
-(``core.models.evaluate.transcribe``: the same log-mel front end and greedy CTC as every ASR evaluation)
-and scores them against the sentences.
+(``core.models.evaluate.transcribe``: the judge's own front end and decoding, as in every ASR
+evaluation; any supported ASR family can judge) and scores them against the sentences.
 
 **The gates** (``tts_gates``): ``tts_intelligibility_gate`` passes when the judge's CER on the
 candidate's audio is ≤ ``max_cer``; ``tts_collapse_gate`` passes when the share of utterances whose
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from mloc_dagster.core.data.datasets import Utterance
-from mloc_dagster.core.models.ctc import BaseModel
+from mloc_dagster.core.models.base import BaseModel
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.families import load_base_model
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.tts.acoustics import griffin_lim
-from mloc_dagster.core.tts.align import load_frame_asr
 from mloc_dagster.core.tts.model import TtsModel, is_tts_model_dir
 
 # --------------------------------------------------------------------------- synthesis
@@ -119,22 +119,22 @@ def load_judge(spec: JudgeSpec, candidate_dir: str | Path, device: str = "cpu") 
     if actual != spec.version:
         raise JudgeMismatch(f"judge {spec.model_dir} has version {actual[:12]}, the gate pins {spec.version[:12]}; "
                             "re-pin the judge on purpose (the report names the version) or restore it")
-    asr = load_frame_asr(spec.model_dir, device, role="judge")
+    asr = load_base_model(spec.model_dir, device)
     for p in asr.model.parameters():
         p.requires_grad_(False)
     return Judge(spec, asr)
 
 
 def back_recognize(judge: Judge, waveforms: Sequence[np.ndarray], texts: Sequence[str],
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", dialect: str | None = None) -> dict:
     """The judge's transcripts of ``waveforms`` scored against ``texts``: corpus ``cer``/``wer``
     (``core.models.evaluate.error_rates``) plus ``utterance_cer`` (one per waveform) and ``records``."""
     if len(waveforms) != len(texts):
         raise ValueError(f"{len(waveforms)} waveforms for {len(texts)} sentences")
     utts = [Utterance(f"u{i:05d}", np.asarray(w, dtype=np.float32), t, "tts", "tts", len(w) / 16_000, "")
             for i, (w, t) in enumerate(zip(waveforms, texts))]
-    records = transcribe(judge.asr.model, judge.asr.tokenizer, utts, device=device,
-                         feature_extractor=judge.asr.feature_extractor)
+    records = transcribe(judge.asr.model, judge.asr.family, utts, device=device,
+                         feature_extractor=judge.asr.feature_extractor, dialect=dialect)
     rates = error_rates(records)
     per_utt = [float(jiwer.cer(r["ref"], r["hyp"])) if r["ref"] else 0.0 for r in records]
     return rates | {"utterance_cer": per_utt, "records": records, "judge_version": judge.spec.version}

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from transformers import FastSpeech2ConformerConfig, FastSpeech2ConformerModel
 
-from mloc_dagster.core.models.ctc import CharTokenizer, _own_memory, quiet_progress_bars
+from mloc_dagster.core.models.base import own_memory, quiet_progress_bars
+from mloc_dagster.core.models.ctc import CharTokenizer
 from mloc_dagster.core.training.checkpoint import write_dir_atomically
 from mloc_dagster.core.tts.acoustics import FRAME_DIM
 
@@ -116,7 +117,7 @@ def load_tts_model(path: str | Path, device: str = "cpu") -> TtsModel:
         raise ValueError(f"{path}: {TTS_FILE} format {meta.get('format')!r} != {TTS_FORMAT}")
     with quiet_progress_bars():
         model = FastSpeech2ConformerModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    _own_memory(model)
+    own_memory(model)
     model.to(device).eval()
     tokenizer = CharTokenizer.from_pretrained(path, blank_id=0)
     stats = TtsStats(**meta.pop("stats"))

@@ -41,8 +41,9 @@ from mloc_dagster.core.tts.training import load_tts_adapter
 def spoken_sentences(judge: Judge, dataset_version: str | Path, split: str, n: int) -> tuple[list[str], list[np.ndarray]]:
     """The first ``n`` utterances of ``split`` whose text the judge can spell: (texts, recordings)."""
     texts, audio = [], []
-    for u in DatasetVersion(dataset_version).iter_utterances(split):
-        if judge.asr.tokenizer.encode(u.text):
+    dv = DatasetVersion(dataset_version)
+    for u in dv.iter_utterances(split):
+        if judge.asr.family.labels(u.text, dv.dialect):
             texts.append(u.text)
             audio.append(u.audio)
         if len(texts) >= n:
@@ -63,7 +64,8 @@ def judge_candidate(judge: Judge, base_tts_dir: str | Path, adapter_dir: str | P
     texts, real = spoken_sentences(judge, dataset_version, split, sentences)
     base_audio = synthesize(load_tts_model(base_tts_dir, device), texts, device, gl_iterations)
     cand_audio = synthesize(load_tts_adapter(base_tts_dir, adapter_dir, device), texts, device, gl_iterations)
-    heard = {name: back_recognize(judge, audio, texts, device)
+    dialect = DatasetVersion(dataset_version).dialect
+    heard = {name: back_recognize(judge, audio, texts, device, dialect)
              for name, audio in (("real", real), ("base", base_audio), ("candidate", cand_audio))}
     collapse = {name: collapse_share(h["utterance_cer"], collapse_cer) for name, h in heard.items()}
     mcd = {"base": mean_mcd(base_audio, real), "candidate": mean_mcd(cand_audio, real)}

@@ -26,7 +26,8 @@ from mloc_dagster.core.adapters.format import (
     validate_adapter_config,
 )
 from mloc_dagster.core.adapters.lora import load_adapter
-from mloc_dagster.core.models.ctc import new_tiny_model, save_base_model
+from mloc_dagster.core.models.ctc import new_tiny_model
+from mloc_dagster.core.models.families import save_base_model
 from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 
@@ -94,7 +95,7 @@ def test_what_peft_writes_for_our_asr_and_tts_models_is_accepted(corpus, tmp_pat
     """peft 0.21's save_pretrained output (model card, auto_mapping, megatron_core, peft_version...)."""
     from peft import LoraConfig, get_peft_model
 
-    from mloc_dagster.core.models.ctc import default_lora_targets
+    from mloc_dagster.core.models.base import default_lora_targets
     from mloc_dagster.core.tts.model import DEFAULT_TTS_LORA_TARGETS, TINY_CONFIG, TtsStats, new_tiny_tts
 
     asr = new_tiny_model()
@@ -327,7 +328,7 @@ def test_result_json_optional_for_an_adapter_required_for_a_node_result(ckpt):
 def test_peft_can_load_what_we_accept(trained, ckpt):
     from peft import PeftModel
 
-    from mloc_dagster.core.models.ctc import load_base_model
+    from mloc_dagster.core.models.families import load_base_model
     read_adapter_dir(ckpt, base_model=trained[0])
     model = PeftModel.from_pretrained(load_base_model(trained[0]).model, ckpt)
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 5

@@ -7,20 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCTC, Wav2Vec2BertConfig, Wav2Vec2BertForCTC
+from transformers import AutoConfig, AutoModelForCTC, Wav2Vec2BertForCTC
 
 from mloc_dagster.core.data.datasets import DatasetVersion
 from mloc_dagster.core.data.features import collate, default_feature_extractor, load_features
-from mloc_dagster.core.models.ctc import (
-    CharTokenizer,
-    TinyCtcConfig,
-    TinyCtcForCTC,
-    greedy_ctc_decode,
-    load_base_model,
-    new_tiny_model,
-    save_base_model,
-)
+from mloc_dagster.core.models.ctc import CharTokenizer, TinyCtcConfig, TinyCtcForCTC, greedy_ctc_decode, new_tiny_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.families import load_base_model, save_base_model
 from mloc_dagster.core.publish import model_dir_hash
 
 
@@ -108,17 +101,13 @@ def test_model_dir_hash_tracks_content(tmp_path):
 
 def test_load_any_local_hf_ctc_checkpoint(tmp_path, corpus):
     """A (tiny, random) Wav2Vec2BertForCTC saved like a Hub checkpoint loads and transcribes offline."""
-    config = Wav2Vec2BertConfig(vocab_size=29, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, feature_projection_input_dim=160, pad_token_id=0,
-                                conv_depthwise_kernel_size=3, max_source_positions=512)
-    torch.manual_seed(0)
-    Wav2Vec2BertForCTC(config).save_pretrained(tmp_path / "w2v")
-    CharTokenizer.english().save_pretrained(tmp_path / "w2v")
-    default_feature_extractor().save_pretrained(tmp_path / "w2v")
+    from tests.core.models.families import save_tiny_checkpoint
+
+    save_tiny_checkpoint("wav2vec2-bert", tmp_path / "w2v")
 
     bm = load_base_model(tmp_path / "w2v")
     assert isinstance(bm.model, Wav2Vec2BertForCTC) and not bm.is_tiny
-    records = transcribe(bm.model, bm.tokenizer, list(DatasetVersion(corpus.scottish).iter_utterances("dev"))[:4],
+    records = transcribe(bm.model, bm.family, list(DatasetVersion(corpus.scottish).iter_utterances("dev"))[:4],
                          batch_size=2, feature_extractor=bm.feature_extractor)
     assert len(records) == 4 and all(set(r) == {"utt_id", "speaker", "ref", "hyp"} for r in records)
 

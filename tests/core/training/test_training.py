@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON, InvalidAdapter
 from mloc_dagster.core.data.features import load_features
-from mloc_dagster.core.models.ctc import load_base_model
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
+from mloc_dagster.core.models.families import load_base_model
 from mloc_dagster.core.training.asr import train_adapter
 from mloc_dagster.core.training.checkpoint import ResumeError, latest_partial, partial_dir
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
@@ -54,7 +54,7 @@ def test_lora_lowers_loss_and_dev_cer(pretrained_base, corpus, tmp_path):
     base, _ = pretrained_base
     bm = load_base_model(base)
     dev = load_features(corpus.scottish, "dev", cache_dir=corpus.feature_cache)
-    before = error_rates(transcribe(bm.model, bm.tokenizer, dev))["cer"]
+    before = error_rates(transcribe(bm.model, bm.family, dev))["cer"]
 
     result = train_adapter(AdapterJobSpec(base, corpus.scottish, tmp_path / "adapter", timebox_s=600,
                                           max_steps=40, feature_cache_dir=corpus.feature_cache))

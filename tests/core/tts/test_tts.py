@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mloc_dagster.core.adapters.format import ADAPTER_WEIGHTS, TRAIN_STATE_JSON
 from mloc_dagster.core.data.datasets import DatasetVersion
-from mloc_dagster.core.models.ctc import load_base_model
+from mloc_dagster.core.models.families import load_base_model
 from mloc_dagster.core.publish import model_dir_hash
 from mloc_dagster.core.training.checkpoint import ResumeError
 from mloc_dagster.core.tts import acoustics
