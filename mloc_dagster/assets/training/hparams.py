@@ -15,7 +15,7 @@ from typing import Any, TypeVar, get_args, get_type_hints
 import dagster as dg
 import pydantic
 
-from mloc_dagster.core.training.spec import AdapterHParams
+from mloc_dagster.core.training.spec import PRECISIONS, AdapterHParams
 from mloc_dagster.core.tts.hparams import TtsAdapterHParams
 
 H = TypeVar("H")
@@ -78,5 +78,6 @@ ASR_LIMITS = {"r": (">= 1", lambda v: v >= 1), "alpha": _ABOVE_0, "dropout": _FR
               "batch_size": (">= 1", lambda v: v >= 1), "warmup_steps": _AT_LEAST_0, "seed": _AT_LEAST_0,
               "checkpoint_every_s": _ABOVE_0, "max_steps": _AT_LEAST_0, "rehearsal_fraction": _FRACTION,
               "distill_weight": _AT_LEAST_0, "weight_decay": _AT_LEAST_0, "max_grad_norm": _ABOVE_0,
-              "train_limit": (">= 0", lambda v: v is None or v >= 0)}
+              "train_limit": (">= 0", lambda v: v is None or v >= 0),
+              "precision": (f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS)}
 TTS_LIMITS = {**ASR_LIMITS, "dropout": ("< 1 (< 0: the model's default)", lambda v: v < 1)}

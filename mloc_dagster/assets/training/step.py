@@ -25,6 +25,7 @@ from typing import Any
 import dagster as dg
 
 from mloc_dagster.assets.training.units import ChainJob, NotToStart, SliceJob
+from mloc_dagster.core.adapters.format import InvalidAdapter, read_node_result
 from mloc_dagster.core.pool.calibration import local_device, local_node_id
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import retry_transient
@@ -39,6 +40,7 @@ KEEPALIVE_EVERY_S = 10.0  # well under the silent-slice (60 s) and dead-job (90 
 # warm run worker can start before that write lands, so such a run waits for it (at most this long).
 REPLAY_TAG = "mloc/replay_of"
 REPLAY_WAIT_S = 30.0
+MEMORY_MARGIN = 1.15  # over a previous job's measured CUDA peak (allocator fragmentation, longer batches)
 
 
 def node_id() -> str:
@@ -79,6 +81,20 @@ def await_reactivation(store: StateStore, run: TrainingRun) -> TrainingRun:
         time.sleep(0.5)
         run = store.get_run(run.run_id)
     return run
+
+
+def memory_need(previous: str | None) -> dict[str, int]:
+    """What the job asks the arbiter's memory check for: the CUDA peak the run's previous job measured
+    (its ``result.json``: same base model, family and hparams) plus ``MEMORY_MARGIN``; without one (a
+    run's first job, a slice, a job after a CPU job) the TRAIN policy's own ``min_free_mb``."""
+    if not previous:
+        return {}
+    try:
+        peak = read_node_result(previous, required=False).get("peak_cuda_mb")
+    except InvalidAdapter:
+        return {}
+    ok = isinstance(peak, int | float) and not isinstance(peak, bool) and math.isfinite(peak) and peak > 0
+    return {"min_free_mb": math.ceil(peak * MEMORY_MARGIN)} if ok else {}
 
 
 class TrainingStep:
@@ -180,7 +196,7 @@ class TrainingStep:
 
     def _train(self, gpu: Any, timebox_s: int, train: Callable[[Any, float], Any]) -> Any:
         set_backstop(self.context, gpu.arbiter.policy_for("TRAIN").max_wait_s + timebox_s)
-        with gpu.lease("TRAIN", self.context) as lease:
+        with gpu.lease("TRAIN", self.context, **memory_need(self.unit.resume_from)) as lease:
             if not lease.runnable:
                 raise dg.Failure(f"no device for training: {lease.outcome}", metadata=lease.metadata())
             self.lease = lease
@@ -255,4 +271,5 @@ class TrainingStep:
                 "node_samples_per_s": record.samples_per_s(result.base_model_hash) or 0.0,
                 "node_reputation": record.reputation,
                 "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)),
+                **({"peak_cuda_mb": result.peak_cuda_mb} if result.peak_cuda_mb else {}),  # the next job asks for it
                 **(self.lease.metadata() if self.lease is not None else {})}

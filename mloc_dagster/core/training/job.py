@@ -64,10 +64,12 @@ from mloc_dagster.core.training.runtime import (
     StopRule,
     Timebox,
     auto_cpu_threads,
+    autocast,
     cpu_threads,
     default_device,
     default_node_id,
     deterministic,
+    enable_gradient_checkpointing,
     peak_rss_mb,
     seed_everything,
     train_step,
@@ -155,8 +157,11 @@ class AdapterJob:
         if meta is None and spec.init_adapter:
             load_warm_start(self.model, spec.init_adapter)
             self.source, self.kind = Path(spec.init_adapter), "warm_start"
+        if hp.gradient_checkpointing:
+            enable_gradient_checkpointing(work.model, self.log)
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=hp.precision == "fp16" and self.device.startswith("cuda"))
         self.opt = AdamW(self.trainable, lr=hp.lr, weight_decay=hp.weight_decay)
         warmup = max(1, hp.warmup_steps)
         self.sched = LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -221,8 +226,8 @@ class AdapterJob:
         t_step = time.monotonic()
         idx = self.next_rows()
         batch, frames = self.work.batch(idx, self.device)
-        loss = train_step(lambda: self.work.loss(self.model, batch, idx), self.opt, self.trainable,
-                          self.hp.max_grad_norm, self.sched)
+        loss = train_step(lambda: self.loss(batch, idx), self.opt, self.trainable, self.hp.max_grad_norm,
+                          self.sched, self.scaler)
         self.ts.step += 1
         self.ts.samples += len(idx)
         self.job_samples += len(idx)
@@ -230,6 +235,10 @@ class AdapterJob:
         if self.spec.throttle > 1:
             time.sleep((self.spec.throttle - 1) * (time.monotonic() - t_step))
         self.timebox.record(t_step, frames)
+
+    def loss(self, batch: dict, idx: list[int]) -> torch.Tensor:
+        with autocast(self.device, self.hp.precision):
+            return self.work.loss(self.model, batch, idx)
 
     def should_stop(self, now: float) -> str | None:
         if self.slice_samples is not None and self.ts.samples - self.job_start_samples >= self.slice_samples:

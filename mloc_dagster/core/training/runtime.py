@@ -101,18 +101,50 @@ def seed_everything(seed: int) -> None:
 
 
 def train_step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, params: list[torch.Tensor],
-               max_grad_norm: float | None, sched: torch.optim.lr_scheduler.LRScheduler | None = None
-               ) -> torch.Tensor:
-    """One optimizer step on the loss ``loss_fn()`` computes; returns the loss, detached."""
+               max_grad_norm: float | None, sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimizer step on the loss ``loss_fn()`` computes; returns the loss, detached. With an
+    enabled ``scaler`` (fp16) the loss is scaled for the backward pass and the step is skipped when
+    the gradients overflowed."""
     loss = loss_fn()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    opt.step()
+    if scaler is None or not scaler.is_enabled():
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
     if sched is not None:
         sched.step()
     return loss.detach()
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """The forward pass's precision (``core/training/spec.py: DeviceOptions``): bf16/fp16 autocast on
+    CUDA, fp32 elsewhere."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(dtypes)}")
+    if dtypes[precision] is None or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtypes[precision])
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, log: Callable[[str], None]) -> bool:
+    """transformers' gradient checkpointing, non-reentrant (LoRA weights inside a checkpointed layer
+    get their gradients although the layer's inputs do not require any); False, logged, where the
+    model has none."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        log(f"gradient_checkpointing: {type(model).__name__} does not support it; training without")
+        return False
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return True
 
 
 class LossLog:

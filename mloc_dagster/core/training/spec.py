@@ -11,7 +11,22 @@ from pathlib import Path
 
 
 @dataclass
-class AdapterHParams:
+class DeviceOptions:
+    """How a job uses a CUDA device, for every track. ``precision``: ``bf16`` or ``fp16`` autocast of
+    the forward pass on CUDA (fp16 with a loss scaler, which starts afresh in every job: exact resume
+    holds for fp32 and bf16); a job on CPU trains in fp32 whatever it says. ``gradient_checkpointing``:
+    recompute activations in the backward pass (less memory, ~30 % more compute), on any device, for
+    base models that support it (transformers' own; the built-in tiny model does not)."""
+
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class AdapterHParams(DeviceOptions):
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.1

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mloc_dagster.core.training.spec import DeviceOptions
+
 
 @dataclass
-class TtsAdapterHParams:
+class TtsAdapterHParams(DeviceOptions):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
