@@ -1,8 +1,9 @@
-"""Other model families through Dagster: a raw-waveform CTC checkpoint (a tiny ``Wav2Vec2ForCTC``),
-a log-mel one (``Wav2Vec2BertForCTC``, w2v-BERT 2.0's architecture) and an encoder-decoder one (a
-tiny multilingual ``WhisperForConditionalGeneration``), saved like Hub checkpoints and registered
-with base_model's checkpoint_dir; a 2-job chained run on each, its candidate merged and gated; a
-model the line cannot train is refused at registration, before anything is copied."""
+"""Every model family through Dagster: raw-waveform CTC checkpoints (tiny ``Wav2Vec2ForCTC`` and
+``HubertForCTC``), a log-mel one (``Wav2Vec2BertForCTC``, w2v-BERT 2.0's architecture) and an
+encoder-decoder one (a tiny multilingual ``WhisperForConditionalGeneration``), saved like Hub
+checkpoints and registered with base_model's checkpoint_dir; a 2-job chained run on each, its
+candidate merged and gated; a model the line cannot train is refused at registration, before
+anything is copied."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def register(instance, checkpoint):
         run_config={"ops": {"base_model": {"config": {"checkpoint_dir": str(checkpoint)}}}})
 
 
-@pytest.mark.parametrize("family", ["wav2vec2", "wav2vec2-bert", "whisper"])
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "wav2vec2-bert", "whisper"])
 def test_a_base_of_another_family_trains_a_chained_run_to_a_gated_candidate(family, registered_base, mloc_home,
                                                                            tmp_path):
     instance, _ = registered_base
