@@ -37,7 +37,8 @@ def _failure_message(result) -> str:
 
 @base_model_app.command("add")
 def add(
-    checkpoint_dir: Path = typer.Argument(..., metavar="DIR", help="A local Hugging Face checkpoint directory of a supported family (docs/models.md)."),
+    checkpoint_dir: Path = typer.Argument(..., metavar="DIR", help="A local Hugging Face checkpoint directory "
+                                          "of a supported family (docs/models.md)."),
     base_dialect: str = typer.Option(None, "--base-dialect",
                                      help="The dialect whose dev/test splits evaluate it (default: en-us, "
                                           "base_model's default); its dataset_version must exist."),

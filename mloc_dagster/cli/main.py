@@ -14,6 +14,8 @@ from mloc_dagster.cli.export import export_command
 from mloc_dagster.cli.gpu import gpu_app
 from mloc_dagster.cli.metrics import metrics_app
 from mloc_dagster.cli.node import node_app
+from mloc_dagster.cli.ray_node import head as node_head
+from mloc_dagster.cli.ray_node import join as node_join
 from mloc_dagster.cli.run import run_app
 from mloc_dagster.paths import MlocPaths
 
@@ -118,6 +120,8 @@ def demo(
 app.add_typer(run_app, name="run")
 app.add_typer(base_model_app, name="base-model")
 app.add_typer(candidate_app, name="candidate")
+node_app.command("head")(node_head)  # the pool on a Ray cluster
+node_app.command("join")(node_join)
 app.add_typer(node_app, name="node")
 app.add_typer(gpu_app, name="gpu", help="GPU arbiter: leases, queue, devices, counters.")
 app.add_typer(metrics_app, name="metrics")

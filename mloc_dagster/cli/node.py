@@ -40,6 +40,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _ray_table():
+    """Ray's node table when the pool is a Ray cluster (MLOC_RAY_DASHBOARD), else None."""
+    from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table
+
+    try:
+        return pool_ray_table()
+    except RayUnreachable as exc:
+        _fail(str(exc))
+
+
 def _ago(t: datetime | None, now: datetime) -> str:
     return "never" if t is None else f"{(now - t).total_seconds():.0f} s ago"
 
@@ -61,16 +71,17 @@ def list_nodes(as_json: bool = typer.Option(False, "--json")) -> None:
     from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
 
     now, ttl, quota = datetime.now(UTC), node_ttl_s(), default_daily_quota()
-    nodes = _store().list_nodes()
+    nodes, ray = _store().list_nodes(), _ray_table()
     if as_json:
-        _print_json([n.to_json(now, ttl, quota) for n in nodes])
+        _print_json([n.to_json(now, ttl, quota, ray) for n in nodes])
         return
-    table = Table(caption=f"TTL {ttl:.0f} s, default quota {quota} jobs/day (UTC)")
+    liveness = "alive: in the Ray cluster" if ray is not None else f"TTL {ttl:.0f} s"
+    table = Table(caption=f"{liveness}, default quota {quota} jobs/day (UTC)")
     for col in ("node", "device", "samples/s by base", "last seen", "jobs today", "reputation", "status"):
         table.add_column(col)
     for n in nodes:
         limit = quota if n.daily_quota is None else n.daily_quota
-        reason = unavailable_reason(n, now=now, ttl_s=ttl, default_quota=quota)
+        reason = unavailable_reason(n, now=now, ttl_s=ttl, default_quota=quota, ray=ray)
         trust = f"{n.reputation:.2f}" + (" (experimental only)" if n.reputation < TRUST_BAR else "")
         status = "[green]available[/]" if reason is None else reason
         table.add_row(n.node_id, n.device.describe() if n.device else "?", _speeds(n), _ago(n.last_seen_at, now),
@@ -253,7 +264,7 @@ def place(samples: int = typer.Option(..., "--samples", help="Samples in the rou
     bm = _base_model_hash(base_model)
     now = datetime.now(UTC)
     ok, skipped = eligible_nodes(_store().list_nodes(), bm, now=now, ttl_s=node_ttl_s(),
-                                 default_quota=default_daily_quota())
+                                 default_quota=default_daily_quota(), ray=_ray_table())
     try:
         placement = place_round(ok, samples, method, parallelism=parallelism)
     except PlacementError as exc:

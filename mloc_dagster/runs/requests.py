@@ -16,6 +16,7 @@ from mloc_dagster.assets.tts.training import tts_base_model_job, tts_train_adapt
 from mloc_dagster.core.state.rounds import RoundSlice
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, node_k8s_config
+from mloc_dagster.execution.ray import RAY_CONFIG_TAG, node_ray_config
 
 CANDIDATE_JOB = candidate_job.name
 
@@ -50,7 +51,8 @@ def slice_run_request(run: TrainingRun, s: RoundSlice) -> dg.RunRequest:
 
     ``mloc/node`` is what Dagster's per-node concurrency counts (``tag_concurrency_limits`` with
     ``applyLimitPerUniqueValue`` in dagster.yaml / the Helm values); on Kubernetes the node also
-    becomes the pod's node selector. Run key ``<run_id>/<round>/<slice>``."""
+    becomes the pod's node selector, on a Ray cluster the Ray placement (``execution/ray.py``).
+    Run key ``<run_id>/<round>/<slice>``."""
     request = train_run_request(run, s.round_index)
     config = request.run_config["ops"]["adapter_checkpoint"]["config"]
     return dg.RunRequest(
@@ -58,7 +60,7 @@ def slice_run_request(run: TrainingRun, s: RoundSlice) -> dg.RunRequest:
         run_config={"ops": {"adapter_checkpoint": {"config": {**config, "slice_index": s.slice_index}}}},
         tags={"mloc/run_id": run.run_id, "mloc/round": str(s.round_index), "mloc/slice": str(s.slice_index),
               "mloc/node": s.node_id, "dagster/max_runtime": request.tags["dagster/max_runtime"],
-              K8S_CONFIG_TAG: node_k8s_config(s.node_id)})
+              K8S_CONFIG_TAG: node_k8s_config(s.node_id), RAY_CONFIG_TAG: node_ray_config(s.node_id)})
 
 
 def candidate_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:

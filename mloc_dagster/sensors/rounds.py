@@ -30,6 +30,7 @@ import dagster as dg
 
 from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.pool.placement import PlacementError, eligible_nodes, place_and_take_quota
+from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table
 from mloc_dagster.core.pool.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
@@ -87,8 +88,13 @@ def place_round(context: dg.SensorEvaluationContext, store: StateStore, run: Tra
 
 
 def place_on_pool(store: StateStore, run: TrainingRun, n_samples: int, *, parallelism: int, exclude: set[str] = frozenset()):
+    try:
+        ray = pool_ray_table()  # on a Ray cluster, whether a node is up is Ray's answer
+    except RayUnreachable as exc:
+        raise PlacementError(str(exc)) from exc
     nodes, skipped = eligible_nodes(store.list_nodes(), base_model_hash(run.base_model_version),
-                                    now=datetime.now(UTC), ttl_s=node_ttl_s(), default_quota=default_daily_quota())
+                                    now=datetime.now(UTC), ttl_s=node_ttl_s(), default_quota=default_daily_quota(),
+                                    ray=ray)
     nodes = [n for n in nodes if n.node_id not in exclude]
     if not nodes:
         why = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "the node registry is empty"

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import numpy as np
+
+from mloc_dagster.core.pool.ray_cluster import RayNode, ray_unavailable_reason
 
 METHODS = ("dp", "greedy", "equal")
 DEFAULT_TTL_S = 120.0
@@ -274,16 +276,22 @@ class NodeLike(Protocol):
 
 
 def unavailable_reason(record: NodeLike, *, now: datetime, ttl_s: float = DEFAULT_TTL_S,
-                       default_quota: int = DEFAULT_DAILY_QUOTA) -> str | None:
-    """Why the node may take no new job now (drained, unseen for longer than ``ttl_s``, daily quota
-    used up -- the day is ``now``'s UTC date), or None when it may."""
+                       default_quota: int = DEFAULT_DAILY_QUOTA, ray: Mapping[str, RayNode] | None = None
+                       ) -> str | None:
+    """Why the node may take no new job now (drained, not alive, daily quota used up -- the day is
+    ``now``'s UTC date), or None when it may. Alive: in Ray's node table when the pool is a Ray
+    cluster (``ray``, ``core/pool/ray_cluster.py``), else seen within ``ttl_s``."""
     limit = default_quota if record.daily_quota is None else record.daily_quota
     taken = record.jobs_today if record.jobs_day == now.date().isoformat() else 0
     if record.drained:
         return "drained"
-    if record.last_seen_at is None:
+    if ray is not None:
+        dead = ray_unavailable_reason(record.node_id, ray)
+        if dead is not None:
+            return dead
+    elif record.last_seen_at is None:
         return f"unavailable: never seen (TTL {ttl_s:.0f} s)"
-    if now - record.last_seen_at > timedelta(seconds=ttl_s):
+    elif now - record.last_seen_at > timedelta(seconds=ttl_s):
         return f"unavailable: last seen {(now - record.last_seen_at).total_seconds():.0f} s ago (TTL {ttl_s:.0f} s)"
     if taken >= limit:
         return f"daily quota used: {taken}/{limit} jobs today"
@@ -291,13 +299,14 @@ def unavailable_reason(record: NodeLike, *, now: datetime, ttl_s: float = DEFAUL
 
 
 def eligible_nodes(records: Iterable[NodeLike], base_model: str, *, now: datetime, ttl_s: float = DEFAULT_TTL_S,
-                   default_quota: int = DEFAULT_DAILY_QUOTA) -> tuple[list[NodeSpeed], dict[str, str]]:
+                   default_quota: int = DEFAULT_DAILY_QUOTA, ray: Mapping[str, RayNode] | None = None
+                   ) -> tuple[list[NodeSpeed], dict[str, str]]:
     """The nodes a round on ``base_model`` may use now, in node-id order, and why the others may not:
     ``unavailable_reason``, or no measured throughput for this base model (calibrate it first)."""
     ok, skipped = [], {}
     for r in sorted(records, key=lambda r: r.node_id):
         speed = r.samples_per_s(base_model)
-        reason = unavailable_reason(r, now=now, ttl_s=ttl_s, default_quota=default_quota)
+        reason = unavailable_reason(r, now=now, ttl_s=ttl_s, default_quota=default_quota, ray=ray)
         if reason is None and (speed is None or not math.isfinite(speed) or speed <= 0):
             reason = f"no throughput measured for base model {base_model[:12]}"
         if reason is None:

@@ -115,7 +115,7 @@ class NodeRecord:
         return self.jobs_today if self.jobs_day == today else 0
 
     def to_json(self, now: datetime | None = None, ttl_s: float | None = None,
-                default_quota: int | None = None) -> dict[str, Any]:
+                default_quota: int | None = None, ray: Mapping[str, Any] | None = None) -> dict[str, Any]:
         from mloc_dagster.core.pool.placement import unavailable_reason
 
         out = asdict(self)
@@ -126,7 +126,11 @@ class NodeRecord:
             out["quota"] = quota if self.daily_quota is None else self.daily_quota
             out["jobs_today"] = self.jobs_taken(now.date().isoformat())
             out["unavailable"] = unavailable_reason(self, now=now, ttl_s=node_ttl_s() if ttl_s is None else ttl_s,
-                                                    default_quota=quota)
+                                                    default_quota=quota, ray=ray)
+        if ray is not None:
+            node = ray.get(self.node_id)
+            out["ray"] = None if node is None else {"alive": node.alive, "ip": node.ip, "gpus": node.gpus,
+                                                    "ray_node_id": node.ray_node_id}
         return out
 
 

@@ -1,0 +1,168 @@
+"""The pool on a real Ray cluster (issue 19, first part): `mloc node head` and `mloc node join`, and
+the pool's liveness read from Ray's node table.
+
+The checks a joining machine passes are tested in process (each refusal happens before Ray starts);
+the cluster test builds a real one on this machine (tests/deploy/ray_cluster.py: the head on a
+bridge, three nodes each in its own network namespace), on a real Postgres reached through its unix
+socket from inside the namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from typer.testing import CliRunner
+
+from mloc_dagster.cli.main import app
+from mloc_dagster.cli.ray_node import POOL_KEY, record_pool
+from tests.conftest_pg import fresh_database
+from tests.deploy.ray_cluster import RayPool, netns_available
+
+pytestmark = pytest.mark.postgres
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_YAML = REPO / "deploy" / "ray" / "dagster.yaml"
+
+
+def _pg_url(pg_server, db: str) -> str:  # the unix socket: reachable from inside a network namespace
+    return f"postgresql+psycopg2://{pg_server.user}@/{db}?host={pg_server.datadir.parent}&port={pg_server.port}"
+
+
+@pytest.fixture
+def pool_env(pg_server, tmp_path) -> dict[str, str]:
+    """The environment of a Ray deployment (deploy/ray): Dagster and the line's state on Postgres,
+    a shared MLOC_HOME, the instance file as shipped."""
+    with fresh_database(pg_server) as dagster_db, fresh_database(pg_server) as state_db:
+        home = tmp_path / "home"
+        (home / "dagster").mkdir(parents=True)
+        shutil.copy(RAY_YAML, home / "dagster" / "dagster.yaml")
+        yield {"MLOC_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+               "DAGSTER_PG_URL": _pg_url(pg_server, dagster_db), "MLOC_DATABASE_URL": _pg_url(pg_server, state_db),
+               "MLOC_RAY_JOB_API": "http://127.0.0.1:8265", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "s3cret-token"}
+
+
+def mloc(env: dict[str, str], *args: str):
+    return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+def test_the_ray_instance_file_runs_every_run_as_a_ray_job(pool_env, monkeypatch):
+    for k, v in pool_env.items():
+        monkeypatch.setenv(k, v)
+    with dg.DagsterInstance.get() as instance:
+        assert type(instance.run_launcher).__name__ == "RayRunLauncher"
+        assert instance.run_launcher.address == "http://127.0.0.1:8265"
+        assert "PostgresRunStorage" in type(instance.run_storage).__name__
+
+
+def test_the_ray_deployment_refuses_sqlite(pool_env, tmp_path):
+    sqlite_state = {k: v for k, v in pool_env.items() if k != "MLOC_DATABASE_URL"}
+    out = mloc(sqlite_state, "node", "head", "--host", "10.9.9.1")
+    assert out.exit_code == 1 and "the Ray deployment needs Postgres: set MLOC_DATABASE_URL" in out.output
+    (tmp_path / "sqlite-dagster").mkdir()
+    sqlite_dagster = {**pool_env, "DAGSTER_HOME": str(tmp_path / "sqlite-dagster")}
+    out = mloc(sqlite_dagster, "node", "join", "--address", "10.9.9.1:6379")
+    assert out.exit_code == 1 and "needs Postgres for Dagster too" in out.output
+
+
+def test_a_head_without_token_authentication_is_refused(pool_env):
+    out = mloc({**pool_env, "RAY_AUTH_MODE": ""}, "node", "head", "--host", "10.9.9.1")
+    assert out.exit_code == 1 and "without token authentication" in out.output
+    assert "s3cret-token" not in out.output
+
+
+def test_a_node_is_refused_without_the_shared_home_the_same_code_or_token_auth(pool_env, tmp_path, monkeypatch):
+    out = mloc(pool_env, "node", "join", "--address", "10.9.9.1:6379", "--node-id", "box1")
+    assert out.exit_code == 1 and "no pool head is recorded in the database" in out.output
+
+    for k, v in pool_env.items():
+        monkeypatch.setenv(k, v)
+    with dg.DagsterInstance.get() as instance:
+        record = record_pool(instance, Path(pool_env["MLOC_HOME"]), "10.9.9.1:6379")
+        (tmp_path / "local-disk").mkdir()
+        out = mloc({**pool_env, "MLOC_HOME": str(tmp_path / "local-disk")}, "node", "join", "--address",
+                   "10.9.9.1:6379", "--node-id", "box1")
+        assert out.exit_code == 1 and "is not the pool's shared storage" in out.output and "is missing" in out.output
+
+        instance.run_storage.set_cursor_values({POOL_KEY: json.dumps({**record, "code_version": "0123456789abcdef"})})
+        out = mloc(pool_env, "node", "join", "--address", "10.9.9.1:6379", "--node-id", "box1")
+        assert out.exit_code == 1 and f"this node runs mloc code {record['code_version']}" in out.output
+        assert "the pool's head runs 0123456789abcdef" in out.output
+
+        instance.run_storage.set_cursor_values({POOL_KEY: json.dumps(record)})
+        out = mloc({**pool_env, "RAY_AUTH_MODE": "disabled"}, "node", "join", "--address", "10.9.9.1:6379",
+                   "--node-id", "box1")
+        assert out.exit_code == 1 and "Ray token authentication is off" in out.output
+    listed = mloc(pool_env, "node", "list", "--json")
+    assert json.loads(listed.output) == []  # a refused machine is not registered
+
+
+def _nodes(env: dict[str, str]) -> dict[str, dict]:
+    out = subprocess.run([sys.executable, "-m", "mloc_dagster.cli.main", "node", "list", "--json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {n["node_id"]: n for n in json.loads(out.stdout)}
+
+
+def _wait_for(what: str, check, timeout_s: float, cluster: RayPool):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"{what} not within {timeout_s:.0f} s\nhead: {cluster.log('head')}\n"
+                         + "\n".join(f"{n}: {cluster.log(n)}" for n in cluster.node_ids))
+
+
+@pytest.mark.slow
+def test_nodes_join_a_real_ray_cluster_and_a_dead_node_is_seen_within_60_s(pool_env):
+    if not netns_available():
+        pytest.skip("network namespaces cannot be made here (need root and iproute2)")
+    cluster = RayPool({**os.environ, **pool_env, "PYTHONPATH": str(REPO)}, nodes=3)
+    try:
+        cluster.start()
+        env = cluster.env
+        _wait_for("the head's state API", lambda: _head_up(cluster), 90, cluster)
+        for node_id in cluster.node_ids:
+            cluster.join(node_id)
+        nodes = _wait_for("three alive nodes", lambda: _all_alive(env, cluster.node_ids), 120, cluster)
+        for i, node_id in enumerate(cluster.node_ids, 1):
+            assert nodes[node_id]["ray"]["ip"] == cluster.node_ip(i)  # each in its own namespace
+            assert nodes[node_id]["unavailable"] is None and nodes[node_id]["device"]["kind"] == "cpu"
+
+        killed_at = time.monotonic()
+        cluster.kill_node("n2")
+        nodes = _wait_for("n2 dead", lambda: _dead(env, "n2"), 90, cluster)
+        assert time.monotonic() - killed_at < 60
+        assert nodes["n1"]["unavailable"] is None and nodes["n3"]["unavailable"] is None
+    finally:
+        cluster.close()
+    assert not subprocess.run(["ip", "link", "show", cluster.bridge], capture_output=True).returncode == 0
+
+
+def _head_up(cluster: RayPool) -> bool:
+    from mloc_dagster.core.pool.ray_cluster import RayUnreachable, ray_node_table
+
+    try:
+        ray_node_table(cluster.dashboard, cluster.token, timeout_s=2)
+        return True
+    except RayUnreachable:
+        return False
+
+
+def _all_alive(env, node_ids) -> dict | None:
+    nodes = _nodes(env)
+    ok = all(nodes.get(n, {}).get("ray") and nodes[n]["ray"]["alive"] for n in node_ids)
+    return nodes if ok else None
+
+
+def _dead(env, node_id: str) -> dict | None:
+    nodes = _nodes(env)
+    return nodes if "dead in the Ray cluster" in str(nodes[node_id]["unavailable"]) else None
