@@ -89,6 +89,8 @@ def join(address: str = typer.Option(..., "--address", help="HEAD:PORT of the po
          node_id: str = typer.Option(None, "--node-id", help="Default: MLOC_NODE_ID, else this host's name."),
          node_ip: str = typer.Option(None, "--node-ip", help="This box's address as the head sees it."),
          temp_dir: str = typer.Option(None, "--temp-dir", help="Ray's session directory (default /tmp/ray)."),
+         gpu_state_dir: str = typer.Option("/var/lib/mloc/gpu", "--gpu-state-dir",
+                                           help="This box's own disk: the GPU arbiter's leases of its devices."),
          block: bool = typer.Option(False, "--block", help="Stay in the foreground (ray start --block).")) -> None:
     """Join this GPU box to the pool: checked, registered with its device, then a Ray worker
     advertising the node's resource (runs pinned to the node land here)."""
@@ -111,4 +113,4 @@ def join(address: str = typer.Option(..., "--address", help="HEAD:PORT of the po
     _exec([_ray(), "start", f"--address={address}", *([f"--node-ip-address={node_ip}"] if node_ip else []),
            f"--resources={json.dumps({node_resource(node_id): 1})}", f"--labels={NODE_LABEL}={node_id}",
            "--disable-usage-stats", *([f"--temp-dir={temp_dir}"] if temp_dir else []), *(["--block"] if block else [])],
-          MLOC_NODE_ID=node_id)  # what the runs placed here register their work under
+          MLOC_NODE_ID=node_id, MLOC_GPU_STATE_DIR=gpu_state_dir)  # what the runs placed here work under

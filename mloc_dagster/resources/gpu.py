@@ -16,6 +16,7 @@ into an ``Arbiter``, names the holder after the step, and writes the outcome to 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +32,11 @@ from mloc_dagster.paths import MlocPaths
 
 
 def default_state_dir() -> Path:
-    """``$MLOC_HOME/gpu``; ``MLOC_HOME`` defaults to ``.mloc`` in the working directory."""
-    return MlocPaths.from_env().gpu
+    """``MLOC_GPU_STATE_DIR`` (a pool node's own disk: `mloc node join` sets it, since a node's leases
+    are its devices' and ``MLOC_HOME`` is shared), else ``$MLOC_HOME/gpu``; ``MLOC_HOME`` defaults to
+    ``.mloc`` in the working directory."""
+    own = os.environ.get("MLOC_GPU_STATE_DIR")
+    return Path(own) if own else MlocPaths.from_env().gpu
 
 
 class TaskPolicyConfig(dg.Config):

@@ -42,7 +42,7 @@ class RayPool:
         self.dashboard = f"http://{self.head_ip}:{self.dashboard_port}"
         self.token = secrets.token_hex(16)
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "MLOC_RAY_DASHBOARD": self.dashboard}
+                    "MLOC_RAY_DASHBOARD": self.dashboard, "MLOC_RAY_JOB_API": self.dashboard}
         self.tmp = Path(tempfile.mkdtemp(prefix="mloc-ray-", dir="/tmp"))  # Ray's socket paths stay short
         self.node_ids = [f"n{i}" for i in range(1, nodes + 1)]
         self.namespaces: list[str] = []
@@ -76,14 +76,13 @@ class RayPool:
     def node_ip(self, i: int) -> str:
         return f"{self.prefix}.{10 + i}"
 
-    def join(self, node_id: str, home: str | None = None, wait: bool = False) -> subprocess.Popen:
+    def join(self, node_id: str) -> subprocess.Popen:
         i = self.node_ids.index(node_id) + 1
-        env = {**self.env, **({"MLOC_HOME": home} if home else {})}
-        proc = self._spawn(node_id, ["ip", "netns", "exec", f"{self.bridge}-{node_id}", MLOC, "node", "join",
+        return self._spawn(node_id, ["ip", "netns", "exec", f"{self.bridge}-{node_id}", MLOC, "node", "join",
                                      "--address", f"{self.head_ip}:{self.port}", "--node-id", node_id,
-                                     "--node-ip", self.node_ip(i), "--temp-dir", str(self.tmp / node_id), "--block"],
-                           env)
-        return proc
+                                     "--node-ip", self.node_ip(i), "--temp-dir", str(self.tmp / node_id),
+                                     "--gpu-state-dir", str(self.tmp / node_id / "gpu"), "--block"],
+                           self.env)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.tmp / f"{name}.log"

@@ -28,6 +28,7 @@ from tests.deploy.ray_cluster import RayPool, netns_available
 pytestmark = pytest.mark.postgres
 
 REPO = Path(__file__).resolve().parents[2]
+DIALECT = "en-gb-scotland"
 RAY_YAML = REPO / "deploy" / "ray" / "dagster.yaml"
 
 
@@ -110,7 +111,7 @@ def _nodes(env: dict[str, str]) -> dict[str, dict]:
     return {n["node_id"]: n for n in json.loads(out.stdout)}
 
 
-def _wait_for(what: str, check, timeout_s: float, cluster: RayPool):
+def _wait_for(what: str, check, timeout_s: float, cluster: RayPool, daemon=None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = check()
@@ -118,17 +119,36 @@ def _wait_for(what: str, check, timeout_s: float, cluster: RayPool):
             return value
         time.sleep(1.0)
     raise AssertionError(f"{what} not within {timeout_s:.0f} s\nhead: {cluster.log('head')}\n"
-                         + "\n".join(f"{n}: {cluster.log(n)}" for n in cluster.node_ids))
+                         + "\n".join(f"{n}: {cluster.log(n)}" for n in cluster.node_ids)
+                         + (f"\ndaemon: {daemon.tail()}" if daemon is not None else ""))
 
 
 @pytest.mark.slow
-def test_nodes_join_a_real_ray_cluster_and_a_dead_node_is_seen_within_60_s(pool_env):
+def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_within_60_s(
+        pool_env, espeak_batch, monkeypatch, tmp_path):
+    """The head and three nodes (each in its own network namespace) join through `mloc`; the daemon
+    launches every run as a Ray job (deploy/ray/dagster.yaml); a distributed run of 2 rounds places
+    its slices on the nodes and each slice executes on its node (the address it saw is the node's);
+    the rounds merge and a candidate is gated. Then a node is killed: Ray's node table says so, and
+    `mloc node list` shows it unavailable within 60 s."""
     if not netns_available():
         pytest.skip("network namespaces cannot be made here (need root and iproute2)")
-    cluster = RayPool({**os.environ, **pool_env, "PYTHONPATH": str(REPO)}, nodes=3)
+    from mloc_dagster.core.pool.rounds import base_model_hash
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.runs.service import StartRequest, start_run
+    from tests.daemon import Daemon
+    from tests.world import populate_home, tiny_base
+
+    home = Path(pool_env["MLOC_HOME"])
+    cluster = RayPool({**os.environ, **pool_env, "MLOC_RAY_GPUS_PER_RUN": "0"}, nodes=3)
+    env = cluster.env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    daemon = None
     try:
+        with dg.DagsterInstance.get() as instance:
+            populate_home(instance, home, {"en-us": espeak_batch, DIALECT: espeak_batch}, tiny_base(tmp_path / "tiny"))
         cluster.start()
-        env = cluster.env
         _wait_for("the head's state API", lambda: _head_up(cluster), 90, cluster)
         for node_id in cluster.node_ids:
             cluster.join(node_id)
@@ -137,14 +157,48 @@ def test_nodes_join_a_real_ray_cluster_and_a_dead_node_is_seen_within_60_s(pool_
             assert nodes[node_id]["ray"]["ip"] == cluster.node_ip(i)  # each in its own namespace
             assert nodes[node_id]["unavailable"] is None and nodes[node_id]["device"]["kind"] == "cpu"
 
+        instance = dg.DagsterInstance.get()
+        store = StateStore(pool_env["MLOC_DATABASE_URL"])
+        run = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=300,
+                        hparams={"batch_size": 4, "max_steps": 2}, kind="distributed", parallelism=3,
+                        round_samples=24))
+        for node_id in cluster.node_ids:
+            store.record_job_throughput(node_id, base_model_hash(run.base_model_version), 10.0, source="calibrate")
+        daemon = Daemon(home, **env)
+        daemon.start()
+
+        def finished():
+            r = store.get_run(run.run_id)
+            assert r.status not in ("failed", "paused", "cancelled"), (r.status, r.status_reason, _failures(instance))
+            return r.status == "completed"
+        _wait_for("the distributed run to complete", finished, 900, cluster, daemon)
+
+        slices = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job",
+                                                        tags={"mloc/run_id": run.run_id}))
+        assert {r.dagster_run.tags["mloc/round"] for r in slices} == {"0", "1"}
+        for record in slices:
+            node_id = record.dagster_run.tags["mloc/node"]
+            [event] = instance.get_records_for_run(record.dagster_run.run_id,
+                                                   of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+            metadata = event.event_log_entry.asset_materialization.metadata
+            assert metadata["ran_on"].value == node_id  # the Ray worker `mloc node join` started there
+            assert metadata["ran_at"].value == cluster.node_ip(cluster.node_ids.index(node_id) + 1)
+        assert {r.dagster_run.tags["mloc/node"] for r in slices} == set(cluster.node_ids)
+        for k in range(2):
+            assert store.get_job(run.run_id, k).status == "succeeded"
+        [candidate] = [c for c in store.list_candidates(DIALECT, limit=None) if c.training_run_id == run.run_id]
+        assert candidate.gate_decision in ("passed", "failed")  # a verdict
+
         killed_at = time.monotonic()
         cluster.kill_node("n2")
         nodes = _wait_for("n2 dead", lambda: _dead(env, "n2"), 90, cluster)
         assert time.monotonic() - killed_at < 60
         assert nodes["n1"]["unavailable"] is None and nodes["n3"]["unavailable"] is None
     finally:
+        if daemon is not None:
+            daemon.stop()
         cluster.close()
-    assert not subprocess.run(["ip", "link", "show", cluster.bridge], capture_output=True).returncode == 0
+    assert subprocess.run(["ip", "link", "show", cluster.bridge], capture_output=True).returncode != 0
 
 
 def _head_up(cluster: RayPool) -> bool:
@@ -166,3 +220,15 @@ def _all_alive(env, node_ids) -> dict | None:
 def _dead(env, node_id: str) -> dict | None:
     nodes = _nodes(env)
     return nodes if "dead in the Ray cluster" in str(nodes[node_id]["unavailable"]) else None
+
+
+def _failures(instance) -> list[str]:
+    """What the failed Dagster runs said (their failure and engine events)."""
+    out = []
+    for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=5):
+        for event in instance.all_logs(record.dagster_run.run_id):
+            if event.is_dagster_event and (event.dagster_event.is_failure or event.dagster_event.is_engine_event):
+                error = getattr(event.dagster_event.event_specific_data, "error", None)
+                out.append(f"{record.dagster_run.job_name}: {event.message[:300]}"
+                           + (f" {error.to_string()[-1500:]}" if error is not None else ""))
+    return out[-12:]

@@ -27,6 +27,7 @@ import dagster as dg
 from mloc_dagster.assets.training.units import ChainJob, NotToStart, SliceJob
 from mloc_dagster.core.adapters.format import InvalidAdapter, read_node_result
 from mloc_dagster.core.pool.calibration import local_device, local_node_id
+from mloc_dagster.core.pool.ray_cluster import local_address
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import retry_transient
 from mloc_dagster.core.state.runs import TrainingRun
@@ -272,4 +273,5 @@ class TrainingStep:
                 "node_reputation": record.reputation,
                 "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)),
                 **({"peak_cuda_mb": result.peak_cuda_mb} if result.peak_cuda_mb else {}),  # the next job asks for it
+                "ran_on": local_node_id(), **({"ran_at": address} if (address := local_address()) else {}),
                 **(self.lease.metadata() if self.lease is not None else {})}

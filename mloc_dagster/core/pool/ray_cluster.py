@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -77,6 +79,18 @@ def pool_ray_table() -> dict[str, RayNode] | None:
     pool is not on Ray (the registry's heartbeats decide then)."""
     dashboard = os.environ.get(DASHBOARD_ENV)
     return ray_node_table(dashboard, os.environ.get("RAY_AUTH_TOKEN")) if dashboard else None
+
+
+def local_address() -> str | None:
+    """The address this process reaches the Ray head from (its node's, inside a node's network), or
+    None when the pool is not on Ray: what a run records about where it executed."""
+    dashboard = os.environ.get(DASHBOARD_ENV)
+    if not dashboard:
+        return None
+    host = urllib.parse.urlsplit(dashboard).hostname or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # no packet is sent: a route lookup
+        s.connect((host, 9))
+        return s.getsockname()[0]
 
 
 def ray_unavailable_reason(node_id: str, table: dict[str, RayNode]) -> str | None:

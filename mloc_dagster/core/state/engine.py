@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -44,6 +46,23 @@ def utcnow() -> datetime:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def strict_json(value: Any) -> str:
+    """The JSON columns' encoding, the same on both backends: a non-finite float (NaN, ±Infinity:
+    an unbounded norm bound, a CER of nothing) is stored as null, since PostgreSQL's json type
+    refuses those tokens and would fail the whole write."""
+    return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 class StoreEngine:
@@ -86,11 +105,12 @@ class StoreEngine:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self._engine = sa.create_engine(
-                url, echo=echo, connect_args={"timeout": busy_timeout_s, "check_same_thread": False}
+                url, echo=echo, connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+                json_serializer=strict_json,
             )
             _configure_sqlite(self._engine, busy_timeout_s)
         else:
-            self._engine = sa.create_engine(url, echo=echo, pool_pre_ping=True)
+            self._engine = sa.create_engine(url, echo=echo, pool_pre_ping=True, json_serializer=strict_json)
         # Write transactions take SQLite's write lock up front (BEGIN IMMEDIATE); see module doc.
         self._write_engine = self._engine.execution_options(mloc_write=True)
         self.migrated = self._create_schema()

@@ -536,3 +536,13 @@ def test_transient_errors_are_retried_with_backoff_then_raised() -> None:
         retry_transient(down, attempts=3, sleep=slept.append)
     with pytest.raises(ZeroDivisionError):  # not a database error: no retry
         retry_transient(lambda: 1 / 0, sleep=slept.append)
+
+
+def test_a_non_finite_number_in_a_json_column_is_stored_as_null_on_both_backends(state_url: str) -> None:
+    """An unbounded norm bound (Infinity) or a CER of nothing (NaN) inside a record's JSON must not
+    fail the write: PostgreSQL's json type refuses those tokens (a candidate job failed so on
+    Postgres before); both backends store null."""
+    with StateStore(state_url) as store:
+        run_id = store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m",
+                                  hparams={"lr": 0.01, "bounds": {"head": float("inf")}, "cer": [float("nan"), 0.5]}).run_id
+        assert store.get_run(run_id).hparams == {"lr": 0.01, "bounds": {"head": None}, "cer": [None, 0.5]}
