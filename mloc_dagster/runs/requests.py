@@ -32,17 +32,20 @@ def chain_run_key(run: TrainingRun, *parts: object) -> str:
     return f"{key}/g{run.generation}" if run.generation else key
 
 
-def train_run_request(run: TrainingRun, job_index: int) -> dg.RunRequest:
+def train_run_request(run: TrainingRun, job_index: int, node_id: str | None = None) -> dg.RunRequest:
+    """Job ``job_index`` of a chained run; ``node_id``: the pool node it was placed on (a Ray pool),
+    which becomes its per-node concurrency tag and its Ray placement, as a slice's does."""
     # Validated when the run was created; checked again so a bad row fails loudly, never silently.
     hparams = validate_hparams(run.hparams, run.track)
     track = track_of(run.track)
+    placed = {"mloc/node": node_id, RAY_CONFIG_TAG: node_ray_config(node_id)} if node_id else {}
     return dg.RunRequest(
         job_name=track.train_job, partition_key=run.dialect, run_key=chain_run_key(run, job_index),
         run_config={"ops": {track.train_op: {"config": {
             "run_id": run.run_id, "job_index": job_index, "timebox_s": run.timebox_s, **hparams}}}},
         # The backstop; the job moves it once its device is granted (adapters.start_timebox).
         tags={"mloc/run_id": run.run_id, "mloc/job_index": str(job_index),
-              "dagster/max_runtime": str(run.timebox_s + TIMEBOX_MARGIN_S)},
+              "dagster/max_runtime": str(run.timebox_s + TIMEBOX_MARGIN_S), **placed},
     )
 
 

@@ -30,7 +30,7 @@ import dagster as dg
 
 from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.pool.placement import PlacementError, eligible_nodes, place_and_take_quota
-from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table
+from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table, ray_pool
 from mloc_dagster.core.pool.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
@@ -85,6 +85,15 @@ def place_round(context: dg.SensorEvaluationContext, store: StateStore, run: Tra
     context.log.info(f"round {k} of {run.run_id} placed: " + ", ".join(
         f"{s.node_id} {s.samples} samples ~{s.expected_s:.0f} s" for s in placement.shards))
     return store.place_slices(run.run_id, k, plan_slices(segments, placement))
+
+
+def place_job(store: StateStore, run: TrainingRun) -> str | None:
+    """The node a chained job runs on when the pool is a Ray cluster: the fastest available one
+    (Ray-alive, not drained, quota left: one job of quota taken); None off Ray, where a job runs
+    where its run worker starts. ``PlacementError`` when no node is available."""
+    if not ray_pool():
+        return None
+    return place_on_pool(store, run, 1, parallelism=1).shards[0].node_id
 
 
 def place_on_pool(store: StateStore, run: TrainingRun, n_samples: int, *, parallelism: int, exclude: set[str] = frozenset()):

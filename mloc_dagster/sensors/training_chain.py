@@ -45,6 +45,7 @@ import dagster as dg
 
 from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB
 from mloc_dagster.assets.tracks import TRACKS, track_of, validate_hparams
+from mloc_dagster.core.pool.placement import PlacementError
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, COMPLETED, DROPPED, FAILED, HYPERPARAMETER, PAUSED, PIPELINE, SUCCEEDED
@@ -54,7 +55,7 @@ from mloc_dagster.runs.requests import CHAIN_JOBS, candidate_run_request, train_
 from mloc_dagster.runs.verdicts import failure_reason, handle_ended_candidate, has_verdict, will_retry
 from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests
-from mloc_dagster.sensors.rounds import round_requests
+from mloc_dagster.sensors.rounds import place_job, round_requests
 from mloc_dagster.sensors.search import search_requests
 from mloc_dagster.sensors.stop_loss import IN_FLIGHT, apply_stop_loss, newest_candidate_run, verdict_pending
 
@@ -169,7 +170,12 @@ def next_requests(context: dg.SensorEvaluationContext, store: StateStore, run: T
         if due.kind == "train":
             if track_of(run.track).stop_loss and verdict_pending(context, store, run, just_requested=cand_req != asked):
                 continue  # a TTS run's next job waits for the stop-loss of the candidate before it
-            request = train_run_request(run, due.job_index)
+            try:
+                node = place_job(store, run)  # a Ray pool: the job's node; else where its worker starts
+            except PlacementError as exc:
+                context.log.warning(f"{run.run_id} job {due.job_index} waits for a node: {exc}")
+                break
+            request = train_run_request(run, due.job_index, node)
             store.record_job_queued(run.run_id, due.job_index)
             requests.append(request)
             train_req = due.job_index

@@ -131,8 +131,8 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
     launches every run as a Ray job (deploy/ray/dagster.yaml); a distributed run of 2 rounds places
     its slices on the nodes and each slice executes on its node (the address it saw is the node's);
     a third node joins while round 0 trains and gets work from the next round on; the rounds merge
-    and a candidate is gated. Then a node is killed: Ray's node table says so, and `mloc node list`
-    shows it unavailable within 60 s."""
+    and a candidate is gated. A single run's 2 jobs are placed on nodes too. Then a node is killed:
+    Ray's node table says so, and `mloc node list` shows it unavailable within 60 s."""
     if not netns_available():
         pytest.skip("network namespaces cannot be made here (need root and iproute2)")
     from mloc_dagster.core.pool.rounds import base_model_hash
@@ -174,22 +174,14 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
         _wait_for("the late node alive", lambda: _all_alive(env, [late]), 120, cluster, daemon)
         late_alive_at = datetime.now(UTC)
 
-        def finished():
-            r = store.get_run(run.run_id)
-            assert r.status not in ("failed", "paused", "cancelled"), (r.status, r.status_reason, _failures(instance))
-            return r.status == "completed"
-        _wait_for("the distributed run to complete", finished, 900, cluster, daemon)
+        _wait_for("the distributed run to complete", lambda: _completed(store, run.run_id, instance), 900, cluster,
+                  daemon)
 
         slices = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job",
                                                         tags={"mloc/run_id": run.run_id}))
         assert {r.dagster_run.tags["mloc/round"] for r in slices} == {"0", "1"}
         for record in slices:
-            node_id = record.dagster_run.tags["mloc/node"]
-            [event] = instance.get_records_for_run(record.dagster_run.run_id,
-                                                   of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-            metadata = event.event_log_entry.asset_materialization.metadata
-            assert metadata["ran_on"].value == node_id  # the Ray worker `mloc node join` started there
-            assert metadata["ran_at"].value == cluster.node_ip(cluster.node_ids.index(node_id) + 1)
+            _assert_ran_on_its_node(instance, record, cluster)
         placed = {k: store.round_slices(run.run_id, k) for k in range(2)}
         assert {sl.node_id for sl in placed[0]} == set(first)  # the late node was not in the cluster yet
         later = [k for k, sls in placed.items() if min(sl.queued_at for sl in sls) > late_alive_at]
@@ -198,6 +190,18 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
             assert store.get_job(run.run_id, k).status == "succeeded"
         [candidate] = [c for c in store.list_candidates(DIALECT, limit=None) if c.training_run_id == run.run_id]
         assert candidate.gate_decision in ("passed", "failed")  # a verdict
+
+        single = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=300,
+                           hparams={"batch_size": 4, "max_steps": 2}))
+        _wait_for("the single run to complete", lambda: _completed(store, single.run_id, instance), 600, cluster,
+                  daemon)
+        jobs = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job",
+                                                      tags={"mloc/run_id": single.run_id}))
+        assert len(jobs) == 2
+        for record in jobs:  # each job placed on an available node, and executed there
+            _assert_ran_on_its_node(instance, record, cluster)
+        status = json.loads(mloc(env, "run", "status", single.run_id, "--json").output)
+        assert {j["node_id"] for j in status["jobs"]} <= set(cluster.node_ids)
 
         killed_at = time.monotonic()
         cluster.kill_node("n2")
@@ -242,3 +246,20 @@ def _failures(instance) -> list[str]:
                 out.append(f"{record.dagster_run.job_name}: {event.message[:300]}"
                            + (f" {error.to_string()[-1500:]}" if error is not None else ""))
     return out[-12:]
+
+
+def _completed(store, run_id: str, instance) -> bool:
+    r = store.get_run(run_id)
+    assert r.status not in ("failed", "paused", "cancelled"), (r.status, r.status_reason, _failures(instance))
+    return r.status == "completed"
+
+
+def _assert_ran_on_its_node(instance, record, cluster: RayPool) -> None:
+    """The run's materialization says where it executed: the node it was placed on (the Ray worker
+    `mloc node join` started there) and that node's address."""
+    node_id = record.dagster_run.tags["mloc/node"]
+    [event] = instance.get_records_for_run(record.dagster_run.run_id,
+                                           of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    metadata = event.event_log_entry.asset_materialization.metadata
+    assert metadata["ran_on"].value == node_id
+    assert metadata["ran_at"].value == cluster.node_ip(cluster.node_ids.index(node_id) + 1)

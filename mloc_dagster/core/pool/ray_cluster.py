@@ -74,11 +74,15 @@ def ray_node_table(dashboard: str, token: str | None = None, timeout_s: float = 
     return table
 
 
+def ray_pool() -> bool:
+    """Whether this deployment's pool is a Ray cluster (``MLOC_RAY_DASHBOARD`` set)."""
+    return bool(os.environ.get(DASHBOARD_ENV))
+
+
 def pool_ray_table() -> dict[str, RayNode] | None:
     """The node table of this deployment's Ray cluster (``MLOC_RAY_DASHBOARD``), or None when the
     pool is not on Ray (the registry's heartbeats decide then)."""
-    dashboard = os.environ.get(DASHBOARD_ENV)
-    return ray_node_table(dashboard, os.environ.get("RAY_AUTH_TOKEN")) if dashboard else None
+    return ray_node_table(os.environ[DASHBOARD_ENV], os.environ.get("RAY_AUTH_TOKEN")) if ray_pool() else None
 
 
 def local_address() -> str | None:
