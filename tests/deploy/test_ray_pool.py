@@ -263,3 +263,46 @@ def _assert_ran_on_its_node(instance, record, cluster: RayPool) -> None:
     metadata = event.event_log_entry.asset_materialization.metadata
     assert metadata["ran_on"].value == node_id
     assert metadata["ran_at"].value == cluster.node_ip(cluster.node_ids.index(node_id) + 1)
+
+
+def test_a_placed_run_carries_the_ray_placement_dagster_ray_reads(monkeypatch):
+    from dagster_ray.core.run_launcher import RayLauncherConfig
+
+    from mloc_dagster.core.state.rounds import RoundSlice
+    from mloc_dagster.core.state.runs import TrainingRun
+    from mloc_dagster.execution.ray import RAY_CONFIG_TAG
+    from mloc_dagster.runs.requests import slice_run_request, train_run_request
+
+    run = TrainingRun(run_id="tr-1", dialect=DIALECT, dataset_version="/d", base_model_version="/m", hparams={},
+                      timebox_s=60, max_jobs=2, candidate_every=2, status="active", status_reason=None,
+                      last_finished_job=None, created_at=None, updated_at=None)
+    placed = train_run_request(run, 0, "gpu-box-1").tags
+    config = RayLauncherConfig.from_tags(placed)  # what the launcher will ask Ray for
+    assert config.resources == {"mloc_node:gpu-box-1": 1} and config.num_gpus == 1
+    assert placed["mloc/node"] == "gpu-box-1"  # and Dagster's per-node concurrency counts it
+    assert RAY_CONFIG_TAG not in train_run_request(run, 0).tags  # off Ray: no placement
+    monkeypatch.setenv("MLOC_RAY_GPUS_PER_RUN", "0")
+    slice_ = RoundSlice(run_id="tr-1", round_index=0, slice_index=1, node_id="n2", segments=[[0, 8]], samples=8,
+                        expected_s=1.0, status="queued", attempts=0, replaces=None, dagster_run_id=None,
+                        checkpoint_path=None, adapter_sha256=None, metrics=None, progress=None, error=None,
+                        outcome=None, queued_at=None, started_at=None, train_started_at=None, train_ended_at=None,
+                        heartbeat_at=None, finished_at=None)
+    config = RayLauncherConfig.from_tags(slice_run_request(run, slice_).tags)
+    assert config.resources == {"mloc_node:n2": 1} and config.num_gpus is None  # a CPU-only pool
+
+
+def test_on_a_ray_pool_liveness_is_rays_not_the_heartbeat_ttl():
+    from datetime import timedelta
+
+    from mloc_dagster.core.pool.placement import unavailable_reason
+    from mloc_dagster.core.pool.ray_cluster import RayNode
+    from mloc_dagster.core.state.nodes import NodeRecord
+
+    now = datetime.now(UTC)
+    stale = NodeRecord("n1", 1.0, now, last_seen_at=now - timedelta(hours=5))  # no heartbeat for hours
+    table = {"n1": RayNode("n1", "ray-1", "10.0.0.11", alive=True, gpus=1.0)}
+    assert unavailable_reason(stale, now=now, ray=table) is None
+    assert unavailable_reason(stale, now=now).startswith("unavailable: last seen")  # off Ray: the TTL
+    dead = {"n1": RayNode("n1", "ray-1", "10.0.0.11", alive=False, gpus=1.0, state_message="raylet died")}
+    assert unavailable_reason(stale, now=now, ray=dead) == "unavailable: dead in the Ray cluster (raylet died)"
+    assert unavailable_reason(stale, now=now, ray={}) == "unavailable: not in the Ray cluster (mloc node join)"
