@@ -153,9 +153,14 @@ class LineCollector(Collector):
     def _nodes(self) -> Iterator[Any]:
         """The node registry (docs/pool.md)."""
         from mloc_dagster.core.pool.placement import unavailable_reason
+        from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table
         from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
 
         now, ttl, default_quota = datetime.now(UTC), node_ttl_s(), default_daily_quota()
+        try:
+            ray = pool_ray_table()  # on a Ray pool, liveness is Ray's
+        except RayUnreachable:
+            ray = {}  # the head is away: no node is known alive
         reputation = GaugeMetricFamily("mloc_node_reputation", "Trust in a node's adapters, in [0, 1].", labels=["node"])
         speed = GaugeMetricFamily("mloc_node_samples_per_second", "Measured training throughput per base model.",
                                   labels=["node", "base_model"])
@@ -173,7 +178,7 @@ class LineCollector(Collector):
                 seen.add_metric([n.node_id], _ts(n.last_seen_at))
             jobs.add_metric([n.node_id], n.jobs_taken(now.date().isoformat()))
             quota.add_metric([n.node_id], default_quota if n.daily_quota is None else n.daily_quota)
-            reason = unavailable_reason(n, now=now, ttl_s=ttl, default_quota=default_quota)
+            reason = unavailable_reason(n, now=now, ttl_s=ttl, default_quota=default_quota, ray=ray)
             available.add_metric([n.node_id, (reason or "").split(":")[0]], 0 if reason else 1)
         yield from (reputation, speed, seen, jobs, quota, available)
 

@@ -29,11 +29,10 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from mloc_dagster.assets.training.adapters import TRAIN_JOB
-from mloc_dagster.core.pool.placement import PlacementError, eligible_nodes, place_and_take_quota
-from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table, ray_pool
+from mloc_dagster.core.pool.assign import place_on_pool
+from mloc_dagster.core.pool.placement import PlacementError
 from mloc_dagster.core.pool.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
 from mloc_dagster.core.state import StateStore
-from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
 from mloc_dagster.core.state.rounds import RoundSlice
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, DROPPED, FAILED, PAUSED, QUEUED, REPLACED, RUNNING
@@ -85,31 +84,6 @@ def place_round(context: dg.SensorEvaluationContext, store: StateStore, run: Tra
     context.log.info(f"round {k} of {run.run_id} placed: " + ", ".join(
         f"{s.node_id} {s.samples} samples ~{s.expected_s:.0f} s" for s in placement.shards))
     return store.place_slices(run.run_id, k, plan_slices(segments, placement))
-
-
-def place_job(store: StateStore, run: TrainingRun) -> str | None:
-    """The node a chained job runs on when the pool is a Ray cluster: the fastest available one
-    (Ray-alive, not drained, quota left: one job of quota taken); None off Ray, where a job runs
-    where its run worker starts. ``PlacementError`` when no node is available."""
-    if not ray_pool():
-        return None
-    return place_on_pool(store, run, 1, parallelism=1).shards[0].node_id
-
-
-def place_on_pool(store: StateStore, run: TrainingRun, n_samples: int, *, parallelism: int, exclude: set[str] = frozenset()):
-    try:
-        ray = pool_ray_table()  # on a Ray cluster, whether a node is up is Ray's answer
-    except RayUnreachable as exc:
-        raise PlacementError(str(exc)) from exc
-    nodes, skipped = eligible_nodes(store.list_nodes(), base_model_hash(run.base_model_version),
-                                    now=datetime.now(UTC), ttl_s=node_ttl_s(), default_quota=default_daily_quota(),
-                                    ray=ray)
-    nodes = [n for n in nodes if n.node_id not in exclude]
-    if not nodes:
-        why = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "the node registry is empty"
-        raise PlacementError(f"no node available ({why})")
-    return place_and_take_quota(nodes, n_samples, store.take_job_quota, store.release_job_quota,
-                                parallelism=parallelism)
 
 
 def replace_silent(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,

@@ -45,6 +45,7 @@ import dagster as dg
 
 from mloc_dagster.assets.pool.rounds import ROUND_MERGE_JOB
 from mloc_dagster.assets.tracks import TRACKS, track_of, validate_hparams
+from mloc_dagster.core.pool.assign import place_job
 from mloc_dagster.core.pool.placement import PlacementError
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.runs import TrainingRun
@@ -55,7 +56,7 @@ from mloc_dagster.runs.requests import CHAIN_JOBS, candidate_run_request, train_
 from mloc_dagster.runs.verdicts import failure_reason, handle_ended_candidate, has_verdict, will_retry
 from mloc_dagster.sensors.isolation import isolated
 from mloc_dagster.sensors.pipeline import pipeline_requests
-from mloc_dagster.sensors.rounds import place_job, round_requests
+from mloc_dagster.sensors.rounds import round_requests
 from mloc_dagster.sensors.search import search_requests
 from mloc_dagster.sensors.stop_loss import IN_FLIGHT, apply_stop_loss, newest_candidate_run, verdict_pending
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from mloc_dagster.cli.main import app
 from mloc_dagster.cli.ray_node import POOL_KEY, record_pool
+from mloc_dagster.core.training.checkpoint import latest_partial
 from tests.conftest_pg import fresh_database
 from tests.deploy.ray_cluster import RayPool, netns_available
 
@@ -58,7 +59,7 @@ def test_the_ray_instance_file_runs_every_run_as_a_ray_job(pool_env, monkeypatch
     for k, v in pool_env.items():
         monkeypatch.setenv(k, v)
     with dg.DagsterInstance.get() as instance:
-        assert type(instance.run_launcher).__name__ == "RayRunLauncher"
+        assert type(instance.run_launcher).__name__ == "PoolRayRunLauncher"  # dagster-ray's, + re-placement
         assert instance.run_launcher.address == "http://127.0.0.1:8265"
         assert "PostgresRunStorage" in type(instance.run_storage).__name__
 
@@ -131,8 +132,9 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
     launches every run as a Ray job (deploy/ray/dagster.yaml); a distributed run of 2 rounds places
     its slices on the nodes and each slice executes on its node (the address it saw is the node's);
     a third node joins while round 0 trains and gets work from the next round on; the rounds merge
-    and a candidate is gated. A single run's 2 jobs are placed on nodes too. Then a node is killed:
-    Ray's node table says so, and `mloc node list` shows it unavailable within 60 s."""
+    and a candidate is gated. A single run's 2 jobs are placed on nodes too; the node of its first job
+    is killed after the job's first checkpoint: `mloc node list` shows it unavailable within 60 s,
+    and Dagster's run retry, placed on another node, resumes the job from that checkpoint."""
     if not netns_available():
         pytest.skip("network namespaces cannot be made here (need root and iproute2)")
     from mloc_dagster.core.pool.rounds import base_model_hash
@@ -191,23 +193,30 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
         [candidate] = [c for c in store.list_candidates(DIALECT, limit=None) if c.training_run_id == run.run_id]
         assert candidate.gate_decision in ("passed", "failed")  # a verdict
 
+        # A single run: each job placed on a node; job 0's node is killed after its first checkpoint.
         single = start_run(instance, store, StartRequest(DIALECT, jobs=2, candidate_every=2, timebox_s=300,
-                           hparams={"batch_size": 4, "max_steps": 2}))
+                           hparams={"batch_size": 4, "max_steps": 300, "checkpoint_every_s": 2}))
+        job0_dir = home / "adapters" / DIALECT / single.run_id / "job-0000"
+        _wait_for("job 0's first checkpoint", lambda: latest_partial(job0_dir), 300, cluster, daemon)
+        [first_try] = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job",
+                                                             tags={"mloc/run_id": single.run_id}))
+        doomed = first_try.dagster_run.tags["mloc/node"]
+        killed_at = time.monotonic()
+        cluster.kill_node(doomed)
+        nodes = _wait_for(f"{doomed} dead", lambda: _dead(env, doomed), 90, cluster, daemon)
+        assert time.monotonic() - killed_at < 60  # `mloc node list` shows it within 60 s
+        assert all(nodes[n]["unavailable"] is None for n in cluster.node_ids if n != doomed)
         _wait_for("the single run to complete", lambda: _completed(store, single.run_id, instance), 600, cluster,
                   daemon)
-        jobs = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job",
-                                                      tags={"mloc/run_id": single.run_id}))
-        assert len(jobs) == 2
-        for record in jobs:  # each job placed on an available node, and executed there
-            _assert_ran_on_its_node(instance, record, cluster)
+        jobs = instance.get_run_records(dg.RunsFilter(job_name="train_adapter_job", tags={"mloc/run_id": single.run_id,
+                                                                                          "mloc/job_index": "0"}))
+        retry = next(r for r in jobs if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS)
+        assert retry.dagster_run.tags["mloc/moved_from"] == doomed and retry.dagster_run.tags["mloc/node"] != doomed
+        _assert_ran_on_its_node(instance, retry, cluster)  # Dagster's retry, placed again, ran elsewhere
+        assert _metadata(instance, retry)["resumed_kind"].value == "partial"  # from job 0's last checkpoint
         status = json.loads(mloc(env, "run", "status", single.run_id, "--json").output)
-        assert {j["node_id"] for j in status["jobs"]} <= set(cluster.node_ids)
-
-        killed_at = time.monotonic()
-        cluster.kill_node("n2")
-        nodes = _wait_for("n2 dead", lambda: _dead(env, "n2"), 90, cluster)
-        assert time.monotonic() - killed_at < 60
-        assert nodes["n1"]["unavailable"] is None and nodes["n3"]["unavailable"] is None
+        assert [j["status"] for j in status["jobs"]] == ["succeeded", "succeeded"]
+        assert all(j["node_id"] in cluster.node_ids and j["node_id"] != doomed for j in status["jobs"])
     finally:
         if daemon is not None:
             daemon.stop()
@@ -254,13 +263,17 @@ def _completed(store, run_id: str, instance) -> bool:
     return r.status == "completed"
 
 
+def _metadata(instance, record) -> dict:
+    [event] = instance.get_records_for_run(record.dagster_run.run_id,
+                                           of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    return event.event_log_entry.asset_materialization.metadata
+
+
 def _assert_ran_on_its_node(instance, record, cluster: RayPool) -> None:
     """The run's materialization says where it executed: the node it was placed on (the Ray worker
     `mloc node join` started there) and that node's address."""
     node_id = record.dagster_run.tags["mloc/node"]
-    [event] = instance.get_records_for_run(record.dagster_run.run_id,
-                                           of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    metadata = event.event_log_entry.asset_materialization.metadata
+    metadata = _metadata(instance, record)
     assert metadata["ran_on"].value == node_id
     assert metadata["ran_at"].value == cluster.node_ip(cluster.node_ids.index(node_id) + 1)
 
