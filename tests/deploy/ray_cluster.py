@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
 MLOC = str(Path(sys.executable).with_name("mloc"))
 
 
@@ -52,6 +54,10 @@ class RayPool:
     # ---- up
 
     def start(self) -> RayPool:
+        # A Ray head binds its ports (6379, 10001, ...) on every address: one cluster per machine at a
+        # time, whatever test session builds it.
+        self.lock = FileLock("/tmp/mloc-ray-cluster.lock")
+        self.lock.acquire(timeout=1800)
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.head_ip}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -131,6 +137,8 @@ class RayPool:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)  # takes the host ends of the veth pairs with it
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
     def _kill_leftovers(self) -> None:
         """Ray daemonizes some processes out of the session (the head's log monitor, dashboard

@@ -20,6 +20,7 @@ from mloc_dagster.core.merging.merge import merge_adapters
 from mloc_dagster.core.models.evaluate import error_rates, transcribe
 from mloc_dagster.core.models.families import UnsupportedModel, check_family, load_base_model
 from mloc_dagster.core.training.asr import train_adapter
+from mloc_dagster.core.training.runtime import cpu_threads
 from mloc_dagster.core.training.spec import AdapterHParams, AdapterJobSpec
 from tests.core.models.families import save_tiny_checkpoint
 
@@ -136,11 +137,12 @@ def test_whisper_decodes_what_its_training_labels_teach(corpus, tmp_path):
     torch.manual_seed(0)
     model = bm.model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = bm.family.forward(model, batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with cpu_threads(1):  # as a job on a small model: no oversubscription beside parallel test workers
+        for _ in range(150):
+            loss = bm.family.forward(model, batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.eval()
     assert loss.item() < 0.05
     hyps = bm.family.decode(model, batch["input_features"], batch["attention_mask"], "en-gb-scotland")
