@@ -96,19 +96,19 @@ def join(address: str = typer.Option(..., "--address", help="HEAD:PORT of the po
     advertising the node's resource (runs pinned to the node land here)."""
     from mloc_dagster.core.pool.calibration import local_device, local_node_id
     from mloc_dagster.core.pool.ray_cluster import NODE_LABEL, join_problems, node_resource
-    from mloc_dagster.core.state.nodes import InvalidNodeId
+    from mloc_dagster.core.state.nodes import InvalidNodeId, validate_node_id
 
+    try:  # before anything uses it (the probe file's name, the Ray resource)
+        node_id = validate_node_id(node_id or local_node_id())
+    except InvalidNodeId as exc:
+        _fail(str(exc))
     instance, home = _deployment()
-    node_id = node_id or local_node_id()
     stored = instance.run_storage.get_cursor_values({POOL_KEY}).get(POOL_KEY)
     problems = join_problems(home, json.loads(stored) if stored else None, node_id)
     if problems:
         _fail(f"node {node_id} may not join the pool:\n- " + "\n- ".join(problems))
     device = local_device()
-    try:
-        _store().heartbeat_node(node_id, host=socket.gethostname(), device=device)
-    except InvalidNodeId as exc:
-        _fail(str(exc))
+    _store().heartbeat_node(node_id, host=socket.gethostname(), device=device)
     console.print(f"node {node_id} ({device.describe()}) registered; joining the Ray cluster at {address}")
     _exec([_ray(), "start", f"--address={address}", *([f"--node-ip-address={node_ip}"] if node_ip else []),
            f"--resources={json.dumps({node_resource(node_id): 1})}", f"--labels={NODE_LABEL}={node_id}",

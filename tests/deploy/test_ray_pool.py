@@ -81,6 +81,8 @@ def test_a_head_without_token_authentication_is_refused(pool_env):
 
 
 def test_a_node_is_refused_without_the_shared_home_the_same_code_or_token_auth(pool_env, tmp_path, monkeypatch):
+    out = mloc(pool_env, "node", "join", "--address", "10.9.9.1:6379", "--node-id", "../escape")
+    assert out.exit_code == 1 and "must be lowercase [a-z0-9-]" in out.output  # never a path or a Ray resource
     out = mloc(pool_env, "node", "join", "--address", "10.9.9.1:6379", "--node-id", "box1")
     assert out.exit_code == 1 and "no pool head is recorded in the database" in out.output
 
