@@ -49,6 +49,8 @@ class RayPool:
         self.node_ids = [f"n{i}" for i in range(1, nodes + 1)]
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
+        self.joins: dict[str, subprocess.Popen] = {}
+        self.join_attempts: dict[str, int] = {}
         self.logs: list[Path] = []
 
     # ---- up
@@ -82,13 +84,24 @@ class RayPool:
     def node_ip(self, i: int) -> str:
         return f"{self.prefix}.{10 + i}"
 
+    def keep_joined(self, node_id: str, attempts: int = 3) -> None:
+        """Join the node again if its `mloc node join` exited: on an overloaded machine Ray's own
+        start-up of a node can time out (its raylet must register within 30 s), and an operator
+        would run the command again. At most ``attempts`` joins."""
+        proc = self.joins.get(node_id)
+        if proc is not None and proc.poll() is not None and self.join_attempts[node_id] < attempts:
+            self._kill_namespace(f"{self.bridge}-{node_id}")  # what the failed start left
+            self.join(node_id)
+
     def join(self, node_id: str) -> subprocess.Popen:
         i = self.node_ids.index(node_id) + 1
-        return self._spawn(node_id, ["ip", "netns", "exec", f"{self.bridge}-{node_id}", MLOC, "node", "join",
+        self.join_attempts[node_id] = self.join_attempts.get(node_id, 0) + 1
+        self.joins[node_id] = self._spawn(node_id, ["ip", "netns", "exec", f"{self.bridge}-{node_id}", MLOC, "node", "join",
                                      "--address", f"{self.head_ip}:{self.port}", "--node-id", node_id,
                                      "--node-ip", self.node_ip(i), "--temp-dir", str(self.tmp / node_id),
                                      "--gpu-state-dir", str(self.tmp / node_id / "gpu"), "--block"],
-                           self.env)
+                                          self.env)
+        return self.joins[node_id]
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.tmp / f"{name}.log"

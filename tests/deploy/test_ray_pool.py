@@ -159,7 +159,7 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
         first, late = cluster.node_ids[:2], cluster.node_ids[2]
         for node_id in first:
             cluster.join(node_id)
-        nodes = _wait_for("two alive nodes", lambda: _all_alive(env, first), 120, cluster)
+        nodes = _wait_for("two alive nodes", lambda: _all_alive(env, first, cluster), 180, cluster)
         for i, node_id in enumerate(first, 1):
             assert nodes[node_id]["ray"]["ip"] == cluster.node_ip(i)  # each in its own namespace
             assert nodes[node_id]["unavailable"] is None and nodes[node_id]["device"]["kind"] == "cpu"
@@ -175,7 +175,7 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
         daemon.start()
         _wait_for("round 0 placed", lambda: store.round_slices(run.run_id, 0), 120, cluster, daemon)
         cluster.join(late)  # joins while the run is live
-        _wait_for("the late node alive", lambda: _all_alive(env, [late]), 120, cluster, daemon)
+        _wait_for("the late node alive", lambda: _all_alive(env, [late], cluster), 180, cluster, daemon)
         late_alive_at = datetime.now(UTC)
 
         _wait_for("the distributed run to complete", lambda: _completed(store, run.run_id, instance), 900, cluster,
@@ -236,7 +236,9 @@ def _head_up(cluster: RayPool) -> bool:
         return False
 
 
-def _all_alive(env, node_ids) -> dict | None:
+def _all_alive(env, node_ids, cluster: RayPool | None = None) -> dict | None:
+    for node_id in node_ids if cluster is not None else ():
+        cluster.keep_joined(node_id)
     nodes = _nodes(env)
     ok = all(nodes.get(n, {}).get("ray") and nodes[n]["ray"]["alive"] for n in node_ids)
     return nodes if ok else None
