@@ -124,3 +124,18 @@ def test_corpus_synth_and_dialect_commands(mloc_home):
     mloc("dialect", "add", "en-029")
     assert "en-029" in mloc("dialect", "list").stdout
     assert mloc("dialect", "add", "EN_029", check=False).returncode != 0
+
+
+def test_run_status_shows_a_job_whose_dev_cer_was_not_a_number(mloc_home):
+    """A job that measured no dev CER (NaN, stored as null on both backends) is shown, not a crash."""
+    from mloc_dagster.core.state import StateStore
+    from mloc_dagster.core.state.engine import resolve_state_url
+
+    with StateStore(resolve_state_url()) as store:
+        run_id = store.create_run(dialect="en-gb-scotland", dataset_version="/d", base_model_version="/m").run_id
+        store.record_job_queued(run_id, 0)
+        store.record_job_started(run_id, 0)
+        store.record_job_finished(run_id, 0, "succeeded", checkpoint_path="/c", sha256="s",
+                                  metrics={"dev_cer": float("nan"), "train_loss": 1.25})
+    code, out = mloc_in_process("run", "status", run_id)
+    assert code == 0 and "1.250" in out and " - " in out
