@@ -11,16 +11,19 @@ join   on a GPU box: refuses unless the box sees the same database, the same MLO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import typer
 
 from mloc_dagster.cli.node import _fail, _store, console
+from mloc_dagster.execution.node_worker import SOCKET_ENV
 
 POOL_KEY = "mloc/pool"  # Dagster's key-value store: the head's pool.json record
 
@@ -110,7 +113,28 @@ def join(address: str = typer.Option(..., "--address", help="HEAD:PORT of the po
     device = local_device()
     _store().heartbeat_node(node_id, host=socket.gethostname(), device=device)
     console.print(f"node {node_id} ({device.describe()}) registered; joining the Ray cluster at {address}")
+    warm = _start_warm_worker(Path(gpu_state_dir).parent / "warm-worker")
     _exec([_ray(), "start", f"--address={address}", *([f"--node-ip-address={node_ip}"] if node_ip else []),
            f"--resources={json.dumps({node_resource(node_id): 1})}", f"--labels={NODE_LABEL}={node_id}",
            "--disable-usage-stats", *([f"--temp-dir={temp_dir}"] if temp_dir else []), *(["--block"] if block else [])],
-          MLOC_NODE_ID=node_id, MLOC_GPU_STATE_DIR=gpu_state_dir)  # what the runs placed here work under
+          MLOC_NODE_ID=node_id, MLOC_GPU_STATE_DIR=gpu_state_dir,  # what the runs placed here work under
+          **{SOCKET_ENV: warm})
+
+
+def _start_warm_worker(own_dir: Path) -> str:
+    """The node's warm run worker (execution/node_worker.py), in the background on the box's own
+    disk; one joined before is replaced (its libraries may be older). Returns its socket."""
+    import psutil
+
+    own_dir.mkdir(parents=True, exist_ok=True)
+    pid_file, sock = own_dir / "pid", own_dir / "warm.sock"
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        old = psutil.Process(int(pid_file.read_text()))
+        if "mloc_dagster.execution.node_worker" in " ".join(old.cmdline()):
+            old.kill()
+    with open(own_dir / "log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mloc_dagster.execution.node_worker", "serve", str(sock)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    console.print(f"warm run worker {proc.pid} at {sock} (log {own_dir / 'log'})")
+    return str(sock)

@@ -6,6 +6,10 @@ whose node Ray no longer has alive (Dagster's retry of a job whose node died, or
 node that left) is placed again on an available node before it is submitted (``core/pool/assign.py:
 place_job``), so the retry resumes the job from its last checkpoint on the shared ``MLOC_HOME``
 elsewhere. A slice keeps its node: the round replaces a silent slice itself (``sensors/rounds.py``).
+
+Every run's entry point goes through the node's warm run worker (``execution/node_worker.py``):
+forked from a process that has the heavy libraries imported, as on the embedded default; a node
+without one starts the plain ``dagster api`` command.
 """
 
 from __future__ import annotations
@@ -20,12 +24,17 @@ from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import resolve_state_url
 from mloc_dagster.execution.ray import RAY_CONFIG_TAG, node_ray_config
 
+WARM_ENTRY = "python -m mloc_dagster.execution.node_worker run -- "
+
 
 class PoolRayRunLauncher(RayRunLauncher):
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
         moved = self._placed_again(run)
         super().launch_run(context if moved is None else LaunchRunContext(moved, context.workspace))
+
+    def _launch_ray_job(self, submission_id: str, entrypoint: str, run: DagsterRun):
+        super()._launch_ray_job(submission_id, WARM_ENTRY + entrypoint, run)
 
     def _placed_again(self, run: DagsterRun) -> DagsterRun | None:
         node, run_id = run.tags.get("mloc/node"), run.tags.get("mloc/run_id")

@@ -280,6 +280,7 @@ def _assert_ran_on_its_node(instance, record, cluster: RayPool) -> None:
     metadata = _metadata(instance, record)
     assert metadata["ran_on"].value == node_id
     assert metadata["ran_at"].value == cluster.node_ip(cluster.node_ids.index(node_id) + 1)
+    assert metadata["warm_worker"].value  # forked by the node's warm run worker (execution/node_worker.py)
 
 
 def test_a_placed_run_carries_the_ray_placement_dagster_ray_reads(monkeypatch):

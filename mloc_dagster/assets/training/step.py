@@ -32,6 +32,7 @@ from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.engine import retry_transient
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import ACTIVE, FAILED
+from mloc_dagster.execution.node_worker import FORKED_ENV
 
 # dagster/max_runtime = (wait for the device) + timebox + this margin: only a backstop.
 TIMEBOX_MARGIN_S = int(os.environ.get("MLOC_TIMEBOX_MARGIN_S", "120"))
@@ -274,4 +275,5 @@ class TrainingStep:
                 "sha256": result.sha256, "path": dg.MetadataValue.path(str(result.path)),
                 **({"peak_cuda_mb": result.peak_cuda_mb} if result.peak_cuda_mb else {}),  # the next job asks for it
                 "ran_on": local_node_id(), **({"ran_at": address} if (address := local_address()) else {}),
+                **({"warm_worker": warm} if (warm := os.environ.get(FORKED_ENV)) else {}),  # a pool node's fork
                 **(self.lease.metadata() if self.lease is not None else {})}
