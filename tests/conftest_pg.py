@@ -41,6 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_CTL_WRAPPER = REPO_ROOT / "scripts" / "pg_ctl_as_postgres"
 # Durability is worthless for a throw-away test cluster and costs seconds on every commit.
 _FAST_POSTGRES_OPTIONS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+NO_BINARIES = ("no PostgreSQL server binaries (pg_ctl/initdb) found: install the 'postgresql' package "
+               "(scripts/setup.sh does with MLOC_WITH_POSTGRES=1) or set MLOC_PG_BINDIR")
 
 
 def find_pg_bindir() -> Path | None:
@@ -107,19 +109,17 @@ def _owner_ids() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    # Imported here so a checkout without the dev extras can still collect the other tests.
+@contextlib.contextmanager
+def postgres_server() -> Iterator[PgServer]:
+    """Start a throw-away PostgreSQL cluster; yield it; stop and remove it. Raises ``RuntimeError``
+    when there are no server binaries or it cannot start (the fixture turns that into a skip or a
+    failure; the benches that need Postgres call this directly)."""
     from port_for import get_port
     from pytest_postgresql.executors import PostgreSQLExecutor
 
     bindir = find_pg_bindir()
     if bindir is None:
-        _skip_or_fail(
-            "no PostgreSQL server binaries (pg_ctl/initdb) found: install the 'postgresql' package "
-            "(scripts/setup.sh does with MLOC_WITH_POSTGRES=1) or set MLOC_PG_BINDIR"
-        )
-    assert bindir is not None
+        raise RuntimeError(NO_BINARIES)
     owner = _owner_ids()
     executable = str(PG_CTL_WRAPPER) if owner is not None else str(bindir / "pg_ctl")
 
@@ -162,7 +162,7 @@ def pg_server() -> Iterator[PgServer]:
         if executor is None:
             log = logfile.read_text(errors="replace")[-4000:] if logfile.exists() else "(no log)"
             shutil.rmtree(base, ignore_errors=True)
-            pytest.fail(f"could not start PostgreSQL from {bindir}: {last_error}\n{log}", pytrace=False)
+            raise RuntimeError(f"could not start PostgreSQL from {bindir}: {last_error}\n{log}")
         try:
             yield PgServer(host="127.0.0.1", port=port, user="postgres", datadir=datadir, logfile=logfile)
         finally:
@@ -170,6 +170,18 @@ def pg_server() -> Iterator[PgServer]:
                 executor.stop()
             finally:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    if find_pg_bindir() is None:
+        _skip_or_fail(NO_BINARIES)
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(postgres_server())
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield server
 
 
 @contextlib.contextmanager

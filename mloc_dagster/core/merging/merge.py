@@ -66,6 +66,7 @@ class MergeResult:
     # Per-source screening rows (``core.merging.screening.Screened.to_dict``), when the merge was screened.
     screening: list[dict[str, Any]] = field(default_factory=list)
     reference: str | None = None  # the trusted reference update the screening scored against
+    update_gain: float = 1.0  # the combined update was multiplied by this (a server learning rate)
 
     @property
     def scale(self) -> float:
@@ -93,6 +94,7 @@ class MergeResult:
             "rejected": [vars(r) for r in self.rejected],
             "start_adapter": self.start,
             "reference": self.reference,
+            "update_gain": self.update_gain,
             "screening": self.screening,
         }
 
@@ -143,6 +145,7 @@ def merge_adapters(
     start: Adapter | None = None,
     update_scales: Sequence[float] | None = None,
     norm_units: Sequence[float] | None = None,
+    update_gain: float = 1.0,
 ) -> MergeResult:
     """Merge LoRA adapters in ΔW space and factor the result back to rank ``rank``.
 
@@ -163,6 +166,9 @@ def merge_adapters(
     - ``norm_units``: how large each adapter's update is expected to be (e.g. √samples: updates
       of bigger slices are bigger); the default bound becomes ``norm_factor`` × the median of
       ``norm / unit`` × the adapter's own unit. None: 1 for all.
+    - ``update_gain``: the combined update is multiplied by it before the start is added back (a
+      server learning rate). 1: the mean, what rounds merge with; adding a round's updates up (the
+      slices' count) diverges (``bench/pool_learning.py``, docs/distributed.md).
 
     Adapters that do not fit (other modules/shapes, non-finite values) are rejected and listed in
     the result; if none is left, ``InvalidAdapter`` is raised.
@@ -183,6 +189,8 @@ def merge_adapters(
         norm_units = [1.0] * len(adapters)
     if len(norm_units) != len(adapters) or any(not (math.isfinite(u) and u > 0) for u in norm_units):
         raise ValueError(f"norm_units must be one positive number per adapter, got {list(norm_units)}")
+    if not (math.isfinite(update_gain) and update_gain > 0):
+        raise ValueError(f"update_gain must be a positive number, got {update_gain}")
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -254,7 +262,7 @@ def merge_adapters(
                 if norm > own:
                     stack[i] *= own / norm
                     clipped.append(ClipEvent(adapter.source, module, norm, own))
-        merged = _combine(stack, w_tensor, method, trim_fraction)
+        merged = _combine(stack, w_tensor, method, trim_fraction) * update_gain
         if base is not None:
             merged += base
         a, b, errors[module] = _factor(merged, rank, out_scale)
@@ -274,6 +282,7 @@ def merge_adapters(
         clipped=clipped,
         rejected=rejected,
         start=start.source if start is not None else None,
+        update_gain=update_gain,
     )
 
 

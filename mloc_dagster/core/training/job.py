@@ -232,7 +232,8 @@ class AdapterJob:
         self.ts.samples += len(idx)
         self.job_samples += len(idx)
         self.losses.add(loss)
-        if self.spec.throttle > 1:
+        if self.spec.throttle > 1 and self.ts.step - self.job_start_step > 1:
+            # a simulated slow node is slower per step; a job's first step (one-time warm-up) is not its speed
             time.sleep((self.spec.throttle - 1) * (time.monotonic() - t_step))
         self.timebox.record(t_step, frames)
 

@@ -82,7 +82,7 @@ class JobSpec:
     # A slice of a distributed round: train exactly these [start, stop) positions of the run's
     # sample stream, in order, then stop ("slice_done"). None: the stream from where it stands.
     segments: list[tuple[int, int]] | None = None
-    throttle: float = 1.0  # >1 makes every step that much slower: a simulated slow node (tests, benches)
+    throttle: float = 1.0  # >1: every step after the job's first that much slower: a simulated slow node (tests, benches)
     on_train_start: Callable[[], None] | None = None  # called once, just before the first step
     on_train_end: Callable[[], None] | None = None  # called once, after the last step (before evaluation and save)
     eval_split: str = "dev"

@@ -312,6 +312,15 @@ def test_merge_on_updates_from_a_start(tmp_path: Path, template: Path) -> None:
     assert {c.source for c in bounded.clipped} == {str(b.path)}
     # With norm units saying b's update is expected to be 10× bigger, nothing is clipped.
     assert merge_adapters([a, b], start=start, norm_factor=2.0, norm_units=[1.0, 10.0], rank=2 * R).clipped == []
+    # A gain (a server learning rate) multiplies the combined update, not the start:
+    # start + g·mean(updates); 2 slices with gain 2 are the sum of their updates.
+    summed = merge_adapters([a, b], start=start, update_gain=2.0, max_norm=math.inf, rank=3 * R)
+    assert summed.summary()["update_gain"] == 2.0
+    for module in SHAPES:
+        expected = a.delta(module) + b.delta(module) - start.delta(module)
+        assert rel(summed.delta(module), expected) < 1e-5
+    with pytest.raises(ValueError, match="update_gain"):
+        merge_adapters([a], update_gain=0.0)
     with pytest.raises(ValueError, match="update_scales"):
         merge_adapters([a, b], update_scales=[1.0, 0.0])
     with pytest.raises(ValueError, match="norm_units"):
