@@ -44,6 +44,9 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
                                           "hyperparameter: trials at once."),
           round_samples: int = typer.Option(0, "--round-samples",
                                             help="distributed: samples per round (default 256 per slice)."),
+          first_round_on_one_node: bool = typer.Option(
+              False, "--first-round-on-one-node", help="distributed: train round 0 on the fastest node, then pool "
+              "(learns like a single run from the first round on; docs/distributed.md)."),
           track: str = typer.Option("asr", "--track", help="asr (speech recognition adapters) or tts (speech "
                                     "synthesis adapters on the base TTS, gated by the stop-loss).")) -> None:
     """Start a training run; prints its id. The training_chain_sensor launches the jobs."""
@@ -70,7 +73,8 @@ def start(dialect: str = typer.Option(None, "--dialect", help="Required except f
     try:
         run = start_run(instance, store, StartRequest(
             dialect, jobs=jobs, candidate_every=candidate_every, timebox_s=timebox, hparams=parsed, init_from=init_from,
-            kind=kind, parallelism=parallelism, round_samples=round_samples or 256 * parallelism, space=space,
+            kind=kind, parallelism=parallelism, round_samples=round_samples or 256 * parallelism,
+            first_round_on_one_node=first_round_on_one_node, space=space,
             trials=trials, track=track))
     except (TrainingRunError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", soft_wrap=True)

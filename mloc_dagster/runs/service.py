@@ -107,6 +107,7 @@ class StartRequest:
     kind: str = SINGLE
     parallelism: int = 1
     round_samples: int = 0
+    first_round_on_one_node: bool = False
     space: str | Mapping[str, Any] | None = None
     trials: int = 0
     track: str = ASR
@@ -126,6 +127,8 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, request: StartReq
     if r.kind not in track.kinds or (r.init_from and not track.warm_start):
         raise TrainingRunError(f"a {track.name} run is of kind {' or '.join(track.kinds)}"
                                + ("" if track.warm_start else f", from the {track.base_asset} (no --from)"))
+    if r.first_round_on_one_node and r.kind != DISTRIBUTED:
+        raise TrainingRunError(f"--first-round-on-one-node is for a distributed run, not {r.kind}")
     check_run_params(r.kind, jobs=r.jobs, candidate_every=r.candidate_every, timebox_s=r.timebox_s,
                      parallelism=r.parallelism, round_samples=r.round_samples, trials=r.trials)
     try:
@@ -149,6 +152,7 @@ def start_run(instance: dg.DagsterInstance, store: StateStore, request: StartReq
                                 hparams=track.pin(hparams), timebox_s=r.timebox_s, max_jobs=r.jobs,
                                 candidate_every=min(r.candidate_every, 12), init_from=label, init_adapter=init_adapter,
                                 kind=r.kind, parallelism=r.parallelism, round_samples=r.round_samples,
+                                first_round_on_one_node=r.first_round_on_one_node,
                                 rehearsal_dataset=(rehearsal_dataset(instance, r.dialect) or "") if track.rehearsal else "",
                                 track=track.name)
     except ValueError as exc:

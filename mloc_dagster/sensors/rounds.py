@@ -31,7 +31,14 @@ import dagster as dg
 from mloc_dagster.assets.training.adapters import TRAIN_JOB
 from mloc_dagster.core.pool.assign import place_on_pool
 from mloc_dagster.core.pool.placement import PlacementError
-from mloc_dagster.core.pool.rounds import base_model_hash, observed_throughput, plan_slices, round_segments, round_state
+from mloc_dagster.core.pool.rounds import (
+    base_model_hash,
+    observed_throughput,
+    plan_slices,
+    round_parallelism,
+    round_segments,
+    round_state,
+)
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.rounds import RoundSlice
 from mloc_dagster.core.state.runs import TrainingRun
@@ -72,7 +79,7 @@ def place_round(context: dg.SensorEvaluationContext, store: StateStore, run: Tra
                 k: int) -> list[RoundSlice]:
     segments = round_segments(store.round_slices(run.run_id, k - 1) if k > 0 else [], run.round_samples)
     try:
-        placement = place_on_pool(store, run, sum(b - a for a, b in segments), parallelism=run.parallelism)
+        placement = place_on_pool(store, run, sum(b - a for a, b in segments), parallelism=round_parallelism(run, k))
     except PlacementError as exc:
         reason = (f"round {k} cannot be placed: {exc}. Register or calibrate nodes (`mloc node list`, "
                   f"`mloc node calibrate`), then `mloc run resume {run.run_id}`")

@@ -84,6 +84,7 @@ def test_run_start_refusals_name_the_field_and_create_nothing(mloc_home, postgre
         (["--jobs", "0"], "jobs must be an integer >= 1, got 0"),
         (["--kind", "distributed", "--parallelism", "0"], "parallelism must be an integer >= 1, got 0"),
         (["--kind", "distributed", "--parallelism", "4", "--round-samples", "3"], "round_samples must be an integer >= 4"),
+        (["--first-round-on-one-node"], "--first-round-on-one-node is for a distributed run, not single"),
         (["--kind", "hyperparameter", "--trials", "0", "--space", '{"lr": [0.001, 0.01]}'],
          "trials must be an integer >= 1, got 0"),
         (["--kind", "hyperparameter", "--space", '{"r": [0, 8]}'], "r: 0 is not a valid value for the training job"),

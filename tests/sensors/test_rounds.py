@@ -64,6 +64,30 @@ def test_a_round_is_placed_by_throughput_and_merged_when_its_slices_are_in(insta
                                                                                    "round_index": 0}
 
 
+def test_a_run_can_train_its_first_round_on_one_node_then_pool(instance, store):
+    """Post-local (docs/distributed.md): round 0 is one slice of all its samples on the fastest node,
+    trained with the run's warm-up; the rounds after it are placed on up to `parallelism` nodes."""
+    pool(store, {"node-a": 10.0, "node-b": 20.0, "node-c": 30.0})
+    run = new_run(store, first_round_on_one_node=True)
+    assert store.get_run(run.run_id).first_round_on_one_node
+    result, cursor = tick(instance, store)
+    [first] = store.round_slices(run.run_id, 0)
+    assert (first.node_id, first.samples, first.segments) == ("node-c", 120, [[0, 120]])
+    [request] = result.run_requests
+    assert request.tags["mloc/node"] == "node-c"
+    store.record_slice_started(run.run_id, 0, 0, dagster_run_id="d0")
+    store.record_slice_finished(run.run_id, 0, 0, "succeeded", checkpoint_path="/s0")
+    merge, cursor = tick(instance, store, cursor)
+    assert [r.job_name for r in merge.run_requests] == [ROUND_MERGE_JOB]
+    store.record_job_started(run.run_id, 0, dagster_run_id="m0")
+    store.record_job_finished(run.run_id, 0, "succeeded", checkpoint_path="/round0", base_model=BASE)
+    tick(instance, store, cursor)
+    second = store.round_slices(run.run_id, 1)
+    assert sorted(s.node_id for s in second) == ["node-a", "node-b", "node-c"]
+    assert sorted(seg for s in second for seg in s.segments)[0][0] == 120  # fresh samples after round 0's
+    assert not store.get_run(new_run(store).run_id).first_round_on_one_node  # the default: pooled from round 0
+
+
 def test_a_straggler_is_dropped_at_the_deadline_and_its_samples_go_to_the_next_round(instance, store):
     pool(store, {"node-a": 10.0, "node-b": 10.0})
     run = new_run(store, parallelism=2, round_samples=100)

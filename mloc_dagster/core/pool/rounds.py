@@ -34,6 +34,7 @@ from pathlib import Path
 
 from mloc_dagster.core.pool.placement import Placement
 from mloc_dagster.core.state.rounds import PlannedSlice, RoundSlice
+from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.core.state.schema import DROPPED, FAILED, QUEUED, RUNNING, SUCCEEDED
 
 STRAGGLER_GRACE_S = 15.0
@@ -49,6 +50,21 @@ def base_model_hash(base_model_dir: str | Path) -> str:
     from mloc_dagster.core.publish import model_dir_hash
 
     return model_dir_hash(base_model_dir)
+
+
+def round_parallelism(run: TrainingRun, k: int) -> int:
+    """How many slices round ``k`` is placed as, at most: one for round 0 of a run that trains its
+    first round on one node (post-local SGD: a round of P slices from a fresh LoRA is one step of a
+    P×-larger batch and falls behind a single run, ``bench/pool_learning.py``), else the run's
+    parallelism."""
+    return 1 if k == 0 and run.first_round_on_one_node else run.parallelism
+
+
+def slice_warms_up(run: TrainingRun, k: int) -> bool:
+    """Whether a slice of round ``k`` keeps the run's learning-rate warm-up: only round 0 trained on
+    one node, as a single run's first job; a pooled slice starts from a trained adapter and is a few
+    steps, which a warm-up would take all of."""
+    return k == 0 and run.first_round_on_one_node
 
 
 def round_segments(previous: Sequence[RoundSlice], round_samples: int) -> list[list[int]]:

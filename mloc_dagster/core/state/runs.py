@@ -71,6 +71,7 @@ class TrainingRun:
     kind: str = SINGLE  # single: one job at a time; distributed: rounds of slices (max_jobs = rounds)
     parallelism: int = 1  # distributed: slices per round, at most
     round_samples: int = 0  # distributed: samples per round
+    first_round_on_one_node: bool = False  # distributed: round 0 on one node, then pooled (post-local)
     rehearsal_dataset: str | None = None  # pinned base-dialect dataset version; "": none; None: not pinned
     parent_run_id: str | None = None  # a trial: the hyperparameter search it belongs to
     trial_number: int | None = None
@@ -118,7 +119,8 @@ class RunStore(StoreEngine):
                    hparams: Mapping[str, Any] | None = None, timebox_s: int = 3600, max_jobs: int = 6,
                    candidate_every: int = 6, run_id: str | None = None, init_from: str | None = None,
                    init_adapter: str | None = None, kind: str = SINGLE, parallelism: int = 1,
-                   round_samples: int = 0, rehearsal_dataset: str | None = None,
+                   round_samples: int = 0, first_round_on_one_node: bool = False,
+                   rehearsal_dataset: str | None = None,
                    parent_run_id: str | None = None, trial_number: int | None = None,
                    spec: Mapping[str, Any] | None = None, track: str = ASR) -> TrainingRun:
         if not _DIALECT_RE.match(dialect):
@@ -145,6 +147,7 @@ class RunStore(StoreEngine):
             "init_from": init_from, "init_adapter": init_adapter, "generation": 0, "kind": kind,
             "parallelism": int(parallelism) if kind != SINGLE else None,
             "round_samples": int(round_samples) if kind == DISTRIBUTED else None,
+            "first_round_on_one_node": bool(first_round_on_one_node) if kind == DISTRIBUTED else None,
             "rehearsal_dataset": rehearsal_dataset, "parent_run_id": parent_run_id, "trial_number": trial_number,
             "spec": dict(spec) if spec is not None else None, "track": track,
         }
@@ -391,7 +394,8 @@ def _run_from_row(row: Mapping[str, Any]) -> TrainingRun:
         created_at=row["created_at"], updated_at=row["updated_at"], init_from=row.get("init_from"),
         init_adapter=row.get("init_adapter"), generation=int(row.get("generation") or 0),
         kind=row.get("kind") or SINGLE, parallelism=int(row.get("parallelism") or 1),
-        round_samples=int(row.get("round_samples") or 0), rehearsal_dataset=row.get("rehearsal_dataset"),
+        round_samples=int(row.get("round_samples") or 0),
+        first_round_on_one_node=bool(row.get("first_round_on_one_node")), rehearsal_dataset=row.get("rehearsal_dataset"),
         parent_run_id=row.get("parent_run_id"), trial_number=row.get("trial_number"), spec=row.get("spec"),
         track=row.get("track") or ASR,
     )

@@ -103,6 +103,8 @@ training_runs = sa.Table(
     sa.Column("kind", sa.String(16)),  # RUN_KINDS; NULL: single
     sa.Column("parallelism", sa.Integer),  # distributed: slices per round (at most)
     sa.Column("round_samples", sa.Integer),  # distributed: samples per round
+    # distributed: round 0 trained on one node (the fastest), the rounds after it pooled. NULL: no
+    sa.Column("first_round_on_one_node", sa.Boolean),
     # The base dialect's dataset version mixed into every job against forgetting, pinned at start
     # (a resumed job must see the rows its checkpoint was trained on). "": none; NULL: not pinned.
     sa.Column("rehearsal_dataset", sa.Text),
