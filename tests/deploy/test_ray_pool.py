@@ -174,9 +174,15 @@ def test_a_distributed_run_executes_on_real_ray_nodes_and_a_dead_node_is_seen_wi
         daemon = Daemon(home, **env)
         daemon.start()
         _wait_for("round 0 placed", lambda: store.round_slices(run.run_id, 0), 120, cluster, daemon)
-        cluster.join(late)  # joins while the run is live
-        _wait_for("the late node alive", lambda: _all_alive(env, [late], cluster), 180, cluster, daemon)
+        # The late node joins while the run is live. Round 0's slices (a few steps each, started in a
+        # second by the nodes' warm workers) may end before a join finishes on a loaded machine, so
+        # the daemon rests meanwhile (round 0's Ray jobs run on): round 1 is placed only after.
+        daemon.stop()
+        cluster.join(late)
+        _wait_for("the late node alive", lambda: _all_alive(env, [late], cluster), 180, cluster)
         late_alive_at = datetime.now(UTC)
+        daemon = Daemon(home, **env)
+        daemon.start()
 
         _wait_for("the distributed run to complete", lambda: _completed(store, run.run_id, instance), 900, cluster,
                   daemon)
