@@ -67,7 +67,9 @@ def run(argv: list[str]) -> int:
     if conn is None:
         os.execvp(argv[0], argv)
     request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-    socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+    message = struct.pack("!I", len(request)) + request
+    sent = socket.send_fds(conn, [message], [0, 1, 2])  # the streams go with the first bytes
+    conn.sendall(message[sent:])
     reply = _lines(conn)
     started = next(reply, None)
     if started is None or "pid" not in started:
@@ -121,7 +123,9 @@ def serve(path: str) -> None:
     while True:
         conn, _ = listener.accept()
         try:
+            conn.settimeout(10.0)  # a caller that sends nothing does not hold the server
             request, fds = _receive(conn)
+            conn.settimeout(None)
         except (OSError, ValueError) as exc:
             print(f"refused a request: {exc}", flush=True)
             conn.close()
@@ -137,7 +141,18 @@ def serve(path: str) -> None:
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
-    if len(fds) != 3 or len(data) < 4:
+    try:
+        return _request(conn, data, len(fds)), fds
+    except (OSError, ValueError):
+        for fd in fds:  # a refused request keeps nothing open here
+            os.close(fd)
+        raise
+
+
+def _request(conn: socket.socket, data: bytes, n_fds: int) -> dict:
+    while 0 < len(data) < 4 and (chunk := conn.recv(4 - len(data))):
+        data += chunk
+    if n_fds != 3 or len(data) < 4:
         raise ValueError("a request is a length-prefixed JSON object with the caller's stdin, stdout, stderr")
     size = struct.unpack("!I", data[:4])[0]
     if size > _MAX_REQUEST:
@@ -151,7 +166,7 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     request = json.loads(data)
     if not isinstance(request, dict) or dagster_args(request.get("argv") or []) is None:
         raise ValueError("only a `dagster api execute_run|resume_run` command is run here")
-    return request, fds
+    return request
 
 
 def _worker(conn: socket.socket, request: dict, fds: list[int]) -> None:

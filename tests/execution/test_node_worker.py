@@ -97,7 +97,7 @@ def test_without_a_warm_worker_the_command_runs_as_a_fresh_process(tmp_path):
 
 
 def test_the_warm_worker_runs_nothing_but_dagster_run_commands(warm_server, tmp_path):
-    _, sock = warm_server
+    server, sock = warm_server
     assert dagster_args(["dagster", "api", "execute_run", "{}"]) == ["api", "execute_run", "{}"]
     assert dagster_args(["/venv/bin/python", "-m", "dagster", "api", "resume_run", "{}"]) == ["api", "resume_run", "{}"]
     assert dagster_args(["dagster", "dev"]) is None and dagster_args(["sh", "-c", "dagster api execute_run"]) is None
@@ -108,6 +108,12 @@ def test_the_warm_worker_runs_nothing_but_dagster_run_commands(warm_server, tmp_
         socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
         assert conn.recv(4096) == b""  # refused: the connection closes without a worker
     assert not touched.exists()
+    for garbage in (b"\x00\x00", b"not a request"):  # no streams passed: refused, the server lives on
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(str(sock))
+            conn.sendall(garbage)
+            assert conn.recv(4096) == b""
+    assert server.poll() is None
     plain = _client(["sh", "-c", f"touch {touched}"], sock)  # not a run command: never sent to the server
     plain.communicate(timeout=30)
     assert plain.returncode == 0 and touched.exists()
