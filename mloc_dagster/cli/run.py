@@ -148,11 +148,11 @@ def _run_dict(store, run, instance=None) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-
 def _figure(value) -> str:
     """A metric for a table: 3 decimals, or "-" when there is none (a non-finite figure is stored as
     null: core/state/engine.py: strict_json)."""
     return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
 
 @run_app.command("status")
 def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:

@@ -43,7 +43,7 @@ def dagster_args(argv: list[str]) -> list[str] | None:
     """The arguments after the ``dagster`` entry point when ``argv`` is a ``dagster api`` run
     command (``dagster api execute_run ...`` or ``python -m dagster api ...``), else None."""
     for i, arg in enumerate(argv[:3]):
-        if os.path.basename(arg) == "dagster" or (arg == "dagster" and i > 0 and argv[i - 1] == "-m"):
+        if os.path.basename(arg) == "dagster":  # the dagster script, or `python -m dagster`
             rest = argv[i + 1:]
             return rest if len(rest) >= 2 and rest[0] == "api" and rest[1] in _RUN_COMMANDS else None
     return None

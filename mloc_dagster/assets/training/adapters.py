@@ -8,7 +8,7 @@ from mloc_dagster.assets.lineage import latest_metadata, require_metadata
 from mloc_dagster.assets.models.base_model import base_model
 from mloc_dagster.assets.training.hparams import AdapterJobConfig, core_hparams
 from mloc_dagster.assets.training.step import TrainingStep
-from mloc_dagster.core.pool.rounds import slice_warms_up
+from mloc_dagster.core.pool.rounds import first_round_alone
 from mloc_dagster.core.state.runs import TrainingRun
 from mloc_dagster.execution.k8s import K8S_CONFIG_TAG, gpu_k8s_config
 from mloc_dagster.partitions import dialect_partitions
@@ -58,7 +58,7 @@ def adapter_checkpoint(context: dg.AssetExecutionContext, config: AdapterJobConf
                              artifacts.paths.adapters / dialect)
     hp = config
     rehearsal = run_rehearsal(context.instance, run) if config.rehearsal_fraction > 0 else None
-    if config.slice_index >= 0 and not slice_warms_up(run, config.job_index):
+    if config.slice_index >= 0 and not first_round_alone(run, config.job_index):
         hp = config.model_copy(update={"warmup_steps": 0})
 
     def train(lease, started_at: float):

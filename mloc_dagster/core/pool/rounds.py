@@ -52,19 +52,18 @@ def base_model_hash(base_model_dir: str | Path) -> str:
     return model_dir_hash(base_model_dir)
 
 
-def round_parallelism(run: TrainingRun, k: int) -> int:
-    """How many slices round ``k`` is placed as, at most: one for round 0 of a run that trains its
-    first round on one node (post-local SGD: a round of P slices from a fresh LoRA is one step of a
-    P×-larger batch and falls behind a single run, ``bench/pool_learning.py``), else the run's
-    parallelism."""
-    return 1 if k == 0 and run.first_round_on_one_node else run.parallelism
-
-
-def slice_warms_up(run: TrainingRun, k: int) -> bool:
-    """Whether a slice of round ``k`` keeps the run's learning-rate warm-up: only round 0 trained on
-    one node, as a single run's first job; a pooled slice starts from a trained adapter and is a few
-    steps, which a warm-up would take all of."""
+def first_round_alone(run: TrainingRun, k: int) -> bool:
+    """Round ``k`` is the first round of a run that trains it on one node (post-local SGD: a round of
+    P slices from a fresh LoRA is one step of a P×-larger batch and falls behind a single run,
+    ``bench/pool_learning.py``): one slice, which keeps the run's learning-rate warm-up like a single
+    run's first job. A pooled slice starts from a trained adapter and is a few steps, which a warm-up
+    would take all of."""
     return k == 0 and run.first_round_on_one_node
+
+
+def round_parallelism(run: TrainingRun, k: int) -> int:
+    """How many slices round ``k`` is placed as, at most."""
+    return 1 if first_round_alone(run, k) else run.parallelism
 
 
 def round_segments(previous: Sequence[RoundSlice], round_samples: int) -> list[list[int]]:

@@ -152,10 +152,10 @@ def test_a_canceled_slice_goes_back_to_queued_unless_it_ended_first(store, clock
 def test_a_first_round_on_one_node_is_one_slice_that_warms_up_and_the_rounds_after_pool():
     from types import SimpleNamespace
 
-    from mloc_dagster.core.pool.rounds import round_parallelism, slice_warms_up
+    from mloc_dagster.core.pool.rounds import first_round_alone, round_parallelism
 
     post_local, pooled = (SimpleNamespace(parallelism=4, first_round_on_one_node=flag) for flag in (True, False))
     assert [round_parallelism(post_local, k) for k in range(3)] == [1, 4, 4]
-    assert [slice_warms_up(post_local, k) for k in range(3)] == [True, False, False]
+    assert [first_round_alone(post_local, k) for k in range(3)] == [True, False, False]
     assert [round_parallelism(pooled, k) for k in range(2)] == [4, 4]
-    assert not any(slice_warms_up(pooled, k) for k in range(2))  # pooled slices never warm up
+    assert not any(first_round_alone(pooled, k) for k in range(2))  # pooled slices never warm up
