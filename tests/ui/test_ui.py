@@ -32,6 +32,9 @@ TIMEOUT_MS = 60_000
 if not CHROMIUM.exists():
     pytest.skip(f"no chromium at {CHROMIUM} (scripts/setup.sh installs Debian's)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
+# The page's default timeout covers actions only; assertions (expect) have their own 5 s default, too
+# short for a tab that loads its data on a loaded CI machine ("Loading plots…" outlived it once).
+sync_api.expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
