@@ -1,6 +1,7 @@
 """adapter_checkpoint materialized through Dagster on a real instance: twice for one training run,
 the second job resuming from the first; metadata the UI plots; the state store kept in step."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -230,3 +231,27 @@ def test_a_run_pins_its_rehearsal_dataset_at_start(registered_base):
     assert start_run(instance, store, StartRequest("en-us", jobs=1)).rehearsal_dataset == ""  # the base dialect: none
     assert run_rehearsal(instance, replace(run, rehearsal_dataset="")) is None
     assert run_rehearsal(instance, replace(run, rehearsal_dataset=None)) == latest_en_us  # a run from before pinning
+
+
+def test_a_pooled_slice_skips_the_warm_up_and_a_first_round_on_one_node_keeps_it(registered_base):
+    """A pooled slice continues the round's start adapter: no LR warm-up. A run's first round on one
+    node (``--first-round-on-one-node``) is that node's first job of a fresh LoRA: it warms up like
+    a single run's first job. Read from what the real job trained with (its train_state.json)."""
+    from mloc_dagster.assets.lineage import require_metadata
+    from mloc_dagster.core.adapters.format import TRAIN_STATE_JSON
+    from mloc_dagster.core.state.rounds import PlannedSlice
+
+    instance, _ = registered_base
+    store = StateStore(resolve_state_url())
+    trained_with = {}
+    for alone in (True, False):
+        run = store.create_run(dialect=DIALECT, kind="distributed", parallelism=2, round_samples=16, max_jobs=2,
+                               first_round_on_one_node=alone,
+                               dataset_version=require_metadata(instance, "dataset_version", DIALECT)["path"],
+                               base_model_version=require_metadata(instance, "base_model")["path"])
+        store.place_slices(run.run_id, 0, [PlannedSlice(0, "node-a", [[0, 16]], 1.0)])
+        result = train(instance, run.run_id, 0, slice_index=0, warmup_steps=3, max_steps=2)
+        assert result.success, result.get_step_failure_events()
+        path = result.asset_materializations_for_node("adapter_checkpoint")[0].metadata["path"].value
+        trained_with[alone] = json.loads((Path(path) / TRAIN_STATE_JSON).read_text())["hparams"]["warmup_steps"]
+    assert trained_with == {True: 3, False: 0}
