@@ -22,8 +22,9 @@ def test_demo_gate_is_relative_and_not_looser_than_production() -> None:
 def test_learning_curve_rows() -> None:
     jobs = [SimpleNamespace(job_index=i, status="succeeded",
                             metrics={"dev_cer": cer, "train_loss": 0.5, "samples": 3200, "total_samples": 3200 * (i + 1)})
-            for i, cer in enumerate([0.25, 0.22])]
+            for i, cer in enumerate([0.25, 0.22, None])]  # None: a non-finite figure, stored as null
     assert learning_curve(jobs) == [
         ("learning curve: job 1", "dev CER 0.250, train loss 0.500, 3,200 samples seen (succeeded)"),
         ("  job 2", "dev CER 0.220, train loss 0.500, 6,400 samples seen (succeeded)"),
+        ("  job 3", "dev CER -, train loss 0.500, 9,600 samples seen (succeeded)"),
     ]

@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from mloc_dagster.cli.demo_tts import TtsDemo, tts_table
+from mloc_dagster.cli.figures import figure
 from mloc_dagster.execution.daemon import DaemonProcess
 from mloc_dagster.paths import MlocPaths
 
@@ -79,8 +80,8 @@ def learning_curve(jobs) -> list[tuple[str, str]]:
     for j in jobs:
         m = j.metrics or {}
         rows.append((f"  job {j.job_index + 1}" if rows else f"learning curve: job {j.job_index + 1}",
-                     f"dev CER {m.get('dev_cer', float('nan')):.3f}, train loss "
-                     f"{m.get('train_loss', float('nan')):.3f}, {m.get('total_samples', m.get('samples', 0)):,} samples "
+                     f"dev CER {figure(m.get('dev_cer'))}, train loss "
+                     f"{figure(m.get('train_loss'))}, {m.get('total_samples', m.get('samples', 0)):,} samples "
                      f"seen ({j.status})"))
     return rows
 
@@ -189,8 +190,8 @@ def run_demo(ui: bool = False, utterances: int | None = None, jobs: int = DEMO_J
                 for j in store.jobs_for_run(run.run_id):
                     m = j.metrics or j.progress or {}
                     table.add_row(str(j.job_index), j.status, str(m.get("samples", "")),
-                                  f"{m.get('train_loss', m.get('loss', float('nan'))):.3f}",
-                                  f"{m.get('dev_cer', float('nan')):.3f}")
+                                  figure(m.get("train_loss", m.get("loss"))),
+                                  figure(m.get("dev_cer")))
                 table.caption = f"{time.time() - t_start:.0f} s since the demo started"
                 return table
 

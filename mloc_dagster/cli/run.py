@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mloc_dagster.cli.figures import figure
 from mloc_dagster.cli.replay import replay_command
 
 run_app = typer.Typer(no_args_is_help=True, help="Training runs: start, pause, resume, cancel, status, list.")
@@ -148,12 +149,6 @@ def _run_dict(store, run, instance=None) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _figure(value) -> str:
-    """A metric for a table: 3 decimals, or "-" when there is none (a non-finite figure is stored as
-    null: core/state/engine.py: strict_json)."""
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
-
-
 @run_app.command("status")
 def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
     """One run in detail (or every live run)."""
@@ -178,7 +173,7 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
             live = f"step {p.get('step')} · {p.get('samples')} samples · ETA {p.get('eta_s', 0):.0f} s" \
                 if j["status"] == "running" and p else ""
             table.add_row(str(j["job_index"]), j["status"], (j["dagster_run_id"] or "")[:8], j["node_id"] or "", live,
-                          _figure(m.get(dev)), _figure(m.get("train_loss")),
+                          figure(m.get(dev)), figure(m.get("train_loss")),
                           (j["error"] or "")[:60])
         console.print(table)
         if d.get("trials"):
@@ -187,7 +182,7 @@ def status(run_id: str = typer.Argument(None), as_json: bool = typer.Option(Fals
                 trials.add_column(col)
             for t in d["trials"]:
                 trials.add_row(str(t["trial"]), t["run_id"] or "", t["state"], json.dumps(t["hparams"]),
-                               " ".join(_figure(x) for x in t["dev_cer_per_job"]), (t["reason"] or "")[:60])
+                               " ".join(figure(x) for x in t["dev_cer_per_job"]), (t["reason"] or "")[:60])
             console.print(trials)
         for k, slices in (d.get("rounds") or {}).items():
             rounds = Table(title=f"round {k}")
