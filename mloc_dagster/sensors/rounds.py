@@ -7,7 +7,8 @@ Every tick, for an active distributed run, the round after the last merged one:
    request one run of the training job per slice. No node available: the run pauses with the
    reason (register or calibrate nodes, then resume).
 2. placed: a slice whose node stopped heartbeating (the job beats from its start to its end,
-   start-up and evaluation included) is re-placed on another node; when every slice is in, or
+   start-up and evaluation included), or on a Ray pool one still waiting to start on a node Ray
+   no longer has alive, is re-placed on another node; when every slice is in, or
    the round's deadline (longest expected slice + 15 s, counting training only) passed, the
    slices still training are dropped (their node's throughput estimate drops to what they
    managed) and the round merge is requested. A round in which no slice succeeded fails the run.
@@ -29,7 +30,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from mloc_dagster.assets.training.adapters import TRAIN_JOB
-from mloc_dagster.core.pool.assign import place_on_pool
+from mloc_dagster.core.pool.assign import place_on_pool, waiting_on_gone_nodes
 from mloc_dagster.core.pool.placement import PlacementError
 from mloc_dagster.core.pool.rounds import (
     base_model_hash,
@@ -54,13 +55,12 @@ def round_requests(context: dg.SensorEvaluationContext, store: StateStore, run: 
     k = (-1 if run.last_finished_job is None else run.last_finished_job) + 1
     if k >= run.max_jobs or run.status != ACTIVE:
         return []
-    slices = store.round_slices(run.run_id, k) or place_round(context, store, run, k)
-    if not slices:
+    if not (store.round_slices(run.run_id, k) or place_round(context, store, run, k)):
         return []
-    queued = [s for s in slices if s.status == QUEUED]
+    replace_gone(context, store, run, k)  # first: a slice whose node is gone is not requested again
+    queued = [s for s in store.round_slices(run.run_id, k) if s.status == QUEUED]
     running = slices_in_flight(context.instance, run, k) if queued else set()
     requests = [slice_run_request(run, s) for s in queued if s.slice_index not in running]
-    requests += [slice_run_request(run, s) for s in replace_silent(context, store, run, k)]
     now = datetime.now(UTC)
     state = round_state([still_trying(context.instance, s) for s in store.round_slices(run.run_id, k)], now)
     if not state.ready:
@@ -93,25 +93,35 @@ def place_round(context: dg.SensorEvaluationContext, store: StateStore, run: Tra
     return store.place_slices(run.run_id, k, plan_slices(segments, placement))
 
 
-def replace_silent(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun,
-                   k: int) -> list[RoundSlice]:
-    """Slices whose node went silent, placed again on another node as new slices of the round."""
-    placed = []
-    for s in store.silent_slices(run.run_id, k, SILENT_AFTER_S):
+def replace_gone(context: dg.SensorEvaluationContext, store: StateStore, run: TrainingRun, k: int) -> None:
+    """Slices whose node went away, placed again on another node as new slices of the round (queued,
+    requested with the others): a running slice whose node went silent, and on a Ray pool a slice
+    still waiting to start on a node Ray no longer has alive, whose waiting Dagster run is canceled."""
+    silent = [(s, f"node {s.node_id} silent for > {SILENT_AFTER_S:.0f} s")
+              for s in store.silent_slices(run.run_id, k, SILENT_AFTER_S)]
+    for s, why in silent + waiting_on_gone_nodes(store.round_slices(run.run_id, k)):
         try:
             placement = place_on_pool(store, run, s.samples, parallelism=1, exclude={s.node_id})
         except PlacementError as exc:
-            context.log.warning(f"round {k} slice {s.slice_index}: node {s.node_id} is silent and {exc}")
+            context.log.warning(f"round {k} slice {s.slice_index}: {why} and {exc}")
             continue
         if not store.end_slice(run.run_id, k, s.slice_index, REPLACED,
-                               f"node {s.node_id} silent for > {SILENT_AFTER_S:.0f} s: re-placed on "
-                               f"{placement.shards[0].node_id}"):
+                               f"{why}: re-placed on {placement.shards[0].node_id}"):
             continue  # it finished meanwhile
+        if s.status == QUEUED:
+            cancel_waiting_runs(context.instance, run, k, s.slice_index)
         first = 1 + max(x.slice_index for x in store.round_slices(run.run_id, k))
-        new = store.place_slices(run.run_id, k, plan_slices(s.segments, placement, first, replaces=s.slice_index))
-        placed += [x for x in new if x.slice_index >= first]
-        context.log.warning(f"round {k} slice {s.slice_index}: node {s.node_id} silent, re-placed")
-    return placed
+        store.place_slices(run.run_id, k, plan_slices(s.segments, placement, first, replaces=s.slice_index))
+        context.log.warning(f"round {k} slice {s.slice_index}: {why}, re-placed")
+
+
+def cancel_waiting_runs(instance: dg.DagsterInstance, run: TrainingRun, k: int, index: int) -> None:
+    """Dagster's cancel for the runs still waiting to train a slice placed again elsewhere: a queued
+    run ends, a launched one's Ray job is stopped; the ended run finds its slice replaced
+    (``handle_ended_slice``) and pauses nothing."""
+    for record in instance.get_run_records(dg.RunsFilter(job_name=TRAIN_JOB, statuses=IN_FLIGHT, tags={
+            "mloc/run_id": run.run_id, "mloc/round": str(k), "mloc/slice": str(index)})):
+        instance.run_coordinator.cancel_run(record.dagster_run.run_id)
 
 
 def slices_in_flight(instance: dg.DagsterInstance, run: TrainingRun, k: int) -> set[int]:

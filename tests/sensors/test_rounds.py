@@ -4,6 +4,7 @@ Slices are driven through the store here; tests/test_daemon_distributed.py train
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -235,3 +236,46 @@ def test_after_a_resume_a_slice_still_queued_in_dagster_is_not_requested_twice(i
     assert resume_run(store, run.run_id)
     result, _ = tick(instance, store, cursor)
     assert [r.run_key for r in result.run_requests] == [f"{run.run_id}/0/1/g1"]  # slice 0's queued run trains it
+
+
+def test_on_a_ray_pool_a_slice_waiting_for_a_dead_node_is_placed_again_and_its_run_canceled(
+        store, mloc_home, monkeypatch):
+    """A slice placed on a node that died before its run started would wait for a resource no node
+    offers (docs/pool.md: until run monitoring's start timeout, for each retry). On a Ray pool the
+    round places it again as soon as Ray reports the node dead, and Dagster cancels its waiting run;
+    the canceled run then pauses nothing. Ray's node table is given here as data (the real table is
+    read on a real cluster in tests/deploy/test_ray_pool.py); off Ray a waiting slice waits (the tests above)."""
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+
+    from mloc_dagster.core.pool.ray_cluster import RayNode
+
+    table = {n: RayNode(n, f"ray-{n}", "10.0.0.1", alive=True, gpus=1.0) for n in ("node-a", "node-b", "node-c")}
+    monkeypatch.setenv("MLOC_RAY_DASHBOARD", "http://10.0.0.1:8265")
+    monkeypatch.setattr("mloc_dagster.core.pool.assign.pool_ray_table", lambda: table)
+    queued_coordinator = {"run_coordinator": {"module": "dagster._core.run_coordinator",
+                                              "class": "QueuedRunCoordinator"}}
+    with dg.instance_for_test(overrides=queued_coordinator) as instance:
+        pool(store, {"node-a": 20.0, "node-b": 10.0, "node-c": 5.0})
+        run = new_run(store, parallelism=2, round_samples=60)
+        _, cursor = tick(instance, store)
+        a, b = store.round_slices(run.run_id, 0)
+        assert (a.node_id, b.node_id) == ("node-a", "node-b")
+        store.record_slice_started(run.run_id, 0, a.slice_index, dagster_run_id="d0")
+        waiting = instance.add_run(dg.DagsterRun(  # in Dagster's queue (node-b's concurrency slot is taken)
+            job_name=TRAIN_JOB, run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.QUEUED,
+            remote_job_origin=RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mloc"),
+                                                                     "__repository__"), TRAIN_JOB),
+            tags={"mloc/run_id": run.run_id, "mloc/round": "0", "mloc/slice": str(b.slice_index)}))
+        assert tick(instance, store, cursor)[0].run_requests == []  # alive: it waits its turn
+
+        table["node-b"] = replace(table["node-b"], alive=False, state_message="raylet died")
+        result, cursor = tick(instance, store, cursor)
+        old, new = store.round_slices(run.run_id, 0)[1:]
+        assert old.status == REPLACED and old.outcome.startswith("node node-b unavailable: dead in the Ray cluster")
+        # placed like a silent slice's samples: on the fastest alive node (its slot frees after its own slice)
+        assert (new.node_id, new.replaces, new.segments) == ("node-a", old.slice_index, old.segments)
+        assert [r.run_key for r in result.run_requests] == [f"{run.run_id}/0/{new.slice_index}"]
+        assert instance.get_run_by_id(waiting.run_id).status == dg.DagsterRunStatus.CANCELED
+        tick(instance, store, cursor)  # the canceled run is read: its slice was replaced, nothing pauses
+        assert store.get_run(run.run_id).status == "active"
+        assert store.get_slice(run.run_id, 0, old.slice_index).status == REPLACED

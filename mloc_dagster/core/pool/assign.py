@@ -5,14 +5,17 @@ through here, so one rule decides which nodes may take work."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from mloc_dagster.core.pool.placement import Placement, PlacementError, eligible_nodes, place_and_take_quota
-from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table, ray_pool
+from mloc_dagster.core.pool.ray_cluster import RayUnreachable, pool_ray_table, ray_pool, ray_unavailable_reason
 from mloc_dagster.core.pool.rounds import base_model_hash
 from mloc_dagster.core.state import StateStore
 from mloc_dagster.core.state.nodes import default_daily_quota, node_ttl_s
+from mloc_dagster.core.state.rounds import RoundSlice
 from mloc_dagster.core.state.runs import TrainingRun
+from mloc_dagster.core.state.schema import QUEUED
 
 
 def place_on_pool(store: StateStore, run: TrainingRun, n_samples: int, *, parallelism: int,
@@ -41,3 +44,18 @@ def place_job(store: StateStore, run: TrainingRun, exclude: set[str] = frozenset
     if not ray_pool():
         return None
     return place_on_pool(store, run, 1, parallelism=1, exclude=exclude).shards[0].node_id
+
+
+def waiting_on_gone_nodes(slices: Sequence[RoundSlice]) -> list[tuple[RoundSlice, str]]:
+    """Slices still waiting to start (queued) on a node a Ray pool no longer has alive (dead, or gone
+    from the cluster), with why: their Ray job would wait for a resource no node offers, until run
+    monitoring's start timeout, for each of Dagster's retries (docs/pool.md). Off Ray, or while Ray
+    does not answer, none: a slice waiting its turn says nothing about its node there."""
+    waiting = [s for s in slices if s.status == QUEUED]
+    if not waiting or not ray_pool():
+        return []
+    try:
+        table = pool_ray_table()
+    except RayUnreachable:
+        return []
+    return [(s, f"node {s.node_id} {why}") for s in waiting if (why := ray_unavailable_reason(s.node_id, table))]
