@@ -107,7 +107,8 @@ def replace_gone(context: dg.SensorEvaluationContext, store: StateStore, run: Tr
             continue
         if not store.end_slice(run.run_id, k, s.slice_index, REPLACED,
                                f"{why}: re-placed on {placement.shards[0].node_id}"):
-            continue  # it finished meanwhile
+            store.release_job_quota(placement.shards[0].node_id)  # it finished meanwhile: no new slice
+            continue
         if s.status == QUEUED:
             cancel_waiting_runs(context.instance, run, k, s.slice_index)
         first = 1 + max(x.slice_index for x in store.round_slices(run.run_id, k))

@@ -279,3 +279,26 @@ def test_on_a_ray_pool_a_slice_waiting_for_a_dead_node_is_placed_again_and_its_r
         tick(instance, store, cursor)  # the canceled run is read: its slice was replaced, nothing pauses
         assert store.get_run(run.run_id).status == "active"
         assert store.get_slice(run.run_id, 0, old.slice_index).status == REPLACED
+
+
+def test_a_silent_slice_that_finishes_while_it_is_replaced_gives_the_quota_back(instance, store, monkeypatch):
+    """The replacement's placement takes a job of quota from the new node; when the slice finishes
+    first (the compare-and-set of its end loses), no new slice is placed and the quota goes back."""
+    from mloc_dagster.core.state import StateStore as Store
+
+    monkeypatch.setattr("mloc_dagster.sensors.rounds.SILENT_AFTER_S", 0.0)
+    pool(store, {"node-a": 10.0})
+    run = new_run(store, parallelism=1, round_samples=40)
+    _, cursor = tick(instance, store)
+    store.record_slice_started(run.run_id, 0, 0, dagster_run_id="d")
+    pool(store, {"node-b": 10.0})
+    real_end = Store.end_slice
+
+    def finished_first(self, run_id, k, index, *args, **kwargs):
+        self.record_slice_finished(run_id, k, index, "succeeded", checkpoint_path="/s0")  # the race, lost
+        return real_end(self, run_id, k, index, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "end_slice", finished_first)
+    tick(instance, store, cursor)
+    assert [s.status for s in store.round_slices(run.run_id, 0)] == ["succeeded"]
+    assert store.get_node("node-b").jobs_today == 0
